@@ -1,5 +1,236 @@
-"""Plumbing shared by every method: errors, ResNet stages, ImageNet weights, lr schedule, run/checkpoints."""
+"""Plumbing every method needs in the same way, kept in one place.
+
+- `UserError`: a problem the user can fix; reid.py prints it as one line and exits 2.
+- `resnet`, `stem`, `stages`: torchvision ResNets with ImageNet weights and last stride 1, cut into
+  the stages the papers name (stem = conv1, bn1, relu, maxpool; then layer1..layer4).
+- `WarmupMultiStep`: the lr schedule of the community baseline (linear warm-up, then x gamma at milestones).
+- `Run`: device, bf16 autocast, progress lines, atomic per-epoch checkpoints and exact resume.
+
+Paper logic never lives here: a method file holds its paper's model, losses and loops.
+"""
+import contextlib
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torchvision
 
 
 class UserError(Exception):
     """A problem the user can fix (a path, a flag value, a file). reid.py prints it as one line and exits 2."""
+
+
+# ---------------------------------------------------------------- backbone
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+def imagenet_state(arch):
+    """torchvision's ImageNet weights for `arch`, from the local torch hub cache or downloaded."""
+    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    try:
+        return weights.get_state_dict(progress=True)
+    except Exception as e:  # no network, proxy, interrupted download: all end the same way
+        raise UserError(f"could not load ImageNet weights for {arch} ({type(e).__name__}: {e}); "
+                        f"download {weights.url} to {cached}, or pass --pretrained PATH or --pretrained none") from None
+
+
+def resnet(arch, pretrained="none", last_stride=1):
+    """A torchvision ResNet with `pretrained` in {'imagenet', 'none', PATH} and the last stage's stride set."""
+    if arch not in ARCHS:
+        raise UserError(f"--arch {arch!r} is not supported; choose one of {', '.join(ARCHS)}")
+    net = getattr(torchvision.models, arch)(weights=None)
+    if pretrained == "imagenet":
+        net.load_state_dict(imagenet_state(arch))
+    elif pretrained != "none":
+        if not os.path.isfile(pretrained):
+            raise UserError(f"--pretrained {pretrained!r}: no such file; give 'imagenet', 'none' or a .pth of {arch}")
+        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        load_model_state(net, state.get("state_dict", state), pretrained)
+    if last_stride == 1:  # keep the layer4 resolution: (H/16, W/16) instead of (H/32, W/32)
+        block = net.layer4[0]
+        (block.conv2 if hasattr(block, "conv3") else block.conv1).stride = (1, 1)
+        block.downsample[0].stride = (1, 1)
+    return net
+
+
+def stem(net):
+    """conv1, bn1, relu, maxpool of a torchvision ResNet (the 'conv1 block' / 'stage 1' of the papers)."""
+    return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+
+
+def stages(net):
+    """[layer1, layer2, layer3, layer4] of a torchvision ResNet."""
+    return [net.layer1, net.layer2, net.layer3, net.layer4]
+
+
+def channels(arch):
+    """Output channels of layer1..layer4."""
+    return [64, 128, 256, 512] if arch in ("resnet18", "resnet34") else [256, 512, 1024, 2048]
+
+
+def load_model_state(model, state, source):
+    """Strict load that names the first mismatched keys instead of a bare traceback."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise UserError(f"{source} does not match the model: missing keys {missing[:3]}, unexpected keys "
+                        f"{unexpected[:3]}, wrong shapes {wrong[:3]}; was it written by another --method, --arch "
+                        f"or image size?")
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- lr schedule
+
+class WarmupMultiStep:
+    """lr = base_lr * f(epoch): f = (e + 1) / warmup for e < warmup, then gamma^(number of milestones <= e).
+
+    Set per epoch, as the community baseline does. Each param group keeps its own base lr."""
+
+    def __init__(self, optimizer, milestones, gamma=0.1, warmup=10):
+        self.optimizer, self.milestones, self.gamma, self.warmup = optimizer, list(milestones), gamma, warmup
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    def factor(self, epoch):
+        if epoch < self.warmup:
+            return (epoch + 1) / self.warmup
+        return self.gamma ** sum(epoch >= m for m in self.milestones)
+
+    def step_epoch(self, epoch):
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.factor(epoch)
+
+    def state_dict(self):
+        return {"base_lrs": self.base_lrs}
+
+    def load_state_dict(self, state):
+        self.base_lrs = list(state["base_lrs"])
+
+
+# ---------------------------------------------------------------- run: device, logging, checkpoints
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a killed run never leaves a half-written checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; give the model.pt of a finished run (OUT/model.pt)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is not a checkpoint written "
+                        f"by reid.py, or it is damaged") from None
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Run:
+    """What a training loop needs from outside: the device, autocast, progress lines and checkpoints.
+
+        for epoch in run.epochs("train", settings.epochs, model=model, optimizer=opt, schedule=sched, loader=loader):
+            sched.step_epoch(epoch)
+            for it, batch in run.batches(loader, epoch):
+                ...
+                run.log(epoch, it, {"L_id": l_id, "L_wrt": l_wrt}, lr=opt.param_groups[0]["lr"])
+
+    `epochs` restores every named object from OUT/<phase>.pt when it exists (resume) and saves them, with the
+    RNG states, atomically after every epoch. The loader is seeded per (seed, epoch, batch), so a resumed run ends
+    with the same weights as an uninterrupted one.
+    """
+
+    def __init__(self, out, device, seed=0, amp=False, workers=0, log_every=20, log=print):
+        self.out, self.device, self.seed, self.amp = Path(out), torch.device(device), seed, amp
+        self.workers = workers
+        self.log_every, self.print = log_every, log
+        self.stored = {}
+        self._phase, self._num_epochs, self._its, self._timer = "", 0, 0, None
+
+    def autocast(self):
+        """bf16 autocast on CUDA with --amp; a no-op otherwise."""
+        if self.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def meta(self, **facts):
+        """Small JSON-able facts (a genotype, gate file) saved with every checkpoint and given to build()."""
+        self.stored.update(facts)
+
+    def checkpoint_path(self, phase):
+        return self.out / f"{phase}.pt"
+
+    def epochs(self, phase, num_epochs, **objects):
+        path = self.checkpoint_path(phase)
+        start = 0
+        if path.exists():
+            state = load_checkpoint(path)
+            for name, obj in objects.items():
+                if isinstance(obj, nn.Module):
+                    load_model_state(obj, state[name], path)
+                else:
+                    obj.load_state_dict(state[name])
+            set_rng_state(state["rng"])
+            self.stored.update(state["meta"])
+            start = state["epoch"] + 1
+            self.print(f"[{phase}] resumed from {path} after epoch {start}/{num_epochs}")
+        self._phase, self._num_epochs = phase, num_epochs
+        for epoch in range(start, num_epochs):
+            t0 = time.time()
+            yield epoch
+            state = {name: obj.state_dict() for name, obj in objects.items()}
+            state.update(epoch=epoch, rng=rng_state(), meta=dict(self.stored))
+            save_atomic(state, path)
+            self.print(f"[{phase}] epoch {epoch + 1}/{num_epochs} done in {time.time() - t0:.1f}s")
+
+    def batches(self, loader, epoch):
+        """Batches of `loader.epoch(epoch)` on the device; times the wait for data for the progress line."""
+        self._its, self._epoch = len(loader), epoch
+        self._timer = {"start": time.time(), "wait": 0.0, "images": 0, "it0": 0}
+        t = time.time()
+        for it, batch in enumerate(loader.epoch(epoch)):
+            self._timer["wait"] += time.time() - t
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            self._timer["images"] += sum(v.shape[0] for k, v in batch.items() if k.startswith("x_"))
+            yield it, batch
+            t = time.time()
+
+    def log(self, epoch, it, losses, lr):
+        """Progress line every `log_every` iterations: loss terms by their paper names, lr, img/s, data wait, ETA."""
+        if (it + 1) % self.log_every and it + 1 != self._its:
+            return
+        timer = self._timer
+        elapsed = max(time.time() - timer["start"], 1e-9)
+        done_its = it + 1
+        left_its = (self._its - done_its) + (self._num_epochs - epoch - 1) * self._its
+        eta = elapsed / done_its * left_its
+        terms = " ".join(f"{k} {float(v):.4f}" for k, v in losses.items())
+        self.print(f"[{self._phase}] ep {epoch + 1}/{self._num_epochs} it {done_its}/{self._its} {terms} "
+                   f"lr {lr:.2e} | {timer['images'] / elapsed:.0f} img/s data-wait "
+                   f"{100 * timer['wait'] / elapsed:.0f}% eta {int(eta // 60)}m{int(eta % 60):02d}s")
