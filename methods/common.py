@@ -166,9 +166,9 @@ class Run:
     with the same weights as an uninterrupted one.
     """
 
-    def __init__(self, out, device, seed=0, amp=False, workers=0, log_every=20, log=print):
+    def __init__(self, out, device, seed=0, amp=False, workers=0, log_every=20, log=print, max_its=None):
         self.out, self.device, self.seed, self.amp = Path(out), torch.device(device), seed, amp
-        self.workers = workers
+        self.workers, self.max_its = workers, max_its  # max_its: iterations per epoch cap (--smoke)
         self.log_every, self.print = log_every, log
         self.stored = {}
         self._phase, self._num_epochs, self._its, self._timer = "", 0, 0, None
@@ -211,10 +211,12 @@ class Run:
 
     def batches(self, loader, epoch):
         """Batches of `loader.epoch(epoch)` on the device; times the wait for data for the progress line."""
-        self._its, self._epoch = len(loader), epoch
-        self._timer = {"start": time.time(), "wait": 0.0, "images": 0, "it0": 0}
+        self._its = min(len(loader), self.max_its or len(loader))
+        self._timer = {"start": time.time(), "wait": 0.0, "images": 0}
         t = time.time()
         for it, batch in enumerate(loader.epoch(epoch)):
+            if it == self._its:
+                break
             self._timer["wait"] += time.time() - t
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             self._timer["images"] += sum(v.shape[0] for k, v in batch.items() if k.startswith("x_"))
