@@ -1,0 +1,639 @@
+"""Datasets, protocols and the training batch pipeline shared by every method.
+
+Readers for SYSU-MM01 and RegDB as they ship (layouts in shared/papers/README.md), an automatic uint8
+image cache, the cross-modality identity sampler and batch-level augmentation.
+
+SYSU-MM01 test protocol: this module follows the community convention (the data manager of the
+Cross-Modal-Re-ID-baseline that the papers' numbers come from), NOT the dataset authors' MATLAB
+evaluation, which uses fixed pre-drawn permutations. Queries are all infrared test images (cams 3, 6;
+for id in sorted ids, for cam in [3, 6], sorted files). For trial t the gallery is drawn with Python's
+`random` seeded with t, fresh for every (mode, shot, trial): for id in sorted ids, for cam in the mode's
+visible cameras (all: 1, 2, 4, 5; indoor: 1, 2) whose directory exists, over the sorted file list,
+`random.choice(files)` for single shot and `random.sample(files, 10)` for multi shot. 10 trials, t = 0..9.
+
+Choices and deviations from the community pipeline:
+- Deviation: multi shot with fewer than 10 images in a camera draws `random.sample(files, len(files))`
+  (all of them); the community code raises there (never happens on the real data, where the rule is the same).
+- Deviation: images are resized with PIL bilinear (antialiased when shrinking); the community
+  pre-processing uses LANCZOS (`Image.ANTIALIAS`).
+- Deviation: augmentation runs per batch with torch ops on the uint8 cache instead of per image with PIL;
+  the operations and their parameters are the community ones: zero pad 10 + random crop, horizontal flip
+  p=0.5, ImageNet normalisation, random erasing (Zhong et al.) p=0.5, area 0.02-0.4, aspect uniform in
+  0.3-3.33, up to 100 tries, erased pixels set to 0 after normalisation (the ImageNet mean colour).
+- Deviation: an epoch has at least one batch, also when max(#v, #r) < P K.
+- Files whose name starts with '.' (e.g. .DS_Store) inside an identity directory are ignored.
+"""
+import hashlib
+import multiprocessing
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from methods.common import UserError
+
+SYSU_VISIBLE_CAMS = (1, 2, 4, 5)
+SYSU_INFRARED_CAMS = (3, 6)
+SYSU_GALLERY_CAMS = {"all": (1, 2, 4, 5), "indoor": (1, 2)}
+SYSU_SHOTS = {"single": 1, "multi": 10}
+SYSU_TRIALS = 10
+SYSU_PUBLISHED = {"train ids": 395, "train visible images": 22258, "train infrared images": 11909,
+                  "test ids": 96, "test queries (infrared)": 3803}
+REGDB_TRIALS = range(1, 11)
+REGDB_PUBLISHED = {"train ids": 206, "train visible images": 2060, "train thermal images": 2060,
+                   "test ids": 206, "test visible images": 2060, "test thermal images": 2060}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ERASE_AREA = (0.02, 0.4)        # random erasing, Zhong et al. (AAAI 2020), as in the community pipeline
+ERASE_ASPECT = 0.3              # aspect ratio uniform in [0.3, 1 / 0.3]
+ERASE_TRIES = 100
+CACHE_VERSION = "uint8-rgb-bilinear-1"   # part of the cache key: bump when the decoding changes
+DECODE_PROCESSES = 2
+POOL_MIN_IMAGES = 512           # below this, decoding in-process is faster than starting a pool
+PROGRESS_SECONDS = 5.0
+
+
+class DataError(UserError):
+    """Bad dataset input (path, index file, image, protocol value)."""
+
+
+# ---------------------------------------------------------------- containers
+
+@dataclass
+class ImageSet:
+    """One modality's images, in protocol order."""
+    files: list          # absolute paths
+    labels: np.ndarray   # (N,) int64 identity labels (training: 0..C-1; test: original ids)
+    cams: np.ndarray     # (N,) int64 camera numbers (SYSU 1..6; RegDB 1 visible, 2 thermal)
+    images: np.ndarray   # (N, H, W, 3) uint8 RGB at the working resolution (may be a read-only np.memmap)
+
+    def __len__(self):
+        return len(self.files)
+
+    def subset(self, idx):
+        """The images at `idx` (int indices or a boolean mask), in that order; images are copied into memory."""
+        idx = np.asarray(idx)
+        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64).reshape(-1)
+        return ImageSet([self.files[i] for i in idx], self.labels[idx], self.cams[idx], self.images[idx])
+
+
+@dataclass
+class TrainSet:
+    v: ImageSet
+    r: ImageSet
+    num_classes: int     # identities; labels are 0..num_classes-1
+
+    def split_ids(self, frac, seed):
+        """Split by identity (CM-NAS: 8:2): a random `frac` of the identities, and the rest.
+
+        Labels stay global and both parts keep `num_classes` of the whole set (one classifier serves both)."""
+        ids = np.unique(np.concatenate([self.v.labels, self.r.labels]))
+        n_a = _split_count(frac, len(ids), "identities")
+        a_ids = np.random.default_rng(seed).permutation(ids)[:n_a]
+        in_a_v, in_a_r = np.isin(self.v.labels, a_ids), np.isin(self.r.labels, a_ids)
+        return (TrainSet(self.v.subset(in_a_v), self.r.subset(in_a_r), self.num_classes),
+                TrainSet(self.v.subset(~in_a_v), self.r.subset(~in_a_r), self.num_classes))
+
+    def split_images(self, frac, seed):
+        """Split by image (NFS: 80/20), per modality and per identity, so both parts hold every identity.
+
+        Each (modality, identity) with n images gives round(frac n) of them, clipped to 1..n-1 when n >= 2,
+        to the first part; a single image goes to the first part. Labels and num_classes stay global."""
+        _check_fraction(frac)
+        rng = np.random.default_rng(seed)
+        parts = []
+        for s in (self.v, self.r):
+            in_a = np.zeros(len(s), dtype=bool)
+            for label in np.unique(s.labels):
+                idx = rng.permutation(np.flatnonzero(s.labels == label))
+                n_a = len(idx) if len(idx) == 1 else min(max(int(round(frac * len(idx))), 1), len(idx) - 1)
+                in_a[idx[:n_a]] = True
+            parts.append(in_a)
+        in_v, in_r = parts
+        return (TrainSet(self.v.subset(in_v), self.r.subset(in_r), self.num_classes),
+                TrainSet(self.v.subset(~in_v), self.r.subset(~in_r), self.num_classes))
+
+
+def _check_fraction(frac):
+    if not 0.0 < frac < 1.0:
+        raise DataError(f"split fraction {frac} is outside (0, 1); pass a fraction such as 0.8")
+
+
+def _split_count(frac, n, what):
+    _check_fraction(frac)
+    n_a = int(round(frac * n))
+    if not 0 < n_a < n:
+        raise DataError(f"split fraction {frac} of {n} {what} leaves one part empty; use more {what} or another fraction")
+    return n_a
+
+
+@dataclass
+class Protocol:
+    """One evaluation setting: pool keys, eval kind and per-trial index arrays into the pools."""
+    name: str            # 'all-single', ..., 'visible-to-infrared', 'infrared-to-visible'
+    query: str           # pool key 'v' or 'r'
+    gallery: str
+    kind: str            # 'sysu' or 'regdb' (eval.evaluate protocol argument)
+    trials: list         # [(query indices (Nq,) int64, gallery indices (Ng,) int64), ...]
+
+
+@dataclass
+class TestSet:
+    pools: dict          # {'v': ImageSet, 'r': ImageSet}: all test images of each modality
+    protocols: list      # [Protocol, ...]
+
+
+# ---------------------------------------------------------------- image cache
+
+def _decode(job):
+    """(path, height, width) -> (height, width, 3) uint8 RGB."""
+    path, height, width = job
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((width, height), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except Exception as exc:   # PIL raises many types for broken files; every one means the same to the user
+        raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or re-extract the file") from None
+
+
+def _cache_key(files, height, width):
+    h = hashlib.sha256(f"{CACHE_VERSION}\n{height}x{width}\n".encode())
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError as exc:
+            raise DataError(f"image {f} is missing or unreadable ({exc.strerror}); check the dataset tree") from None
+        h.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _decode_into(out, files, height, width, tag, log):
+    """Decode `files` into the (N, H, W, 3) uint8 array `out`; a pool of processes for large lists."""
+    jobs = [(f, height, width) for f in files]
+    if len(jobs) < POOL_MIN_IMAGES:
+        for i, job in enumerate(jobs):
+            out[i] = _decode(job)
+        return
+    start = last = time.time()
+    with multiprocessing.Pool(DECODE_PROCESSES) as pool:
+        for i, img in enumerate(pool.imap(_decode, jobs, chunksize=32)):
+            out[i] = img
+            if time.time() - last > PROGRESS_SECONDS:
+                last = time.time()
+                log(f"  {tag}: {i + 1}/{len(jobs)} images, {(i + 1) / (last - start):.0f} images/s")
+
+
+def cached_images(files, height, width, cache_dir, tag, log=print):
+    """Decode `files` once into `cache_dir/<tag>-<H>x<W>-<key>.npy`; return it as a read-only memmap (N, H, W, 3) uint8.
+
+    The key hashes the paths, sizes and mtimes of the files and (H, W): any change gives a new key and a rebuild
+    (the stale file of the same tag and size is removed). Built into a temporary file, then renamed (atomic)."""
+    if not files:
+        return np.zeros((0, height, width, 3), dtype=np.uint8)
+    key = _cache_key(files, height, width)
+    prefix = f"{tag}-{height}x{width}-"
+    path = os.path.join(cache_dir, f"{prefix}{key[:24]}.npy")
+    if os.path.exists(path):
+        try:
+            arr = np.load(path, mmap_mode="r")
+            if arr.shape == (len(files), height, width, 3) and arr.dtype == np.uint8:
+                return arr
+        except (OSError, ValueError):
+            pass    # a damaged cache file is rebuilt below
+    log(f"caching {len(files)} images ({tag}) at {height}x{width} into {path} (once)")
+    start = time.time()
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), height, width, 3))
+        _decode_into(out, files, height, width, tag, log)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+        for name in os.listdir(cache_dir):
+            if name.startswith(prefix) and name.endswith(".npy") and name != os.path.basename(path):
+                os.remove(os.path.join(cache_dir, name))
+    except OSError as exc:
+        raise DataError(f"cannot write the image cache {path} ({exc}); free disk space or choose another cache "
+                        f"directory") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    log(f"  {tag}: {len(files)} images cached in {time.time() - start:.1f} s")
+    return np.load(path, mmap_mode="r")
+
+
+def _root_tag(root):
+    return hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:8]
+
+
+# ---------------------------------------------------------------- checks shared by both readers
+
+def _check_root(root, marker, name, layout):
+    """`root` must be a directory holding `marker`; otherwise say what is wrong and suggest a child that has it."""
+    if not os.path.exists(root):
+        raise DataError(f"{name} root {root} does not exist; pass the directory that holds {layout}")
+    if not os.path.isdir(root):
+        raise DataError(f"{name} root {root} is not a directory; pass the directory that holds {layout}")
+    if os.path.isdir(os.path.join(root, marker)):
+        return
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames.sort()
+        if marker in dirnames and dirpath != root:
+            found.append(dirpath)
+        if dirpath.count(os.sep) - root.rstrip(os.sep).count(os.sep) >= 2:
+            dirnames[:] = []
+    if found:
+        raise DataError(f"{root} has no {marker}/ directory; it looks like the parent of the dataset: "
+                        f"pass {found[0]} as the {name} root")
+    raise DataError(f"{root} has no {marker}/ directory; expected the {name} layout: {layout}")
+
+
+def _report(name, counts, published, expect_published, log):
+    log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if not expect_published:
+        return
+    bad = [f"{k} {counts[k]} (published {v})" for k, v in published.items() if counts[k] != v]
+    if bad:
+        log(f"WARNING: {name} differs from the published statistics: " + ", ".join(bad)
+            + "; check that the dataset is complete and unmodified")
+
+
+# ---------------------------------------------------------------- SYSU-MM01
+
+def _read_sysu_ids(root, name):
+    path = os.path.join(root, "exp", name)
+    layout = "one line of comma-separated identity numbers, e.g. 1,2,4,5"
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is missing; expected {layout} (SYSU-MM01 ships exp/train_id.txt, val_id.txt, test_id.txt)")
+    with open(path) as f:
+        lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    if not lines:
+        raise DataError(f"{path} is empty; expected {layout}")
+    if len(lines) > 1:
+        raise DataError(f"{path} line {lines[1][0]}: unexpected second line {lines[1][1][:40]!r}; expected {layout}")
+    n, line = lines[0]
+    ids = []
+    for tok in line.split(","):
+        tok = tok.strip()
+        if not tok:
+            continue
+        if not tok.isdigit():
+            raise DataError(f"{path} line {n}: {tok[:40]!r} is not an identity number; expected {layout}")
+        ids.append(int(tok))
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise DataError(f"{path} line {n}: identities listed twice: {dup[:10]}; expected each id once")
+    return ids
+
+
+def _sysu_files(root, pid, cam):
+    """Sorted files of one (identity, camera); [] when the directory does not exist."""
+    d = os.path.join(root, f"cam{cam}", f"{pid:04d}")
+    if not os.path.isdir(d):
+        return []
+    return sorted(os.path.join(d, f) for f in os.listdir(d) if not f.startswith("."))
+
+
+def _image_set(entries):
+    """[(path, label, cam), ...] -> ImageSet without images (filled by the caller)."""
+    files = [e[0] for e in entries]
+    labels = np.array([e[1] for e in entries], dtype=np.int64)
+    cams = np.array([e[2] for e in entries], dtype=np.int64)
+    return ImageSet(files, labels, cams, None)
+
+
+def sysu_gallery(files, ids, mode, shot, trial):
+    """The community gallery of one trial: [path, ...] (see the module docstring).
+
+    files: {(id, cam): sorted paths}; ids: test ids. Seeds a private random.Random(trial), which draws the
+    same numbers as the community's `random.seed(trial)` without touching the global generator."""
+    rng = random.Random(trial)
+    out = []
+    for pid in sorted(ids):
+        for cam in SYSU_GALLERY_CAMS[mode]:
+            fs = files.get((pid, cam))
+            if not fs:
+                continue
+            if SYSU_SHOTS[shot] == 1:
+                out.append(rng.choice(fs))
+            else:
+                out.extend(rng.sample(fs, min(SYSU_SHOTS[shot], len(fs))))
+    return out
+
+
+def load_sysu(root, height, width, cache_dir, log=print, expect_published=True):
+    """SYSU-MM01 -> (TrainSet, TestSet). Train = train + val ids relabelled 0..C-1 in sorted id order.
+
+    Test pools: 'r' = all infrared test images (the queries), 'v' = all visible test images (cams 1, 2, 4, 5);
+    protocols all/indoor x single/multi with 10 community trials each (gallery = index subset of pool 'v')."""
+    layout = "cam1..cam6/<4-digit id>/<n>.jpg and exp/{train,val,test}_id.txt"
+    root = os.path.abspath(root)
+    _check_root(root, "exp", "SYSU-MM01", layout)
+    for cam in range(1, 7):
+        if not os.path.isdir(os.path.join(root, f"cam{cam}")):
+            raise DataError(f"{os.path.join(root, f'cam{cam}')} is missing; expected the SYSU-MM01 layout {layout}")
+    id_files = {name: _read_sysu_ids(root, name) for name in ("train_id.txt", "val_id.txt", "test_id.txt")}
+    train_ids = sorted(id_files["train_id.txt"] + id_files["val_id.txt"])
+    test_ids = sorted(id_files["test_id.txt"])
+    if len(set(train_ids)) != len(train_ids):
+        both = sorted(set(id_files["train_id.txt"]) & set(id_files["val_id.txt"]))
+        raise DataError(f"identities {both[:10]} are in both exp/train_id.txt and exp/val_id.txt; each id belongs to one split")
+    overlap = sorted(set(train_ids) & set(test_ids))
+    if overlap:
+        raise DataError(f"identities {overlap[:10]} are in exp/test_id.txt and in the training ids; the splits must be disjoint")
+
+    def scan(ids):
+        files = {}
+        for pid in ids:
+            for cam in range(1, 7):
+                files[(pid, cam)] = _sysu_files(root, pid, cam)
+            if not any(files[(pid, cam)] for cam in range(1, 7)):
+                listed = next(name for name, listed in id_files.items() if pid in listed)
+                raise DataError(f"identity {pid} listed in {os.path.join(root, 'exp', listed)} has no images "
+                                f"in {root}/cam1..cam6/{pid:04d}; restore its images or remove it from the list")
+        return files
+
+    rt = _root_tag(root)
+    train_files = scan(train_ids)
+    label = {pid: i for i, pid in enumerate(train_ids)}
+    train = {}
+    for m, cams in (("v", SYSU_VISIBLE_CAMS), ("r", SYSU_INFRARED_CAMS)):
+        s = _image_set([(f, label[pid], cam) for pid in train_ids for cam in cams for f in train_files[(pid, cam)]])
+        s.images = cached_images(s.files, height, width, cache_dir, f"sysu-{rt}-train-{m}", log)
+        train[m] = s
+    trainset = TrainSet(train["v"], train["r"], len(train_ids))
+
+    test_files = scan(test_ids)
+    pools = {}
+    for m, cams in (("v", SYSU_VISIBLE_CAMS), ("r", SYSU_INFRARED_CAMS)):
+        s = _image_set([(f, pid, cam) for pid in test_ids for cam in cams for f in test_files[(pid, cam)]])
+        s.images = cached_images(s.files, height, width, cache_dir, f"sysu-{rt}-test-{m}", log)
+        pools[m] = s
+    position = {f: i for i, f in enumerate(pools["v"].files)}
+    queries = np.arange(len(pools["r"]), dtype=np.int64)
+    protocols = []
+    for mode in SYSU_GALLERY_CAMS:
+        for shot in SYSU_SHOTS:
+            trials = [(queries, np.array([position[f] for f in sysu_gallery(test_files, test_ids, mode, shot, t)],
+                                         dtype=np.int64)) for t in range(SYSU_TRIALS)]
+            protocols.append(Protocol(f"{mode}-{shot}", "r", "v", "sysu", trials))
+
+    counts = {"train ids": trainset.num_classes, "train visible images": len(trainset.v),
+              "train infrared images": len(trainset.r), "test ids": len(test_ids),
+              "test queries (infrared)": len(pools["r"]), "test visible images": len(pools["v"])}
+    _report(f"SYSU-MM01 {root}", counts, SYSU_PUBLISHED, expect_published, log)
+    return trainset, TestSet(pools, protocols)
+
+
+# ---------------------------------------------------------------- RegDB
+
+def _read_regdb_index(root, name):
+    """idx/<name> -> [(absolute path, label), ...]."""
+    path = os.path.join(root, "idx", name)
+    layout = "lines '<relative image path> <label>', e.g. 'Visible/1/male_front_v_00007_1.bmp 0'"
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is missing; expected {layout}")
+    entries = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise DataError(f"{path} line {n}: {line[:60]!r} is malformed; expected {layout}")
+            img = os.path.join(root, parts[0])
+            if not os.path.isfile(img):
+                raise DataError(f"{path} line {n}: image {img} does not exist; check the dataset tree")
+            entries.append((img, int(parts[1])))
+    if not entries:
+        raise DataError(f"{path} lists no images; expected {layout}")
+    return entries
+
+
+def load_regdb(root, trial, height, width, cache_dir, log=print, expect_published=True):
+    """RegDB trial `trial` (1..10) -> (TrainSet, TestSet).
+
+    Train labels are relabelled 0..C-1 in sorted order of the index files' labels; test labels stay as given.
+    Cams: 1 visible, 2 thermal. Protocols 'visible-to-infrared' (query pool 'v', gallery 'r') and
+    'infrared-to-visible', one trial each over all test images."""
+    layout = "Visible/, Thermal/ and idx/{train,test}_{visible,thermal}_{1..10}.txt"
+    if isinstance(trial, bool) or not isinstance(trial, (int, np.integer)) or trial not in REGDB_TRIALS:
+        raise DataError(f"RegDB trial {trial!r} is invalid; choose an integer from 1 to 10")
+    root = os.path.abspath(root)
+    _check_root(root, "idx", "RegDB", layout)
+    lists = {(split, m): _read_regdb_index(root, f"{split}_{name}_{trial}.txt")
+             for split in ("train", "test") for m, name in (("v", "visible"), ("r", "thermal"))}
+    train_labels = sorted({lab for m in "vr" for _, lab in lists[("train", m)]})
+    relabel = {lab: i for i, lab in enumerate(train_labels)}
+    rt = _root_tag(root)
+    sets = {}
+    for m, cam in (("v", 1), ("r", 2)):
+        # one cache per modality over the union of this trial's train and test images: on the real data the
+        # union is the same for every trial, so the ten trials share it
+        union = sorted({f for split in ("train", "test") for f, _ in lists[(split, m)]})
+        images = cached_images(union, height, width, cache_dir, f"regdb-{rt}-{m}", log)
+        position = {f: i for i, f in enumerate(union)}
+        for split in ("train", "test"):
+            entries = lists[(split, m)]
+            s = _image_set([(f, relabel[lab] if split == "train" else lab, cam) for f, lab in entries])
+            s.images = images[np.array([position[f] for f, _ in entries], dtype=np.int64)]
+            sets[(split, m)] = s
+    trainset = TrainSet(sets[("train", "v")], sets[("train", "r")], len(train_labels))
+    pools = {"v": sets[("test", "v")], "r": sets[("test", "r")]}
+    all_v, all_r = np.arange(len(pools["v"]), dtype=np.int64), np.arange(len(pools["r"]), dtype=np.int64)
+    protocols = [Protocol("visible-to-infrared", "v", "r", "regdb", [(all_v, all_r)]),
+                 Protocol("infrared-to-visible", "r", "v", "regdb", [(all_r, all_v)])]
+    test_ids = np.unique(np.concatenate([pools["v"].labels, pools["r"].labels]))
+    counts = {"train ids": trainset.num_classes, "train visible images": len(trainset.v),
+              "train thermal images": len(trainset.r), "test ids": len(test_ids),
+              "test visible images": len(pools["v"]), "test thermal images": len(pools["r"])}
+    _report(f"RegDB {root} trial {trial}", counts, REGDB_PUBLISHED, expect_published, log)
+    return trainset, TestSet(pools, protocols)
+
+
+# ---------------------------------------------------------------- sampler
+
+class CrossModalitySampler:
+    """P identities x (K visible + K infrared) per batch, identities drawn without replacement.
+
+    Only identities with images in both modalities are drawn. Images of an identity are drawn without
+    replacement, with replacement only when it has fewer than K in that modality."""
+
+    def __init__(self, labels_v, labels_r, P, K, seed):
+        labels_v, labels_r = np.asarray(labels_v), np.asarray(labels_r)
+        self.ids = np.intersect1d(labels_v, labels_r)
+        if P < 1 or K < 1:
+            raise DataError(f"sampler needs P >= 1 and K >= 1, got P={P}, K={K}")
+        if P > len(self.ids):
+            raise DataError(f"sampler asked for P={P} identities per batch, but only {len(self.ids)} identities have "
+                            f"both visible and infrared training images; lower P to at most {len(self.ids)}")
+        self.pos_v = {i: np.flatnonzero(labels_v == i) for i in self.ids}
+        self.pos_r = {i: np.flatnonzero(labels_r == i) for i in self.ids}
+        self.P, self.K, self.seed = P, K, seed
+        self.num_batches = max(len(labels_v), len(labels_r)) // (P * K)
+
+    def __len__(self):
+        return max(self.num_batches, 1)
+
+    def epoch(self, e):
+        """[(idx_v (P*K,), idx_r (P*K,)), ...]; identity-major, same identity order in both halves."""
+        rng = np.random.default_rng([self.seed, e])
+        batches = []
+        for _ in range(len(self)):
+            idx_v, idx_r = [], []
+            for pid in rng.choice(self.ids, self.P, replace=False):
+                for pos, out in ((self.pos_v[pid], idx_v), (self.pos_r[pid], idx_r)):
+                    out.append(rng.choice(pos, self.K, replace=len(pos) < self.K))
+            batches.append((np.concatenate(idx_v).astype(np.int64), np.concatenate(idx_r).astype(np.int64)))
+        return batches
+
+    def state_dict(self):
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state):
+        self.seed = state["seed"]
+
+
+# ---------------------------------------------------------------- augmentation
+
+def normalize(x, scale=1.0):
+    """In place: (B, 3, H, W) float in [0, scale] -> ImageNet-normalised; returns x."""
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return x.mul_(1 / (scale * std)).sub_(mean / std)          # (x / scale - mean) / std
+
+
+class Augment:
+    """Batch-level training augmentation on uint8 images; deterministic given a torch.Generator.
+
+    __call__(batch, g): batch {'x_v', 'x_r': (B, H0, W0, 3) uint8 tensors, 'y_v', 'y_r': (B,) int64}
+    -> {'x_*': (B, 3, height, width) float32 normalised, 'y_*', and whatever `extra` adds}.
+    Order: zero pad + random crop, horizontal flip, to [0, 1], extra(batch, g), ImageNet normalisation of
+    every 'x_*' key, random erasing of every 'x_*' key (independently per image).
+    Random numbers are drawn per batch as vectors; pixels move with one slice copy per image; without `extra`
+    the scaling to [0, 1] is folded into the normalisation (same numbers up to float rounding)."""
+
+    def __init__(self, height, width, pad=10, flip=True, erasing=0.5, extra=None):
+        self.height, self.width, self.pad, self.flip, self.erasing, self.extra = height, width, pad, flip, erasing, extra
+
+    def crop_flip(self, x, g):
+        """(B, H0, W0, 3) uint8 -> (B, 3, height, width) float32 in [0, 255]: zero pad, random crop, flip."""
+        B, H0, W0, _ = x.shape
+        p, h, w = self.pad, self.height, self.width
+        oy = torch.randint(0, H0 + 2 * p - h + 1, (B,), generator=g).tolist()   # crop origin in the padded image
+        ox = torch.randint(0, W0 + 2 * p - w + 1, (B,), generator=g).tolist()
+        flip = (torch.rand(B, generator=g) < 0.5).tolist() if self.flip else [False] * B
+        src = x.permute(0, 3, 1, 2).contiguous()                                 # (B, 3, H0, W0) uint8
+        out = torch.zeros(B, 3, h, w)
+        for b in range(B):
+            # the crop covers rows oy-p .. oy-p+h-1 of the unpadded image; the rest stays 0 (the padding)
+            y0, x0 = oy[b] - p, ox[b] - p
+            ys, ye, xs, xe = max(y0, 0), min(y0 + h, H0), max(x0, 0), min(x0 + w, W0)
+            if flip[b]:   # flipped output column j shows crop column w-1-j
+                out[b, :, ys - y0:ye - y0, w - (xe - x0):w - (xs - x0)] = src[b, :, ys:ye, xs:xe].flip(-1)
+            else:
+                out[b, :, ys - y0:ye - y0, xs - x0:xe - x0] = src[b, :, ys:ye, xs:xe]
+        return out
+
+    def erase(self, x, g):
+        """Random erasing (Zhong et al.) in place on normalised (B, 3, H, W): per image with prob. `erasing`, one
+        rectangle of area 0.02-0.4 of the image and aspect uniform in [0.3, 3.33] (first of 100 tries that fits) set to 0."""
+        B, _, H, W = x.shape
+        do = torch.rand(B, generator=g) < self.erasing
+        area = (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * torch.rand(B, ERASE_TRIES, generator=g)) * (H * W)
+        aspect = ERASE_ASPECT + (1 / ERASE_ASPECT - ERASE_ASPECT) * torch.rand(B, ERASE_TRIES, generator=g)
+        eh = torch.sqrt(area * aspect).round().long()                           # (B, tries)
+        ew = torch.sqrt(area / aspect).round().long()
+        fits = (eh < H) & (ew < W)
+        first = fits.long().argmax(1, keepdim=True)                             # first try that fits
+        eh, ew = eh.gather(1, first)[:, 0], ew.gather(1, first)[:, 0]           # (B,)
+        do &= fits.any(1)
+        ey = (torch.rand(B, generator=g) * (H - eh + 1)).long()
+        ex = (torch.rand(B, generator=g) * (W - ew + 1)).long()
+        for b, y0, x0, rh, rw in zip(do.nonzero()[:, 0].tolist(), ey[do].tolist(), ex[do].tolist(),
+                                     eh[do].tolist(), ew[do].tolist()):
+            x[b, :, y0:y0 + rh, x0:x0 + rw] = 0.0
+        return x
+
+    def __call__(self, batch, g):
+        batch = {k: self.crop_flip(v, g) if k.startswith("x_") else v for k, v in batch.items()}
+        scale = 255.0
+        if self.extra is not None:
+            for k in batch:
+                if k.startswith("x_"):
+                    batch[k].div_(255)
+            batch = self.extra(batch, g)
+            scale = 1.0
+        for k in sorted(batch):
+            if k.startswith("x_"):
+                normalize(batch[k], scale)
+                if self.erasing > 0:
+                    self.erase(batch[k], g)
+        return batch
+
+
+# ---------------------------------------------------------------- loaders
+
+def _batch_seed(seed, epoch, index):
+    a, b = np.random.SeedSequence([seed, epoch, index]).generate_state(2)
+    return (int(a) << 32 | int(b)) & (2 ** 63 - 1)
+
+
+class _EpochBatches(torch.utils.data.Dataset):
+    """Item i = augmented batch i of one epoch (for DataLoader with batch_size=None)."""
+
+    def __init__(self, trainset, batches, augment, seed, epoch):
+        self.trainset, self.batches, self.augment, self.seed, self.epoch = trainset, batches, augment, seed, epoch
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        idx_v, idx_r = self.batches[i]
+        v, r = self.trainset.v, self.trainset.r
+        batch = {"x_v": torch.from_numpy(v.images[idx_v]), "x_r": torch.from_numpy(r.images[idx_r]),
+                 "y_v": torch.from_numpy(v.labels[idx_v]), "y_r": torch.from_numpy(r.labels[idx_r])}
+        g = torch.Generator().manual_seed(_batch_seed(self.seed, self.epoch, i))
+        return self.augment(batch, g)
+
+
+class TrainLoader:
+    """Augmented cross-modality batches; batch i of epoch e depends only on (seed, e, i), whatever `workers`."""
+
+    def __init__(self, trainset, sampler, augment, workers):
+        self.trainset, self.sampler, self.augment, self.workers = trainset, sampler, augment, workers
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def epoch(self, e):
+        """Yields {'x_v', 'x_r': (P*K, 3, H, W) float32 normalised, 'y_v', 'y_r': (P*K,) int64, ...extra}."""
+        data = _EpochBatches(self.trainset, self.sampler.epoch(e), self.augment, self.sampler.seed, e)
+        if self.workers == 0:
+            return (data[i] for i in range(len(data)))
+        return iter(torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=self.workers,
+                                                pin_memory=torch.cuda.is_available()))
+
+    def state_dict(self):
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state):
+        self.sampler.load_state_dict(state)
+
+
+def train_loader(trainset, P, K, seed, augment, workers=0):
+    return TrainLoader(trainset, CrossModalitySampler(trainset.v.labels, trainset.r.labels, P, K, seed), augment, workers)
+
+
+def test_batches(images, batch_size):
+    """(N, H, W, 3) uint8 -> iterator of (B, 3, H, W) float32 ImageNet-normalised batches, in order."""
+    for s in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.array(images[s:s + batch_size]))
+        yield normalize(x.permute(0, 3, 1, 2).float(), 255.0)
