@@ -44,8 +44,13 @@ def str2bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: the message says what is wrong
+        self.exit(2, f"reid.py: error: {message} (see python reid.py --help)\n")
+
+
 def common_parser():
-    p = argparse.ArgumentParser(description="Visible-infrared person re-identification: train and evaluate.",
+    p = Parser(description="Visible-infrared person re-identification: train and evaluate.",
                                 allow_abbrev=False)
     p.add_argument("--method", choices=METHODS, help="the paper to run")
     p.add_argument("--dataset", default="synthetic", choices=("synthetic", "sysu", "regdb"),
@@ -175,8 +180,9 @@ def test(method, model, settings, testset, device, out, log):
         q_idx, g_idx = protocol.trials[0]
         q, g = testset.pools[protocol.query].subset(q_idx), testset.pools[protocol.gallery].subset(g_idx)
         d = dist(features[protocol.query][q_idx].to(device), features[protocol.gallery][g_idx].to(device)).cpu()
+        cams = dict(q_cams=q.cams, g_cams=g.cams) if protocol.kind == "sysu" else {}  # same-room rule
         evaluation.ranked_list_picture(out / f"ranked-{protocol.name}.png", q.images, g.images, d, q.labels,
-                                       g.labels, q_cams=q.cams, g_cams=g.cams, kind=protocol.kind)
+                                       g.labels, **cams)
     log(f"tested in {time.time() - t0:.1f}s")
     return results
 

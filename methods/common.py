@@ -169,6 +169,7 @@ class Run:
     def __init__(self, out, device, seed=0, amp=False, workers=0, log_every=20, log=print, max_its=None):
         self.out, self.device, self.seed, self.amp = Path(out), torch.device(device), seed, amp
         self.workers, self.max_its = workers, max_its  # max_its: iterations per epoch cap (--smoke)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.log_every, self.print = log_every, log
         self.stored = {}
         self._phase, self._num_epochs, self._its, self._timer = "", 0, 0, None
