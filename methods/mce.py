@@ -1,0 +1,373 @@
+"""MCE: Cheng, Wang, Wang, Wang, Wang and Gao, "Cross-Modality Person Re-identification with Memory-Based
+Contrastive Embedding", AAAI 2023.
+
+Implements:
+- one weight-sharing ResNet (stem and layer1-4 shared by every modality), last stride 1, non-local blocks as in
+  AGW/CAJ, GeM pooling and a BNNeck; three inputs per batch: visible (v), infrared (r) and the auxiliary modality
+  (a) made from each visible image by channel exchange (CAJ: one of R, G, B copied to all three channels);
+- modality-aware memories W^v, W^r, W^a and the modality-agnostic memory W^u (d x N^p), initialised with class-mean
+  features from a feature-extraction pass (Eq. 1), cluster contrast with temperature tau (Eq. 2) summed into L_W
+  (Eq. 4), momentum update from the mean batch feature of each class (Eq. 3);
+- historical centroids C^v, C^r, C^a, C^u: class means from a full feature-extraction pass over the training set at
+  the end of every epoch, fixed during the next one;
+- cross-modality mutual information (Eq. 5-8): KL divergence between a feature's probability responses to its own
+  and to the other modality's historical centroids, for v<->r and a<->r;
+- global modality-agnostic cluster contrast (Eq. 9): margin alpha between the distance to the own-class agnostic
+  historical centroid and the nearest other one;
+- L = L_W + lambda1 L_MI + lambda2 L_GC (Eq. 10);
+- the ablations of Table 3: two or three input modalities (`auxiliary`), the CE baseline, L^u only, L_W, L_W + L_MI
+  and L_W + L_MI + L_GC (`objective`), with historical or up-to-date ("dynamic", L^D) centroids (`centroids`).
+
+Choices where the paper is silent:
+- Every feature f is the L2-normalised BNNeck output (after GeM pooling, p = 3, as in the AGW/CAJ baseline the paper
+  builds on); the test feature is the same vector. Centroids are L2-normalised after the class mean (Eq. 1, and the
+  historical centroids) and after every momentum update (Eq. 3), so f . W / tau with tau = 0.05 lies in [-20, 20].
+- Eq. (5)-(6) write the response to the positive centroid c_+ only; a single term p log(p / q) is not a divergence
+  (it can be negative), so the responses are read as the full softmax distributions over the N^p centroids and
+  Eq. (7) as their KL divergence, averaged over the batch. The cross-modality response (P^v_r for a visible feature)
+  is the target and carries no gradient; the gradient flows through the own-modality response (P^v_v).
+- W^u and C^u are class means over the features of all modalities together (v, r and a pooled); L^u and L_GC use
+  every feature of the batch.
+- The auxiliary images of the centroid pass take one channel per image drawn from a generator seeded by (seed,
+  epoch), so the pass is reproducible and a resumed run is exact.
+- W is initialised once, before the first epoch, and afterwards only moves by Eq. (3). (The authors' released code
+  re-initialises W from a fresh extraction pass at the start of every epoch.)
+- Warm-up: linear over the first 10 epochs from lr / 10 (the paper says "with a warmup strategy").
+
+Deviations:
+- The auxiliary image shares the crop and flip of its visible image (random erasing is drawn independently) and its
+  channel exchange acts on [0, 1] pixels before ImageNet normalisation (CAJ draws a separate crop and exchanges
+  normalised channels), because the project pipeline augments per batch and adds 'x_a' in the `extra` hook.
+- With a backbone of fewer blocks than ResNet-50 (resnet18/34, for CPU runs), the non-local blocks go after the
+  last min(n, blocks) blocks of layer2 and layer3 (as in agw.py).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from methods import common
+
+OBJECTIVES = ("CE", "u", "W", "W+MI", "W+MI+GC")   # Table 3 rows
+CENTROIDS = ("historical", "dynamic")               # Table 3: L_MI, L_GC vs. L_MI^D, L_GC^D
+EXTRACT_BATCH = 128                                 # images per forward in the centroid pass
+
+
+@dataclass
+class Settings:
+    arch: str = "resnet50"               # Implementation details: ResNet-50
+    pretrained: str = "imagenet"         # Implementation details: pre-trained on ImageNet
+    height: int = 384                    # Implementation details: 384 x 128 input
+    width: int = 128
+    epochs: int = 80                     # Implementation details: 80 epochs
+    P: int = 8                           # Implementation details: 8 identities per batch
+    K: int = 4                           #   x 4 RGB + 4 infrared images each (batch 64)
+    lr: float = 3.5e-4                   # Implementation details: Adam, initial lr 0.00035
+    weight_decay: float = 5e-4           # Implementation details: weight decay 0.0005
+    warmup: int = 10                     # "with a warmup strategy" (length not given; the CAJ/AGW baseline's 10)
+    milestones: tuple = (20, 40)         # Implementation details: lr / 10 at epochs 20 and 40
+    tau: float = 0.05                    # Implementation details: temperature of Eq. (2), (5), (6)
+    gamma_aware: float = 0.3             # Implementation details: Eq. (3) momentum for W^v, W^r, W^a
+    gamma_agnostic: float = 0.1          # Implementation details: Eq. (3) momentum for W^u
+    lambda1: float = 1.2                 # Eq. (10), Fig. 2: weight of L_MI
+    lambda2: float = 1.0                 # Eq. (10), Fig. 3: weight of L_GC
+    alpha: float = 0.3                   # Eq. (9) margin
+    objective: str = "W+MI+GC"           # Table 3: CE | u | W | W+MI | W+MI+GC
+    centroids: str = "historical"        # Table 3: historical (L_MI, L_GC) or dynamic (L_MI^D, L_GC^D)
+    auxiliary: bool = True               # Table 3: 3 "channels" (v, r, a) or 2 (v, r)
+    non_local: bool = True               # Implementation details: non-local blocks, following CAJ
+    gem_p: float = 3.0                   # not in the paper: GeM pooling of the AGW/CAJ baseline
+    erasing: float = 0.5                 # Implementation details: random erasing
+
+
+# CPU recipe for the built-in synthetic world: a small network trained from scratch.
+SYNTHETIC = dict(arch="resnet18", pretrained="none", height=128, width=64, epochs=10, warmup=2, milestones=(7, 9))
+SMOKE = dict(arch="resnet18", pretrained="none", height=64, width=32, epochs=1, P=4, K=2, warmup=1, milestones=())
+
+
+# ---------------------------------------------------------------- auxiliary modality
+
+def channel_exchange(x, g):
+    """CAJ channel exchange: each image's R, G or B channel (uniformly at random) copied to all three channels.
+
+    x: (B, 3, H, W), any dtype -> (B, 3, H, W)."""
+    channel = torch.randint(0, 3, (x.shape[0],), generator=g)                    # (B,)
+    return x[torch.arange(x.shape[0]), channel][:, None].expand_as(x).contiguous()
+
+
+def add_auxiliary(batch, g):
+    """Augment `extra` hook: 'x_a' (B, 3, H, W) in [0, 1] from 'x_v', before normalisation; labels are 'y_v'."""
+    batch["x_a"] = channel_exchange(batch["x_v"], g)
+    return batch
+
+
+# ---------------------------------------------------------------- model (backbone as in agw.py)
+
+class NonLocal(nn.Module):
+    """Non-local block (dot-product form): z = W_z(softmax-free affinity(theta, phi) g) + x, W_z's BN starts at 0."""
+
+    def __init__(self, c, reduction=2):
+        super().__init__()
+        ci = c // reduction
+        self.theta, self.phi, self.g = nn.Conv2d(c, ci, 1), nn.Conv2d(c, ci, 1), nn.Conv2d(c, ci, 1)
+        self.W = nn.Sequential(nn.Conv2d(ci, c, 1), nn.BatchNorm2d(c))
+        nn.init.zeros_(self.W[1].weight)  # the block starts as the identity
+        nn.init.zeros_(self.W[1].bias)
+
+    def forward(self, x):                                   # x: (B, C, H, W)
+        b, _, h, w = x.shape
+        theta = self.theta(x).flatten(2).transpose(1, 2)    # (B, HW, C')
+        phi = self.phi(x).flatten(2)                        # (B, C', HW)
+        g = self.g(x).flatten(2).transpose(1, 2)            # (B, HW, C')
+        f = theta @ phi / phi.shape[-1]                     # (B, HW, HW), normalised by N = HW
+        y = (f @ g).transpose(1, 2).reshape(b, -1, h, w)    # (B, C', H, W)
+        return self.W(y) + x
+
+
+def with_non_local(stage, c, num):
+    """`stage` with a non-local block after each of its last `num` residual blocks."""
+    blocks = list(stage)
+    first = len(blocks) - min(num, len(blocks))  # Deviation: fewer blocks than ResNet-50 -> last ones
+    out = []
+    for i, block in enumerate(blocks):
+        out.append(block)
+        if i >= first:
+            out.append(NonLocal(c))
+    return nn.Sequential(*out)
+
+
+def gem(x, p):
+    """Generalised-mean pooling over H, W: (mean x^p)^(1/p); x >= 0 after ReLU. (B, C, H, W) -> (B, C)."""
+    return x.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+class MCE(nn.Module):
+    """One weight-sharing ResNet for v, r and a: stem + layer1-4 (non-local in layer2, layer3), GeM, BNNeck."""
+
+    def __init__(self, settings, num_classes):
+        super().__init__()
+        net = common.resnet(settings.arch, settings.pretrained)
+        layer1, layer2, layer3, layer4 = common.stages(net)
+        c = common.channels(settings.arch)
+        if settings.non_local:
+            layer2, layer3 = with_non_local(layer2, c[1], 2), with_non_local(layer3, c[2], 3)
+        self.backbone = nn.Sequential(common.stem(net), layer1, layer2, layer3, layer4)
+        self.gem_p = settings.gem_p
+        self.bnneck = nn.BatchNorm1d(c[3])
+        self.bnneck.bias.requires_grad_(False)                             # BNNeck: no shift
+        # Table 3 "CE" baseline: a classifier on the BN feature instead of the memories
+        self.classifier = nn.Linear(c[3], num_classes, bias=False) if settings.objective == "CE" else None
+
+    def forward(self, x):
+        """(B, 3, H, W) of any modality -> BN feature (B, d); the feature f of the paper is its L2 normalisation."""
+        return self.bnneck(gem(self.backbone(x), self.gem_p))
+
+
+def build(settings, num_classes, meta=None):
+    return MCE(settings, num_classes)
+
+
+# ---------------------------------------------------------------- memories and historical centroids
+
+class Memory:
+    """Up-to-date memories W[m] (Eq. 1-3) and historical centroids C[m], m in v, r, [a], u: (N^p, d) each, rows
+    L2-normalised. state_dict / load_state_dict let Run.epochs checkpoint them, so a resumed run is exact."""
+
+    def __init__(self, keys, num_classes, dim, device):
+        self.device = device
+        self.W = {m: torch.zeros(num_classes, dim, device=device) for m in keys}
+        self.C = {m: torch.zeros(num_classes, dim, device=device) for m in keys}
+
+    def initialise(self, centroids):
+        """Eq. (1): W^m_k = mean of the class-k features of modality m; they are also the first historical C."""
+        self.W = {m: c.clone() for m, c in centroids.items()}
+        self.C = {m: c.clone() for m, c in centroids.items()}
+
+    @torch.no_grad()
+    def update(self, m, f, y, gamma):
+        """Eq. (3): W^m_y <- gamma W^m_y + (1 - gamma) mean of the batch features of class y, then L2-normalised.
+
+        f: (B, d) detached features of modality m, y: (B,) labels."""
+        classes, inverse = torch.unique(y, return_inverse=True)                 # (n,), (B,)
+        f_bar = torch.zeros(len(classes), f.shape[1], device=f.device).index_add_(0, inverse, f)
+        f_bar /= torch.bincount(inverse, minlength=len(classes))[:, None]      # (n, d) class means in the batch
+        self.W[m][classes] = F.normalize(gamma * self.W[m][classes] + (1 - gamma) * f_bar, dim=1)   # Eq. (3)
+
+    def state_dict(self):
+        return {"W": dict(self.W), "C": dict(self.C)}
+
+    def load_state_dict(self, state):
+        self.W = {m: w.to(self.device) for m, w in state["W"].items()}
+        self.C = {m: c.to(self.device) for m, c in state["C"].items()}
+
+
+def auxiliary_batches(images, batch_size, g):
+    """Channel-exchanged test batches (B, 3, H, W), normalised, of the uint8 visible images (N, H, W, 3)."""
+    for s in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.array(images[s:s + batch_size])).permute(0, 3, 1, 2)   # (B, 3, H, W) uint8
+        yield from data.test_batches(channel_exchange(x, g).permute(0, 2, 3, 1).numpy(), batch_size)
+
+
+def pass_generator(seed, epoch):
+    """The generator of the auxiliary channels in the centroid pass after `epoch` (-1: the initial pass)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch + 1]).generate_state(1)[0]))
+
+
+@torch.no_grad()
+def class_centroids(model, trainset, keys, run, g):
+    """Eq. (1) over the whole training set (no augmentation, eval mode): {m: (N^p, d)} L2-normalised class means of
+    the features f of modality m; 'u' pools v, r and a. A class without images in m keeps a zero row."""
+    model.eval()
+    n, device = trainset.num_classes, run.device
+    sums, counts = {}, {}
+    for m in keys:
+        if m == "u":
+            continue
+        images = trainset.r if m == "r" else trainset.v
+        batches = (auxiliary_batches(images.images, EXTRACT_BATCH, g) if m == "a"
+                   else data.test_batches(images.images, EXTRACT_BATCH))
+        labels = torch.from_numpy(images.labels).to(device)                       # (N,)
+        sums[m] = None
+        start = 0
+        for x in batches:
+            with run.autocast():
+                f = F.normalize(model(x.to(device)).float(), dim=1)               # (B, d)
+            if sums[m] is None:
+                sums[m] = torch.zeros(n, f.shape[1], device=device)
+            sums[m].index_add_(0, labels[start:start + len(f)], f)
+            start += len(f)
+        counts[m] = torch.bincount(labels, minlength=n).float()                   # (N^p,)
+    modal = [m for m in keys if m != "u"]
+    sums["u"], counts["u"] = sum(sums[m] for m in modal), sum(counts[m] for m in modal)
+    return {m: F.normalize(sums[m] / counts[m].clamp(min=1)[:, None], dim=1) for m in keys}
+
+
+# ---------------------------------------------------------------- losses
+
+def L_m(f, y, W, tau):
+    """Eq. (2), memory-based cluster contrast of modality m: -log softmax_k(f . W_k / tau)[y], batch mean.
+
+    f: (B, d) L2-normalised features, y: (B,), W: (N^p, d) memory (no gradient)."""
+    return F.cross_entropy(f @ W.t() / tau, y)                                    # Eq. (2)
+
+
+def L_W(f, y, W, tau):
+    """Eq. (4): L_W = L^v + L^r + L^a + L^u over the modalities present in `f` ({m: (B_m, d)}); returns the terms."""
+    return {m: L_m(f[m], y[m], W[m], tau) for m in f}                              # Eq. (4), summed by the caller
+
+
+def log_P(f, C, tau):
+    """Eq. (5), (6): log probability responses of features f (B, d) to the centroids C (N^p, d): (B, N^p)."""
+    return F.log_softmax(f @ C.t() / tau, dim=1)
+
+
+def KL(log_p, log_q):
+    """sum_k p_k log(p_k / q_k), batch mean; log_p, log_q: (B, N^p)."""
+    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+
+
+def L_MI_mn(f_m, f_n, C_m, C_n, tau):
+    """Eq. (7), L_MI^{m<->n}: KL(P^m_n || P^m_m) for the features of m plus KL(P^n_m || P^n_n) for those of n.
+
+    The cross-modality response P^m_n(f^m | C^n) is the target (detached); f_m: (B, d), f_n: (B', d), C: (N^p, d)."""
+    return (KL(log_P(f_m, C_n, tau).detach(), log_P(f_m, C_m, tau))              # Eq. (7), first term
+            + KL(log_P(f_n, C_m, tau).detach(), log_P(f_n, C_n, tau)))           # Eq. (7), second term
+
+
+def L_MI(f, C, tau):
+    """Eq. (8): L_MI = L_MI^{v<->r} + L_MI^{a<->r} (the second only with the auxiliary modality)."""
+    loss = L_MI_mn(f["v"], f["r"], C["v"], C["r"], tau)
+    if "a" in f:
+        loss = loss + L_MI_mn(f["a"], f["r"], C["a"], C["r"], tau)
+    return loss                                                                   # Eq. (8)
+
+
+def pairwise_distance(x, y):
+    """Euclidean distances (N, M) between rows of x (N, d) and y (M, d)."""
+    d2 = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1) - 2 * x @ y.t()
+    return d2.clamp(min=1e-12).sqrt()
+
+
+def L_GC(f, y, C_u, alpha):
+    """Eq. (9): max(||f - c^u_y|| - min_{k != y} ||f - c^u_k|| + alpha, 0), mean over f (B, d) of all modalities."""
+    d = pairwise_distance(f, C_u)                                                 # (B, N^p)
+    d_pos = d.gather(1, y[:, None])[:, 0]                                         # (B,)
+    d_neg = d.scatter(1, y[:, None], float("inf")).min(1).values                  # (B,) nearest other centroid
+    return F.relu(d_pos - d_neg + alpha).mean()                                   # Eq. (9)
+
+
+# ---------------------------------------------------------------- training
+
+def check(settings):
+    if settings.objective not in OBJECTIVES:
+        raise common.UserError(f"--objective {settings.objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if settings.centroids not in CENTROIDS:
+        raise common.UserError(f"--centroids {settings.centroids!r} is not one of {', '.join(CENTROIDS)}")
+
+
+def train(settings, trainset, run):
+    check(settings)
+    model = build(settings, trainset.num_classes).to(run.device)
+    keys = ("v", "r", "a", "u") if settings.auxiliary else ("v", "r", "u")
+    memory = Memory(keys, trainset.num_classes, common.channels(settings.arch)[3], run.device)
+    uses_memory = settings.objective != "CE"
+    uses_C = settings.objective in ("W+MI", "W+MI+GC")
+    refresh_C = uses_C and settings.centroids == "historical"
+    gamma = {m: settings.gamma_agnostic if m == "u" else settings.gamma_aware for m in keys}
+    augment = data.Augment(settings.height, settings.width, erasing=settings.erasing,
+                           extra=add_auxiliary if settings.auxiliary else None)
+    loader = data.train_loader(trainset, settings.P, settings.K, run.seed, augment, workers=run.workers)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
+                                 weight_decay=settings.weight_decay)
+    schedule = common.WarmupMultiStep(optimizer, settings.milestones, warmup=settings.warmup)
+    for epoch in run.epochs("train", settings.epochs, model=model, memory=memory, optimizer=optimizer,
+                            schedule=schedule, loader=loader):
+        schedule.step_epoch(epoch)
+        if epoch == 0 and uses_memory:
+            memory.initialise(class_centroids(model, trainset, keys, run, pass_generator(run.seed, -1)))  # Eq. (1)
+        model.train()
+        for it, batch in run.batches(loader, epoch):
+            x = torch.cat([batch["x_" + m] for m in keys if m != "u"])            # (B_v + B_r [+ B_a], 3, H, W)
+            with run.autocast():
+                b = model(x)
+            b = b.float()                                                         # (B_total, d) BN features
+            f_all = F.normalize(b, dim=1)
+            sizes = [batch["x_" + m].shape[0] for m in keys if m != "u"]
+            f = dict(zip([m for m in keys if m != "u"], f_all.split(sizes)))      # {m: (B_m, d)}
+            y = {m: batch["y_r"] if m == "r" else batch["y_v"] for m in f}       # 'a' shares the visible labels
+            f["u"], y["u"] = f_all, torch.cat([y[m] for m in keys if m != "u"])
+            if settings.objective == "CE":
+                terms = {"L_CE": F.cross_entropy(model.classifier(b), y["u"])}
+                loss = terms["L_CE"]
+            elif settings.objective == "u":
+                terms = {"L_u": L_m(f["u"], y["u"], memory.W["u"], settings.tau)}   # Eq. (2) for u only
+                loss = terms["L_u"]
+            else:
+                terms = {"L_" + m: l for m, l in L_W(f, y, memory.W, settings.tau).items()}
+                loss = sum(terms.values())                                       # Eq. (4)
+                C = memory.C if settings.centroids == "historical" else memory.W  # L^D: up-to-date memories
+                if uses_C:
+                    terms["L_MI"] = L_MI(f, C, settings.tau)
+                    loss = loss + settings.lambda1 * terms["L_MI"]               # Eq. (10)
+                if settings.objective == "W+MI+GC":
+                    terms["L_GC"] = L_GC(f["u"], y["u"], C["u"], settings.alpha)
+                    loss = loss + settings.lambda2 * terms["L_GC"]               # Eq. (10)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if uses_memory:
+                for m in keys:
+                    memory.update(m, f[m].detach(), y[m], gamma[m])              # Eq. (3)
+            run.log(epoch, it, {k: v.detach() for k, v in terms.items()}, optimizer.param_groups[0]["lr"])
+        if refresh_C:  # historical centroids of the model at the end of this epoch, fixed during the next
+            memory.C = class_centroids(model, trainset, keys, run, pass_generator(run.seed, epoch))
+    return model
+
+
+@torch.no_grad()
+def extract(model, x, modality):
+    """Test feature: the L2-normalised BN feature f, (B, d), for either modality (the network is shared)."""
+    return F.normalize(model(x), dim=1)
