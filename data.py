@@ -503,7 +503,12 @@ class CrossModalitySampler:
 
 # ---------------------------------------------------------------- augmentation
 
-def normalize(x, scale=1.0):
+def normalize(x):
+    """(B, 3, H, W) float in [0, 1] -> ImageNet-normalised (a new tensor)."""
+    return _normalize_(x.clone(), 1.0)
+
+
+def _normalize_(x, scale):
     """In place: (B, 3, H, W) float in [0, scale] -> ImageNet-normalised; returns x."""
     std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -573,7 +578,7 @@ class Augment:
             scale = 1.0
         for k in sorted(batch):
             if k.startswith("x_"):
-                normalize(batch[k], scale)
+                _normalize_(batch[k], scale)
                 if self.erasing > 0:
                     self.erase(batch[k], g)
         return batch
@@ -636,4 +641,4 @@ def test_batches(images, batch_size):
     """(N, H, W, 3) uint8 -> iterator of (B, 3, H, W) float32 ImageNet-normalised batches, in order."""
     for s in range(0, len(images), batch_size):
         x = torch.from_numpy(np.array(images[s:s + batch_size]))
-        yield normalize(x.permute(0, 3, 1, 2).float(), 255.0)
+        yield _normalize_(x.permute(0, 3, 1, 2).float(), 255.0)
