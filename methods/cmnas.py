@@ -1,0 +1,510 @@
+"""CM-NAS: Fu, Hu, Wu, Shi, Mei, He, "CM-NAS: Cross-Modality Neural Architecture Search for Visible-Infrared
+Person Re-Identification", ICCV 2021.
+
+Implements
+- the BN-oriented search space (Sec. 3.2, Fig. 3): every BatchNorm2d of a torchvision ResNet (53 for ResNet-50:
+  stem, 16 bottlenecks x 3, 4 downsample paths) becomes a searchable unit with o1 = separate visible / infrared
+  BN and o2 = one shared BN, mixed by the softmax of its architecture parameters alpha (Eq. 1-2);
+- the bilevel search (Eq. 3): training identities split 8:2 into search-train / search-validation (Sec. 4.1),
+  alternating alpha steps on L_val and weight steps on L_train; the discrete architecture is the argmax per layer;
+- the genotype in the notation of Fig. 4 (one bit per BN layer, grouped by stage and block, '0' separate,
+  '1' shared; in a stage's first block the downsample BN comes first, as in the authors' released loader), written
+  to OUT/genotype.txt with each layer's probabilities; the two architectures of Fig. 4 are built in;
+- the objective (Eq. 4-10): L_CMMD with k(x, y) = (x . y)^2 per class (Eq. 4), the correlation consistency L_CC
+  of row-normalised Gram matrices (Eq. 5-8), L_C3MMD (Eq. 9) and L_train = L_basic + L_C3MMD (Eq. 10),
+  L_basic = L_cls + L_triplet; L_val has the same form;
+- phase 2: retraining the derived (or a given) architecture on the whole training set (Sec. 4.1);
+- the Table 1 ablations: --network one-stream | one-stream-in | two-stream | two-stream-in | two-stream-bn,
+  --c3mmd both | search | retrain | none, --lambdas 0 5 (w/o CMMD), --lambdas 0.05 0 (w/o CC),
+  --class-specific false (CMMD -> MMD).
+
+Choices where the paper is silent (taken from the authors' released training code where it exists):
+- Head: last stride 1, average pooling, BNNeck (bias frozen) and a bias-free classifier; L_cls on the BN
+  feature, L_triplet (batch-hard, margin 0.4) on the pooled feature, L_C3MMD on the BN feature; test feature =
+  the L2-normalised BN feature. The released code averages four batch-hard terms (v-v, r-r, v-r, r-v); here
+  one batch-hard term mines over the whole two-modality batch.
+- Architecture optimiser: first-order alternation as in DARTS [25] (Alg. 1 order: alpha step on a validation
+  batch, then weight step on a training batch), Adam lr 3e-4, betas (0.5, 0.999), weight decay 1e-3, alpha = 0
+  at the start (p = 0.5 each). Validation batches are drawn in a cycle over the validation split.
+- Search length: the Sec. 4.1 recipe (120 epochs) on the search-train split. Phase 2 starts again from ImageNet.
+- L_val's L_cls uses the one classifier over all training identities (labels stay global): rows of validation
+  identities are trained only as negatives during the weight steps.
+- Separate BNs and IN layers start from the (pretrained) BN they replace. IN = affine InstanceNorm2d, which
+  normalises with instance statistics at test time too. The two-stream baselines separate the paper's stages 1-2:
+  stem and layer1.
+
+Deviations:
+- L_CMMD is the SQUARED MMD (biased estimate) on L2-normalised features, averaged over the identities of the
+  batch, as in the authors' released code; Eq. (4) writes the RKHS norm itself. The square is smooth where the
+  two modalities already agree (the norm's gradient has unit length however small the gap, and none at 0), and
+  lambda1 = 0.05 was tuned for it.
+- lambda1 (CMMD) = 0.05 and lambda2 (CC) = 5.0, the best values of the parameter analysis (Fig. 5) and of the
+  released code; Sec. 4.1 prints them swapped (5.0, 0.05): `--lambdas 5.0 0.05`.
+- The backbone learns at 0.1 x lr (0.001) and the lr warms up linearly over 10 epochs (from 0.1 x, the project's
+  WarmupMultiStep; the released code warms up from 0.01 x); Sec. 4.1 states only lr 0.01, /10 at epochs 40, 70.
+- No EMA of the weights (the released SYSU script averages weights with decay 0.997; the paper does not).
+"""
+import copy
+import itertools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from methods import common
+
+
+@dataclass
+class Settings:
+    arch: str = "resnet50"               # Sec. 3.1: ResNet-50 backbone (any torchvision ResNet works)
+    pretrained: str = "imagenet"         # Sec. 4.1: pre-trained on ImageNet
+    height: int = 256                    # Sec. 4.1: pad 10, random crop to 256 x 128
+    width: int = 128
+    epochs: int = 120                    # Sec. 4.1: training finishes at the 120th epoch (phase 2)
+    search_epochs: int = 120             # paper silent: phase 1 follows the same recipe (Sec. 4.1)
+    P: int = 8                           # Sec. 4.1: 8 identities per batch
+    K: int = 4                           #   x 4 visible + 4 infrared images each
+    lr: float = 0.01                     # Sec. 4.1: initial lr 0.01 (BNNeck and classifier)
+    backbone_lr: float = 0.001           # Deviation (released code): backbone at 0.1 x lr
+    betas: tuple = (0.5, 0.999)          # Sec. 4.1: Adam (beta1, beta2)
+    weight_decay: float = 5e-4           # Sec. 4.1
+    milestones: tuple = (40, 70)         # Sec. 4.1: lr / 10 at epochs 40 and 70
+    warmup: int = 10                     # Deviation (released code): linear warm-up epochs
+    erasing: float = 0.5                 # Sec. 4.1: random erasing (probability from the released code)
+    margin: float = 0.4                  # L_triplet margin; paper silent, released code 0.4
+    lambdas: tuple = (0.05, 5.0)         # Eq. (9) (lambda1 CMMD, lambda2 CC): Fig. 5; Sec. 4.1 prints (5.0, 0.05)
+    c3mmd: str = "both"                  # Table 1: phases using L_C3MMD: both | search | retrain | none
+    class_specific: bool = True          # Table 1: false replaces L_CMMD by one L_MMD over the whole batch
+    network: str = "cm-nas"              # Table 1 row, one of NETWORKS; the baselines train in one phase
+    phase: str = "both"                  # Sec. 4.1: search (phase 1) | retrain (phase 2) | both
+    genotype: str = ""                   # --phase retrain: paper-sysu | paper-regdb (Fig. 4) | FILE; '' = searched
+    search_split: float = 0.8            # Sec. 4.1: identities split 8:2 into search-train / search-validation
+    arch_lr: float = 3e-4                # paper silent: DARTS [25] Adam for alpha
+    arch_weight_decay: float = 1e-3      # paper silent: DARTS [25]
+
+
+# CPU recipe for the built-in synthetic world: resnet18 from scratch, small images, short phases.
+SYNTHETIC = dict(arch="resnet18", pretrained="none", height=128, width=64, epochs=8, search_epochs=4,
+                 lr=0.001, backbone_lr=0.001, warmup=1, milestones=(6,), arch_lr=3e-3)
+SMOKE = dict(arch="resnet18", pretrained="none", height=64, width=32, epochs=1, search_epochs=1, P=4, K=2,
+             warmup=1, milestones=())
+
+NETWORKS = ("cm-nas", "one-stream", "one-stream-in", "two-stream", "two-stream-in", "two-stream-bn")
+PHASES = ("search", "retrain", "both")
+C3MMD_PHASES = ("both", "search", "retrain", "none")
+PAPER_GENOTYPES = {  # Fig. 4, ResNet-50
+    "paper-sysu": "0 | 0000 010 011 | 0001 000 111 101 | 1111 101 111 111 111 111 | 1111 111 111",
+    "paper-regdb": "0 | 0000 000 110 | 1100 000 100 100 | 1111 111 111 111 111 111 | 1111 111 111",
+}
+
+
+# ---------------------------------------------------------------- search space (Sec. 3.2, Fig. 3)
+
+class SeparateBN(nn.Module):
+    """o1: two BNs, `v` for visible and `r` for infrared images, each normalising with its own statistics.
+
+    `modality` (set by CMNASNet.forward) tells the batch layout: 'vr' = first half visible, second half infrared
+    (equal halves); 'v' or 'r' = the whole batch is of that modality."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.v, self.r = bn, copy.deepcopy(bn)
+        self.modality = "vr"
+
+    def forward(self, x):                                   # x: (B, C, H, W)
+        if self.modality != "vr":
+            return getattr(self, self.modality)(x)
+        x_v, x_r = x.chunk(2)                               # (B/2, C, H, W) each
+        return torch.cat([self.v(x_v), self.r(x_r)])
+
+
+class MixedBN(nn.Module):
+    """A searchable BN layer l: x_{l+1} = p_o1 o1(x_l) + p_o2 o2(x_l); o1 = SeparateBN, o2 = one shared BN."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.o1, self.o2 = SeparateBN(copy.deepcopy(bn)), bn
+        self.alpha = nn.Parameter(torch.zeros(2))           # (alpha_o1, alpha_o2)
+
+    def probabilities(self):
+        return torch.softmax(self.alpha, 0)                 # Eq. (1): (p_o1, p_o2)
+
+    def forward(self, x):                                   # x: (B, C, H, W)
+        p = self.probabilities()
+        return p[0] * self.o1(x) + p[1] * self.o2(x)        # Eq. (2)
+
+
+def bn_layers(body):
+    """The BN layers of body = Sequential(stem, layer1, ..., layer4) in genotype (Fig. 4) order, grouped
+    [stage][block] -> [(parent module, attribute, label)]. Stage s1 is the stem's BN, s2..s5 are layer1..layer4;
+    inside a block the downsample BN comes first, then bn1, bn2 (, bn3)."""
+    stages = [[[(body[0], "1", "s1.bn1")]]]
+    for s, stage in enumerate(body[1:], start=2):
+        blocks = []
+        for b, block in enumerate(stage, start=1):
+            layers = [(block.downsample, "1", f"s{s}_{b}.downsample")] if block.downsample is not None else []
+            layers += [(block, n, f"s{s}_{b}.{n}") for n in ("bn1", "bn2", "bn3") if hasattr(block, n)]
+            blocks.append(layers)
+        stages.append(blocks)
+    return stages
+
+
+def flat(stages):
+    return [layer for stage in stages for block in stage for layer in block]
+
+
+def genotype_string(bits, stages):
+    """'0|1' bits -> Fig. 4 notation: stages separated by ' | ', blocks by ' '."""
+    it = iter(bits)
+    return " | ".join(" ".join("".join(next(it) for _ in block) for block in stage) for stage in stages)
+
+
+def parse_genotype(text, stages):
+    """Fig. 4 notation (spaces and '|' optional) -> bit string, checked against the network's BN layers."""
+    bits = "".join(text.replace("|", " ").split())
+    n = len(flat(stages))
+    if set(bits) - {"0", "1"} or len(bits) != n:
+        layout = genotype_string("x" * n, stages)
+        raise common.UserError(f"genotype {text!r} has {len(bits)} symbols, but this network has {n} BN "
+                               f"layers: give {n} bits of 0 (separate) / 1 (shared) laid out as {layout}, or change "
+                               f"--arch (the paper genotypes are for resnet50)")
+    return bits
+
+
+def read_genotype(spec):
+    """--genotype value: 'paper-sysu', 'paper-regdb' or a file whose first line (not starting with '#') holds it."""
+    if spec in PAPER_GENOTYPES:
+        return PAPER_GENOTYPES[spec]
+    if not os.path.isfile(spec):
+        raise common.UserError(f"--genotype {spec!r} is neither {' nor '.join(PAPER_GENOTYPES)} nor an existing "
+                               f"file; give one of those (a search writes OUT/genotype.txt)")
+    with open(spec) as f:
+        lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise common.UserError(f"--genotype {spec}: the file holds no genotype line; write one such as "
+                               f"'{PAPER_GENOTYPES['paper-sysu']}'")
+    return lines[0]
+
+
+def genotype_of(body):
+    """The discrete architecture of `body` in Fig. 4 notation; a MixedBN layer takes the operation with the
+    larger probability ('0' when p_o1 > p_o2, Sec. 3.2)."""
+    bits = []
+    for parent, name, _ in flat(bn_layers(body)):
+        unit = getattr(parent, name)
+        if isinstance(unit, MixedBN):
+            p = unit.probabilities()
+            bits.append("0" if p[0] > p[1] else "1")
+        else:
+            bits.append("0" if isinstance(unit, SeparateBN) else "1")
+    return genotype_string(bits, bn_layers(body))
+
+
+def apply_genotype(body, bits):
+    """Turns each BN of `body` into a MixedBN (bits None: the search space), a SeparateBN ('0') or keeps it ('1')."""
+    for (parent, name, _), bit in zip(flat(bn_layers(body)), bits or itertools.repeat(None)):
+        bn = getattr(parent, name)
+        if bit is None:
+            setattr(parent, name, MixedBN(bn))
+        elif bit == "0":
+            setattr(parent, name, SeparateBN(bn))
+
+
+def instance_norm(module):
+    """Table 1 '(IN)' rows: every BatchNorm2d inside `module` becomes an affine InstanceNorm2d with its weights."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            norm = nn.InstanceNorm2d(child.num_features, eps=child.eps, affine=True)
+            norm.weight.data.copy_(child.weight.data)
+            norm.bias.data.copy_(child.bias.data)
+            setattr(module, name, norm)
+        else:
+            instance_norm(child)
+
+
+class CMNASNet(nn.Module):
+    """ResNet (last stride 1) + average pooling + BNNeck + classifier, for CM-NAS and the Table 1 baselines.
+
+    network 'cm-nas': every BN is a MixedBN (genotype None: the search space) or fixed by `genotype`;
+    'one-stream' shares everything, 'two-stream-bn' separates only the BNs of stages 1-2 (genotypes too);
+    'two-stream' separates whole stages 1-2 (stem + layer1, `specific`); '-in' replaces every BN by IN."""
+
+    def __init__(self, settings, num_classes, genotype=None):
+        super().__init__()
+        net = common.resnet(settings.arch, settings.pretrained)
+        self.specific = None                                # modality-specific stages, run before `body`
+        if settings.network in ("two-stream", "two-stream-in"):
+            net_r = common.resnet(settings.arch, settings.pretrained)
+            self.specific = nn.ModuleDict({"v": nn.Sequential(common.stem(net), net.layer1),
+                                           "r": nn.Sequential(common.stem(net_r), net_r.layer1)})
+            self.body = nn.Sequential(net.layer2, net.layer3, net.layer4)
+        else:
+            self.body = nn.Sequential(common.stem(net), *common.stages(net))
+        if settings.network.endswith("-in"):
+            instance_norm(self)
+        elif settings.network in ("one-stream", "two-stream-bn"):
+            stages = bn_layers(self.body)
+            separate = 2 if settings.network == "two-stream-bn" else 0   # stages s1, s2 = stem, layer1
+            apply_genotype(self.body, "".join(("0" if s < separate else "1") * sum(map(len, stage))
+                                              for s, stage in enumerate(stages)))
+        elif settings.network == "cm-nas":
+            stages = bn_layers(self.body)
+            apply_genotype(self.body, None if genotype is None else parse_genotype(genotype, stages))
+        c = common.channels(settings.arch)[-1]
+        self.bnneck = nn.BatchNorm1d(c)
+        self.bnneck.bias.requires_grad_(False)              # BNNeck: no shift
+        self.classifier = nn.Linear(c, num_classes, bias=False)
+
+    def alphas(self):
+        return [m.alpha for m in self.modules() if isinstance(m, MixedBN)]
+
+    def forward(self, x, modality="vr"):
+        """x (B, 3, H, W), visible first then infrared ('vr'), or one modality ('v' / 'r')
+        -> pooled feature f (B, C), BN feature (B, C)."""
+        for m in self.modules():
+            if isinstance(m, SeparateBN):
+                m.modality = modality
+        if self.specific is not None:
+            if modality == "vr":
+                x_v, x_r = x.chunk(2)
+                x = torch.cat([self.specific["v"](x_v), self.specific["r"](x_r)])
+            else:
+                x = self.specific[modality](x)
+        f = self.body(x).mean(dim=(2, 3))                   # (B, C) average pooling
+        return f, self.bnneck(f)
+
+
+def build(settings, num_classes, meta=None):
+    """The phase-2 network of the stored genotype; the search space when the weights are the search's own
+    (meta supernet) or when no genotype is known."""
+    meta = meta or {}
+    if settings.network != "cm-nas" or meta.get("supernet"):
+        genotype = None
+    elif meta.get("genotype"):
+        genotype = meta["genotype"]
+    elif settings.genotype:
+        genotype = read_genotype(settings.genotype)
+    else:
+        genotype = None
+    return CMNASNet(settings, num_classes, genotype)
+
+
+# ---------------------------------------------------------------- losses (Eq. 4-10)
+
+def L_tri_hard(f, y, margin):
+    """Triplet loss with online hard mining (batch hard): for each anchor, the farthest positive and the closest
+    negative in the batch; mean over anchors of max(0, d_ap - d_an + margin). f (N, d), y (N,)."""
+    d = (f.pow(2).sum(1, keepdim=True) + f.pow(2).sum(1) - 2 * f @ f.t()).clamp(min=1e-12).sqrt()   # (N, N)
+    same = y[:, None] == y[None, :]                                   # (N, N), the diagonal included
+    d_ap = d.masked_fill(~same, float("-inf")).amax(1)                # (N,) hardest positive
+    d_an = d.masked_fill(same, float("inf")).amin(1)                  # (N,) hardest negative
+    return F.relu(d_ap - d_an + margin).mean()
+
+
+def k_poly(a, b):
+    """Polynomial kernel k(x, y) = (x . y)^2 = psi(x) . psi(y) with psi(x) = vec(x x^T). (m, d), (n, d) -> (m, n)."""
+    return (a @ b.t()).pow(2)
+
+
+def mmd2(a, b):
+    """Squared MMD, biased estimate: ||mean psi(a) - mean psi(b)||_H^2 = mean k(a, a) + mean k(b, b)
+    - 2 mean k(a, b). a (m, d), b (n, d)."""
+    return k_poly(a, a).mean() + k_poly(b, b).mean() - 2 * k_poly(a, b).mean()
+
+
+def L_CMMD(f_v, f_r, y_v, y_r):
+    """Eq. (4), squared (see Deviations): 1/C sum_c MMD^2(f^{c,vis}, f^{c,ir}) over the C identities of the batch,
+    on L2-normalised features. f_v (n, d), f_r (n, d), y_v, y_r (n,)."""
+    f_v, f_r = F.normalize(f_v, dim=1), F.normalize(f_r, dim=1)
+    return torch.stack([mmd2(f_v[y_v == c], f_r[y_r == c]) for c in y_v.unique()]).mean()   # Eq. (4)
+
+
+def L_MMD(f_v, f_r):
+    """Table 1 ablation 'CMMD -> MMD': one squared MMD between all visible and all infrared features."""
+    return mmd2(F.normalize(f_v, dim=1), F.normalize(f_r, dim=1))
+
+
+def L_CC(F_vis, F_ir):
+    """Eq. (5)-(8): F_vis, F_ir (n, d), row i of both from the same identity."""
+    G_vis = F.normalize(F_vis @ F_vis.t(), dim=1)           # Eq. (6), (7): (n, n), rows L2-normalised
+    G_ir = F.normalize(F_ir @ F_ir.t(), dim=1)
+    n = F_vis.shape[0]
+    return (G_vis - G_ir).pow(2).sum() / n ** 2             # Eq. (8)
+
+
+def L_train(model, batch, settings, c3mmd, run):
+    """Eq. (10) on one batch: L_cls + L_triplet (+ L_C3MMD, Eq. 9) -> loss, its terms for the log.
+    L_val of Eq. (3) has the same form: it is this function on a validation batch."""
+    x = torch.cat([batch["x_v"], batch["x_r"]])             # (2n, 3, H, W): visible first, then infrared
+    y = torch.cat([batch["y_v"], batch["y_r"]])             # (2n,)
+    with run.autocast():
+        f, f_bn = model(x)                                  # (2n, C) each
+        logits = model.classifier(f_bn)                     # (2n, classes)
+    f, f_bn = f.float(), f_bn.float()
+    terms = {"L_cls": F.cross_entropy(logits.float(), y), "L_triplet": L_tri_hard(f, y, settings.margin)}
+    loss = terms["L_cls"] + terms["L_triplet"]              # L_basic
+    if c3mmd:
+        lambda1, lambda2 = (float(v) for v in settings.lambdas)
+        F_vis, F_ir = f_bn.chunk(2)                         # (n, C) each, identity-aligned rows (Eq. 5)
+        if settings.class_specific:
+            terms["L_CMMD"] = L_CMMD(F_vis, F_ir, batch["y_v"], batch["y_r"])
+        else:
+            terms["L_MMD"] = L_MMD(F_vis, F_ir)
+        terms["L_CC"] = L_CC(F_vis, F_ir)
+        L_C3MMD = lambda1 * terms.get("L_CMMD", terms.get("L_MMD")) + lambda2 * terms["L_CC"]   # Eq. (9)
+        loss = loss + L_C3MMD                               # Eq. (10)
+    return loss, {k: v.detach() for k, v in terms.items()}
+
+
+# ---------------------------------------------------------------- phase 1: search (Eq. 3), phase 2: retrain
+
+def weight_optimizer(settings, model):
+    """Adam (Sec. 4.1) over the weights w (not alpha); BNNeck and classifier at lr, the backbone at backbone_lr."""
+    head = [p for p in list(model.bnneck.parameters()) + list(model.classifier.parameters()) if p.requires_grad]
+    skip = {id(p) for p in head + model.alphas()}
+    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
+    optimizer = torch.optim.Adam([{"params": backbone, "lr": settings.backbone_lr},
+                                  {"params": head, "lr": settings.lr}],
+                                 betas=tuple(settings.betas), weight_decay=settings.weight_decay)
+    return optimizer, common.WarmupMultiStep(optimizer, settings.milestones, warmup=settings.warmup)
+
+
+def set_requires_grad(params, flag):
+    for p in params:
+        p.requires_grad_(flag)
+
+
+def weight_step(model, batch, settings, c3mmd, optimizer, run):
+    """w <- w - grad_w L_train(w, alpha) (Eq. 10) -> the loss terms."""
+    loss, terms = L_train(model, batch, settings, c3mmd, run)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return terms
+
+
+def search_step(model, batch, val_batch, settings, c3mmd, optimizer, arch_optimizer, run):
+    """One iteration of Eq. (3), first order: an alpha step on L_val (validation batch, w fixed), then a w step on
+    L_train (training batch, alpha fixed). -> L_val, the L_train terms."""
+    weights = [p for group in optimizer.param_groups for p in group["params"]]
+    alphas = arch_optimizer.param_groups[0]["params"]
+    set_requires_grad(weights, False)                       # upper level: alpha <- alpha - grad_alpha L_val
+    l_val, _ = L_train(model, val_batch, settings, c3mmd, run)
+    arch_optimizer.zero_grad(set_to_none=True)
+    l_val.backward()
+    arch_optimizer.step()
+    set_requires_grad(weights, True)                        # lower level
+    set_requires_grad(alphas, False)
+    terms = weight_step(model, batch, settings, c3mmd, optimizer, run)
+    set_requires_grad(alphas, True)
+    return l_val.detach(), terms
+
+
+def cycle(loader, epoch, num_epochs, device):
+    """Endless validation batches for search epoch `epoch`: loader epochs epoch, epoch + num_epochs, ...
+    (deterministic, so a resumed search sees the same batches)."""
+    for k in itertools.count():
+        for batch in loader.epoch(epoch + k * num_epochs):
+            yield {key: v.to(device, non_blocking=True) for key, v in batch.items()}
+
+
+def search(settings, trainset, augment, run):
+    """Phase 1: alternate alpha steps on L_val and weight steps on L_train (Eq. 3, first order). -> search network."""
+    train_part, val_part = trainset.split_ids(settings.search_split, run.seed)   # Sec. 4.1: identities 8:2
+    val_ids = len(np.intersect1d(val_part.v.labels, val_part.r.labels))
+    if val_ids < settings.P:
+        run.print(f"[search] the validation split has {val_ids} identities: validation batches take P={val_ids}")
+    loader = data.train_loader(train_part, settings.P, settings.K, run.seed, augment, workers=run.workers)
+    val_loader = data.train_loader(val_part, min(settings.P, val_ids), settings.K, run.seed + 1, augment,
+                                   workers=run.workers)
+    model = CMNASNet(settings, trainset.num_classes).to(run.device)
+    optimizer, schedule = weight_optimizer(settings, model)
+    arch_optimizer = torch.optim.Adam(model.alphas(), lr=settings.arch_lr, betas=tuple(settings.betas),
+                                      weight_decay=settings.arch_weight_decay)
+    c3mmd = settings.c3mmd in ("both", "search")
+    for epoch in run.epochs("search", settings.search_epochs, model=model, optimizer=optimizer,
+                            arch_optimizer=arch_optimizer, schedule=schedule, loader=loader, val_loader=val_loader):
+        schedule.step_epoch(epoch)
+        model.train()
+        val_batches = cycle(val_loader, epoch, settings.search_epochs, run.device)
+        for it, batch in run.batches(loader, epoch):
+            l_val, terms = search_step(model, batch, next(val_batches), settings, c3mmd, optimizer, arch_optimizer,
+                                       run)
+            run.log(epoch, it, {**terms, "L_val": l_val}, optimizer.param_groups[1]["lr"])
+        run.meta(genotype=genotype_of(model.body))
+    return model
+
+
+def genotype_report(model):
+    """OUT/genotype.txt: the derived genotype (Fig. 4 notation) and each layer's softmax probabilities (Eq. 1)."""
+    lines = [genotype_of(model.body),
+             "# CM-NAS genotype (Fig. 4): one bit per BN layer, 0 = separate visible/infrared BN (o1), 1 = shared (o2)",
+             f"# {'layer':<18} {'p_o1 separate':>13} {'p_o2 shared':>11}  bit"]
+    for parent, name, label in flat(bn_layers(model.body)):
+        p = getattr(parent, name).probabilities().tolist()
+        lines.append(f"# {label:<18} {p[0]:13.4f} {p[1]:11.4f}  {0 if p[0] > p[1] else 1}")
+    return "\n".join(lines) + "\n"
+
+
+def fit(settings, model, trainset, augment, run, phase, c3mmd):
+    """Trains the weights of a fixed architecture with Eq. (10) (phase 2, or a Table 1 baseline)."""
+    loader = data.train_loader(trainset, settings.P, settings.K, run.seed, augment, workers=run.workers)
+    optimizer, schedule = weight_optimizer(settings, model)
+    for epoch in run.epochs(phase, settings.epochs, model=model, optimizer=optimizer, schedule=schedule,
+                            loader=loader):
+        schedule.step_epoch(epoch)
+        model.train()
+        for it, batch in run.batches(loader, epoch):
+            terms = weight_step(model, batch, settings, c3mmd, optimizer, run)
+            run.log(epoch, it, terms, optimizer.param_groups[1]["lr"])
+    return model
+
+
+def check(settings):
+    for field, value, allowed in (("network", settings.network, NETWORKS), ("phase", settings.phase, PHASES),
+                                  ("c3mmd", settings.c3mmd, C3MMD_PHASES)):
+        if value not in allowed:
+            raise common.UserError(f"--{field} {value!r} is not one of {', '.join(allowed)}")
+    if len(settings.lambdas) != 2:
+        raise common.UserError(f"--lambdas takes two values (lambda1 for CMMD, lambda2 for CC), got {settings.lambdas}")
+    if settings.network != "cm-nas" and (settings.phase != "both" or settings.genotype):
+        raise common.UserError(f"--phase and --genotype belong to --network cm-nas; --network {settings.network} "
+                               f"is a fixed Table 1 baseline trained in one phase")
+    if settings.network == "cm-nas" and settings.phase == "retrain" and not settings.genotype:
+        raise common.UserError("--phase retrain needs --genotype paper-sysu, paper-regdb or FILE "
+                               "(a search writes OUT/genotype.txt)")
+    if settings.network == "cm-nas" and settings.phase != "retrain" and settings.genotype:
+        raise common.UserError(f"--genotype {settings.genotype} retrains a given architecture: add --phase retrain, "
+                               f"or drop --genotype to use the searched one")
+
+
+def train(settings, trainset, run):
+    check(settings)
+    augment = data.Augment(settings.height, settings.width, pad=10, flip=True, erasing=settings.erasing)  # Sec. 4.1
+    retrain_c3mmd = settings.c3mmd in ("both", "retrain")
+    if settings.network != "cm-nas":
+        model = build(settings, trainset.num_classes).to(run.device)
+        return fit(settings, model, trainset, augment, run, "train", retrain_c3mmd)
+    if settings.phase == "retrain":
+        genotype = read_genotype(settings.genotype)
+    else:
+        supernet = search(settings, trainset, augment, run)
+        genotype = genotype_of(supernet.body)
+        (run.out / "genotype.txt").write_text(genotype_report(supernet))
+        run.print(f"[search] genotype {genotype} (written to {run.out / 'genotype.txt'})")
+        if settings.phase == "search":
+            run.meta(genotype=genotype, supernet=True)
+            return supernet
+    run.meta(genotype=genotype, supernet=False)
+    model = build(settings, trainset.num_classes, run.stored).to(run.device)
+    return fit(settings, model, trainset, augment, run, "retrain", retrain_c3mmd)
+
+
+@torch.no_grad()
+def extract(model, x, modality):
+    """Test feature: the L2-normalised BN feature, (B, C); separate BNs use the statistics of `modality`."""
+    return F.normalize(model(x, modality)[1], dim=1)
