@@ -8,6 +8,290 @@ import unittest
 
 # ==== data.py / synthetic.py tests (TestSynthetic*, TestData*) ====
 
+# ---- synthetic.py (TestSynthetic*) ----
+import glob as _sy_glob
+import hashlib as _sy_hashlib
+import json as _sy_json
+import os as _sy_os
+import shutil as _sy_shutil
+import tempfile as _sy_tempfile
+
+import numpy as _sy_np
+from PIL import Image as _sy_Image
+
+import synthetic as _sy
+from methods.common import UserError as _sy_UserError
+
+
+def _sy_quiet(*args):
+    """A log function that prints nothing."""
+
+
+def _sy_digest(root):
+    """sha1 over every file's relative path and bytes under root."""
+    h = _sy_hashlib.sha1()
+    for path in sorted(_sy_glob.glob(_sy_os.path.join(root, "**", "*"), recursive=True)):
+        if _sy_os.path.isfile(path):
+            h.update(_sy_os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+class TestSyntheticSYSU(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = _sy_tempfile.mkdtemp()
+        cls.root = str(_sy.make_sysu(_sy_os.path.join(cls.tmp, "sysu"), num_ids=24, num_test=6, images_per_cam=3,
+                                     height=64, width=32, seed=0, log=_sy_quiet))
+
+    @classmethod
+    def tearDownClass(cls):
+        _sy_shutil.rmtree(cls.tmp)
+
+    def test_deterministic_in_seed(self):
+        tmp = _sy_tempfile.mkdtemp()
+        self.addCleanup(_sy_shutil.rmtree, tmp)
+        kw = dict(num_ids=6, num_test=2, images_per_cam=2, height=48, width=24, log=_sy_quiet)
+        a = _sy.make_sysu(_sy_os.path.join(tmp, "a"), seed=3, **kw)
+        b = _sy.make_sysu(_sy_os.path.join(tmp, "b"), seed=3, **kw)
+        c = _sy.make_sysu(_sy_os.path.join(tmp, "c"), seed=4, **kw)
+        self.assertEqual(_sy_digest(a), _sy_digest(b))
+        self.assertNotEqual(_sy_digest(a), _sy_digest(c))
+
+    def test_layout_and_exp_files_as_the_real_dataset(self):
+        self.assertEqual(sorted(_sy_os.listdir(self.root)),
+                         ["cam1", "cam2", "cam3", "cam4", "cam5", "cam6", "exp", _sy.MARKER])
+        self.assertEqual(_sy_os.listdir(self.tmp), ["sysu"])          # no temporary left behind
+        splits = {}
+        for split in ("train", "val", "test"):
+            with open(_sy_os.path.join(self.root, "exp", f"{split}_id.txt")) as f:
+                lines = f.read().splitlines()
+            self.assertEqual(len(lines), 1)                          # one comma-separated line, like SYSU
+            self.assertRegex(lines[0], r"^[1-9]\d*(,[1-9]\d*)*$")    # integers, no zero padding
+            splits[split] = [int(t) for t in lines[0].split(",")]
+            self.assertEqual(splits[split], sorted(splits[split]))
+        self.assertEqual({k: len(v) for k, v in splits.items()}, {"train": 13, "val": 5, "test": 6})
+        ids = set(splits["train"]) | set(splits["val"]) | set(splits["test"])
+        self.assertEqual(len(ids), 24)                               # disjoint
+        self.assertNotEqual(ids, set(range(1, 25)))                  # non-contiguous, like SYSU's 1..533
+        cams_of = {i: set() for i in ids}
+        for cam in range(1, 7):
+            for folder in _sy_os.listdir(_sy_os.path.join(self.root, f"cam{cam}")):
+                self.assertRegex(folder, r"^\d{4}$")
+                cams_of[int(folder)].add(cam)
+                names = sorted(_sy_os.listdir(_sy_os.path.join(self.root, f"cam{cam}", folder)))
+                self.assertEqual(names, [f"{n:04d}.jpg" for n in range(1, len(names) + 1)])
+        for pid, cams in cams_of.items():
+            self.assertTrue(cams & {1, 2, 4, 5} and cams & {3, 6}, (pid, cams))
+            if pid in splits["test"]:
+                self.assertTrue(cams & {1, 2}, (pid, cams))          # indoor-search gallery exists
+        self.assertLess(sum(map(len, cams_of.values())), 6 * 24)    # not every id in every camera
+        with open(_sy_os.path.join(self.root, _sy.MARKER)) as f:
+            marker = _sy_json.load(f)
+        self.assertEqual(marker["kind"], "sysu")
+        self.assertEqual(marker["params"]["num_ids"], 24)
+        self.assertEqual(sum(marker["counts"].values()),
+                         len(_sy_glob.glob(_sy_os.path.join(self.root, "cam*", "*", "*.jpg"))))
+
+    def test_images_per_modality(self):
+        sizes = set()
+        for cam in range(1, 7):
+            for path in sorted(_sy_glob.glob(_sy_os.path.join(self.root, f"cam{cam}", "*", "*.jpg")))[:12]:
+                img = _sy_Image.open(path)
+                sizes.add(img.size)
+                self.assertEqual(img.mode, "L" if cam == 6 else "RGB", path)
+                a = _sy_np.asarray(img.convert("RGB"), _sy_np.int16)
+                spread = _sy_np.abs(a - a.mean(axis=2, keepdims=True)).mean()
+                if cam in (3, 6):
+                    self.assertLessEqual(spread, 1.0, path)          # one intensity in three channels
+                else:
+                    self.assertGreater(spread, 3.0, path)            # colour
+                w, h = img.size
+                f = _sy.SYSU_CAMERAS[cam]["size"]
+                self.assertTrue(abs(h - 64 * f) <= 0.06 * 64 * f + 1 and abs(w - 32 * f) <= 0.06 * 32 * f + 1,
+                                (path, h, w))                        # camera size factor, +-6 % jitter
+        self.assertGreater(len(sizes), 6)                            # sizes vary: loaders must resize
+
+    def test_modality_gap_with_raw_pixels(self):
+        """Raw pixels (16 x 32, central half, camera mean removed, L2-normalised): visible-to-visible
+        retrieval across cameras is far better than infrared-to-visible or visible-to-infrared."""
+        feats, pids, cams = [], [], []
+        for path in sorted(_sy_glob.glob(_sy_os.path.join(self.root, "cam*", "*", "*.jpg"))):
+            img = _sy_Image.open(path).convert("RGB").resize((16, 32), _sy_Image.BILINEAR)
+            feats.append(_sy_np.asarray(img, _sy_np.float64)[:, 4:12])
+            pids.append(int(path.split(_sy_os.sep)[-2]))
+            cams.append(int(path.split(_sy_os.sep)[-3][3:]))
+        F, P, C = _sy_np.stack(feats), _sy_np.array(pids), _sy_np.array(cams)
+        for cam in range(1, 7):
+            F[C == cam] -= F[C == cam].mean(axis=0)
+        F = F.reshape(len(F), -1)
+        F -= F.mean(axis=1, keepdims=True)
+        F /= _sy_np.linalg.norm(F, axis=1, keepdims=True)
+        visible = _sy_np.isin(C, (1, 2, 4, 5))
+
+        def rank1(q, g):
+            """Top-1 accuracy of cosine ranking, gallery images of the query's camera excluded."""
+            q, g = _sy_np.flatnonzero(q), _sy_np.flatnonzero(g)
+            best = []
+            for i in q:
+                sims = [(-1e9 if C[j] == C[i] else F[i] @ F[j], j) for j in g]
+                best.append(P[max(sims)[1]] == P[i])
+            return float(_sy_np.mean(best))
+
+        same = rank1(visible, visible)
+        cross = max(rank1(~visible, visible), rank1(visible, ~visible))
+        self.assertGreater(same, 4 / 24)                             # well above chance (1/24)
+        self.assertGreater(same, 2 * cross, (same, cross))
+
+
+class TestSyntheticMaterials(unittest.TestCase):
+    def test_band_ratio_constant_within_material_and_differs_across(self):
+        """RFM Eq. (4): within one material NIR / G is one constant (the shading cancels), and it is the
+        material's nir / green reflectance; different materials have very different constants."""
+        world = _sy.World([1, 2, 3], seed=0, cameras={1: dict(_sy.SYSU_CAMERAS[1], place=1)}, height=64, width=32)
+        factors = {}
+        for pid, view in ((1, "front"), (2, "side"), (3, "back")):
+            shot = _sy.Shot(view=view, facing=1, phase=0.7, scale=0.85, dx=0.0, foot=0.97, pan=0.4, tilt=0.5,
+                            exposure=1.0, gradient=0.2, size=(64, 32), detail=pid, occluded=True)
+            cv = world.scene(pid, 1, shot)
+            vis = _sy.radiance(cv.label, cv.shade, world.mats.rgb)           # (128, 64, 3)
+            nir = _sy.radiance(cv.label, cv.shade, world.mats.nir)[..., 0]   # (128, 64)
+            for m in _sy_np.unique(cv.label):
+                mask = cv.label == m
+                if mask.sum() < 20:
+                    continue
+                self.assertGreater(vis[mask][:, 1].std() / vis[mask][:, 1].mean(), 0.02)  # pixels do vary
+                ratio = nir[mask] / vis[mask][:, 1]
+                self.assertLess(ratio.std() / ratio.mean(), 1e-5)
+                self.assertAlmostEqual(ratio.mean() / (world.mats.nir[m, 0] / world.mats.rgb[m, 1]), 1.0, places=5)
+                factors[int(m)] = float(ratio.mean())
+        self.assertGreater(len(factors), 10)
+        self.assertGreater(max(factors.values()) / min(factors.values()), 10.0)
+
+    def test_colour_does_not_determine_infrared(self):
+        mats = _sy.make_materials(_sy_np.random.default_rng(0))
+        fabric = mats.groups["fabric"]
+        rgb, nir = mats.rgb[fabric], mats.nir[fabric, 0]
+        same_colour = _sy_np.abs(rgb[:, None] - rgb[None]).max(axis=2) < 0.05 * (1 + rgb.max(axis=1)[:, None])
+        dnir = _sy_np.abs(nir[:, None] - nir[None])
+        self.assertGreater((same_colour & (dnir > 0.3)).sum(), 0)   # same colour, different infrared
+        far_colour = _sy_np.abs(rgb[:, None] - rgb[None]).max(axis=2) > 0.3
+        self.assertGreater((far_colour & (dnir < 0.03)).sum(), 0)   # different colour, same infrared
+        self.assertEqual(mats.rgb.shape, (len(mats.names), 3))
+        self.assertEqual(mats.nir.shape, (len(mats.names), 1))
+
+
+class TestSyntheticRegDB(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = _sy_tempfile.mkdtemp()
+        cls.root = str(_sy.make_regdb(_sy_os.path.join(cls.tmp, "regdb"), num_ids=8, images_per_id=3,
+                                      height=48, width=24, seed=0, log=_sy_quiet))
+
+    @classmethod
+    def tearDownClass(cls):
+        _sy_shutil.rmtree(cls.tmp)
+
+    def test_layout_and_idx_files_as_the_real_dataset(self):
+        self.assertEqual(sorted(_sy_os.listdir(self.root)), ["Thermal", "Visible", "idx", _sy.MARKER])
+        self.assertEqual(sorted(_sy_os.listdir(_sy_os.path.join(self.root, "idx"))),
+                         sorted(f"{s}_{m}_{k}.txt" for s in ("train", "test") for m in ("visible", "thermal")
+                                for k in range(1, 11)))
+        for pid in range(1, 9):
+            names = sorted(_sy_os.listdir(_sy_os.path.join(self.root, "Visible", str(pid))))
+            self.assertEqual(len(names), 3)
+            for name in names:
+                self.assertRegex(name, r"^(male|female)_(front|back)_v_\d{5}_[1-3]\.bmp$")
+                thermal = name.replace("_v_", "_t_")
+                v = _sy_Image.open(_sy_os.path.join(self.root, "Visible", str(pid), name))
+                t = _sy_Image.open(_sy_os.path.join(self.root, "Thermal", str(pid), thermal))
+                self.assertEqual((v.mode, v.size, t.mode, t.size), ("RGB", (24, 48), "L", (24, 48)))
+        splits = set()
+        for k in range(1, 11):
+            parsed = {}
+            for split in ("train", "test"):
+                for mod, folder in (("visible", "Visible"), ("thermal", "Thermal")):
+                    with open(_sy_os.path.join(self.root, "idx", f"{split}_{mod}_{k}.txt")) as f:
+                        rows = [line.split(" ") for line in f.read().splitlines()]
+                    for path, label in rows:
+                        self.assertTrue(path.startswith(folder + "/"), path)
+                        self.assertTrue(_sy_os.path.isfile(_sy_os.path.join(self.root, path)), path)
+                    parsed[split, mod] = [(int(path.split("/")[1]), int(label)) for path, label in rows]
+            for split in ("train", "test"):                           # same identities in both modalities
+                self.assertEqual(parsed[split, "visible"], parsed[split, "thermal"])
+            train_ids = sorted({p for p, _ in parsed["train", "visible"]})
+            test_ids = sorted({p for p, _ in parsed["test", "visible"]})
+            self.assertEqual(len(train_ids), 4)
+            self.assertEqual(sorted(train_ids + test_ids), list(range(1, 9)))
+            self.assertEqual(len(parsed["train", "visible"]), 12)
+            for pid, label in parsed["train", "visible"]:            # relabelled 0..N-1 in id order
+                self.assertEqual(label, train_ids.index(pid))
+            for pid, label in parsed["test", "visible"]:             # test labels: the folder ids
+                self.assertEqual(label, pid)
+            splits.add(tuple(train_ids))
+        self.assertGreater(len(splits), 1)                           # trials differ
+
+    def test_thermal_and_visible_are_a_pair(self):
+        """The dual camera sees one walk: the thermal silhouette overlaps the visible figure's place."""
+        v = _sy_np.asarray(_sy_Image.open(_sy_glob.glob(_sy_os.path.join(self.root, "Visible", "1", "*_1.bmp"))[0]))
+        t = _sy_np.asarray(_sy_Image.open(_sy_glob.glob(_sy_os.path.join(self.root, "Thermal", "1", "*_1.bmp"))[0]))
+        warm = t > t.mean() + 0.5 * t.std()                         # the person is warmer than the scene
+        cols = _sy_np.flatnonzero(warm.mean(axis=0) > 0.3)
+        self.assertTrue(len(cols) > 0 and abs(cols.mean() - 12) < 5, cols)
+        self.assertEqual(v.shape, (48, 24, 3))
+
+
+class TestSyntheticCache(unittest.TestCase):
+    def setUp(self):
+        self.tmp = _sy_tempfile.mkdtemp()
+        self.addCleanup(_sy_shutil.rmtree, self.tmp)
+
+    def test_ensure_world_reuses_a_complete_world(self):
+        logs = []
+        kw = dict(num_ids=5, num_test=2, images_per_cam=1, height=32, width=16)
+        a = _sy.ensure_world(self.tmp, "sysu", log=logs.append, **kw)
+        built = len(logs)
+        self.assertGreater(built, 0)
+        stamp = _sy_os.stat(_sy_os.path.join(a, _sy.MARKER)).st_mtime_ns
+        self.assertEqual(_sy.ensure_world(self.tmp, "sysu", log=logs.append, **kw), a)
+        self.assertEqual(len(logs), built)                           # nothing regenerated
+        self.assertEqual(_sy_os.stat(_sy_os.path.join(a, _sy.MARKER)).st_mtime_ns, stamp)
+        b = _sy.ensure_world(self.tmp, "sysu", log=_sy_quiet, seed=1, **kw)
+        c = _sy.ensure_world(self.tmp, "regdb", log=_sy_quiet, num_ids=2, images_per_id=1, height=32, width=16)
+        self.assertEqual(len({a, b, c}), 3)
+        self.assertEqual(sorted(_sy_os.listdir(self.tmp)), sorted(p.name for p in (a, b, c)))
+        with open(_sy_os.path.join(a, _sy.MARKER)) as f:
+            self.assertEqual(_sy_json.load(f)["params"], dict(kw, seed=0))
+
+    def test_interrupted_build_leaves_nothing(self):
+        calls = []
+
+        def log(msg):
+            calls.append(msg)
+            if len(calls) == 2:                                      # first progress line: mid-build
+                raise KeyboardInterrupt
+
+        with self.assertRaises(KeyboardInterrupt):
+            _sy.ensure_world(self.tmp, "sysu", log=log, num_ids=8, num_test=2, images_per_cam=1, height=32, width=16)
+        self.assertEqual(_sy_os.listdir(self.tmp), [])
+
+    def test_bad_parameters_raise_user_errors(self):
+        with self.assertRaisesRegex(_sy_UserError, "market"):
+            _sy.ensure_world(self.tmp, "market")
+        with self.assertRaisesRegex(_sy_UserError, "num_idz"):
+            _sy.ensure_world(self.tmp, "sysu", num_idz=3)
+        with self.assertRaisesRegex(_sy_UserError, "num_test"):
+            _sy.make_sysu(_sy_os.path.join(self.tmp, "w"), num_ids=3, num_test=2)
+        with self.assertRaisesRegex(_sy_UserError, "height"):
+            _sy.make_regdb(_sy_os.path.join(self.tmp, "w"), height=8)
+        with self.assertRaisesRegex(_sy_UserError, "already exists"):
+            _sy.make_sysu(self.tmp)
+
+
+# ---- end synthetic.py ----
+
+
 import os as _dt_os
 import random as _dt_random
 import shutil as _dt_shutil
