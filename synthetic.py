@@ -58,6 +58,8 @@ VERSION = 1              # bump when the rendering changes, so cached worlds are
 MARKER = "synthetic.json"
 SUPERSAMPLE = 2          # render at 2x and box-filter down (anti-aliasing)
 ANKLE_Y = 0.955          # body units: top of head 0, sole 1
+TURN = 0.25              # probability that a walk changes view (front / back / side) once
+OCCLUSION = 0.15         # probability that an image is partly occluded
 
 # --------------------------------------------------------------------------------------------------
 # Materials: sRGB colour (0-255), near-infrared reflectance range, thermal emission range
@@ -700,20 +702,19 @@ class World:
                         S * rng.uniform(0.95, 1.1), int(side))
         elif kind == "pole":
             x, r = rng.uniform(0.15, 0.85) * W, rng.uniform(0.04, 0.08) * W
-            cv.limb(-r, x, H + r, x, r, r, material_index(mats=self.mats, group=group,
-                                                          name="door metal" if indoor else "metal"))
+            cv.limb(-r, x, H + r, x, r, r, material_index(self.mats, group, "door metal" if indoor else "metal"))
         else:
             names = ["bench", "door wood", "wall grey"] if indoor else ["car red", "car white", "foliage", "metal"]
             y = rng.uniform(0.62, 0.82) * H
             cv.quad(y, H + 1, -1, W + 1, -1, W + 1, material_index(self.mats, group, str(rng.choice(names))))
 
 
-def make_track(rng, n, height, width, size, views=("front", "back", "side"), turn=0.25, occlusion=0.15, jitter=0.06):
+def make_track(rng, n, height, width, size, views=("front", "back", "side"), jitter=0.06):
     """Shots of one walk past one camera: a view (sometimes changing once), gait phase advancing, placement,
     exposure and size jittering around track-level values."""
     view = str(rng.choice(views))
     facing = int(rng.choice([-1, 1]))
-    turn_at = int(rng.integers(1, n)) if n > 1 and len(views) > 1 and rng.random() < turn else n
+    turn_at = int(rng.integers(1, n)) if n > 1 and len(views) > 1 and rng.random() < TURN else n
     phase, step = rng.uniform(0, 2 * math.pi), rng.uniform(0.7, 1.6)
     scale, dx, foot = rng.uniform(0.80, 0.92), rng.uniform(-0.06, 0.06), rng.uniform(0.95, 1.0)
     pan, drift, tilt = rng.random(), rng.uniform(-0.08, 0.08), rng.uniform(0.2, 0.8)
@@ -729,7 +730,7 @@ def make_track(rng, n, height, width, size, views=("front", "back", "side"), tur
                           foot=foot + rng.normal(0, 0.01), pan=(pan + k * drift) % 1.0,
                           tilt=float(np.clip(tilt + rng.normal(0, 0.05), 0, 1)),
                           exposure=exposure * rng.uniform(0.95, 1.05), gradient=gradient, size=(h, w),
-                          detail=int(rng.integers(2 ** 63)), occluded=bool(rng.random() < occlusion)))
+                          detail=int(rng.integers(2 ** 63)), occluded=bool(rng.random() < OCCLUSION)))
     return shots
 
 
@@ -801,10 +802,11 @@ def make_sysu(root, num_ids=140, num_test=40, images_per_cam=5, height=128, widt
     splits = {"test": perm[:num_test], "val": perm[num_test:num_test + num_val], "train": perm[num_test + num_val:]}
     world = World(ids, seed, {c: dict(cfg, place=c) for c, cfg in SYSU_CAMERAS.items()}, height, width)
     marker = dict(kind="sysu", version=VERSION, params=params)
+    atomic = _Atomic(root, marker)
     counts = {c: 0 for c in SYSU_CAMERAS}
     start = time.time()
     log(f"synthetic sysu: generating {num_ids} identities into {root}")
-    with _Atomic(root, marker) as tmp:
+    with atomic as tmp:
         for done, pid in enumerate(ids, 1):
             prng = np.random.default_rng([seed, 5, pid])
             visible = [c for c in SYSU_VISIBLE if prng.random() < 0.7]
@@ -847,10 +849,11 @@ def make_regdb(root, num_ids=160, images_per_id=10, height=128, width=64, seed=0
     world = World(ids, seed, {c: dict(cfg, place=0) for c, cfg in REGDB_CAMERAS.items()}, height, width)
     numbers = np.random.default_rng([seed, 4]).choice(np.arange(1, 10 ** 5), num_ids, replace=False)
     marker = dict(kind="regdb", version=VERSION, params=params)
+    atomic = _Atomic(root, marker)
     names = {}
     start = time.time()
     log(f"synthetic regdb: generating {num_ids} identities into {root}")
-    with _Atomic(root, marker) as tmp:
+    with atomic as tmp:
         for done, pid in enumerate(ids, 1):
             trng = np.random.default_rng([seed, 6, pid])
             shots = make_track(trng, images_per_id, height, width, 1.0, views=("front", "back"), jitter=0.0)
@@ -939,7 +942,8 @@ def main(argv=None):
     try:
         MAKERS[kind](args.out, **world_params(kind, **given))
     except UserError as e:
-        sys.exit(f"synthetic.py: {e}")
+        print(f"synthetic.py: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
