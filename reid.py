@@ -32,6 +32,10 @@ from methods.common import UserError
 
 KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
 SMOKE_ITERS = 2  # iterations per epoch in --smoke runs
+SMOKE_WORLDS = {  # the tiny synthetic worlds of --smoke runs and of the tests
+    "sysu": dict(num_ids=16, num_test=6, images_per_cam=2, height=64, width=32),
+    "regdb": dict(num_ids=12, images_per_id=3, height=64, width=32),
+}
 
 
 # ---------------------------------------------------------------- command line
@@ -142,7 +146,7 @@ def load_data(args, settings, trial, log):
     """(TrainSet, TestSet) of the chosen dataset at the method's image size."""
     cache = Path(args.cache_dir)
     if args.dataset == "synthetic":
-        root = synthetic.ensure_world(cache, "sysu", **(synthetic.SMOKE_WORLD if args.smoke else {}), log=log)
+        root = synthetic.ensure_world(cache, "sysu", **(SMOKE_WORLDS["sysu"] if args.smoke else {}), log=log)
         return data.load_sysu(root, settings.height, settings.width, cache, log=log, expect_published=False)
     root = check_root(args.dataset, args.data_root)
     if args.dataset == "sysu":
@@ -268,6 +272,9 @@ def main(argv=None):
         settings = resolve_settings(method, args, given)
 
     device = pick_device(args.device)
+    trials = trials_of(args)
+    if args.dataset != "synthetic":
+        check_root(args.dataset, args.data_root)
     out = prepare_out(args, args.method)
     if not args.resume:
         (out / "args.json").write_text(json.dumps({"argv": [a for a in argv if a != "--overwrite"],
@@ -288,8 +295,8 @@ def main(argv=None):
             "WARNING: training from scratch on a real benchmark (--pretrained none); the papers start from ImageNet")
 
     per_trial = []
-    for trial in trials_of(args):
-        trial_out = out if trial is None or len(trials_of(args)) == 1 else out / f"trial-{trial}"
+    for trial in trials:
+        trial_out = out if len(trials) == 1 else out / f"trial-{trial}"
         trial_out.mkdir(exist_ok=True)
         seed_everything(args.seed)
         trainset, testset = load_data(args, settings, trial, log)

@@ -291,7 +291,6 @@ class TestSyntheticCache(unittest.TestCase):
 
 # ---- end synthetic.py ----
 
-
 import os as _dt_os
 import random as _dt_random
 import shutil as _dt_shutil
@@ -776,30 +775,1979 @@ class TestDataErrors(_DTTree):
 # ==== end data ====
 
 # ==== eval.py tests (TestEval*) ====
+import os
+import tempfile
+from types import SimpleNamespace
+from unittest import mock
+
+import numpy as np
+import torch
+from PIL import Image
+
+import eval as reid_eval
+from methods.common import UserError
+
+
+def _evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol="sysu", max_rank=3):
+    arrays = [np.asarray(x) for x in (dist, q_pids, g_pids, q_cams, g_cams)]
+    return reid_eval.evaluate(*arrays, protocol=protocol, max_rank=max_rank)
+
+
+class TestEvalToy(unittest.TestCase):
+    """Hand-computed cases; the ranked lists and numbers are worked out in the comments."""
+
+    def assertResult(self, r, cmc, cmc_standard, mAP, mINP, num_valid, num_skipped):
+        np.testing.assert_allclose(r["cmc"], cmc, atol=1e-12)
+        np.testing.assert_allclose(r["cmc_standard"], cmc_standard, atol=1e-12)
+        self.assertAlmostEqual(r["mAP"], mAP, places=12)
+        self.assertAlmostEqual(r["mINP"], mINP, places=12)
+        self.assertEqual((r["num_valid"], r["num_skipped"]), (num_valid, num_skipped))
+
+    def test_sysu_same_room_camera(self):
+        # gallery: g0 id 1 cam 2, g1 id 2 cam 1, g2 id 1 cam 4; both queries are id 1, distances 0.1 < 0.2 < 0.3.
+        # query A (cam 3): g0 removed (cam 2, same room) -> kept list [id 2, id 1]: first match at rank 2,
+        #   AP = (1/2) / 1 = 1/2, INP = 1/2.
+        # query B (cam 6): nothing removed -> [id 1, id 2, id 1]: matches at ranks 1 and 3,
+        #   AP = (1/1 + 2/3) / 2 = 5/6, INP = 2/3.
+        # cmc: rank 1 only B, rank 2 both -> [1/2, 1, 1]; mAP = (1/2 + 5/6) / 2 = 2/3; mINP = (1/2 + 2/3) / 2 = 7/12.
+        dist = [[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]]
+        r = _evaluate(dist, [1, 1], [1, 2, 1], [3, 6], [2, 1, 4])
+        self.assertResult(r, [0.5, 1, 1], [0.5, 1, 1], 2 / 3, 7 / 12, 2, 0)
+        # RegDB has no camera rule: A ranks like B -> cmc [1, 1, 1], mAP 5/6, mINP 2/3.
+        r = _evaluate(dist, [1, 1], [1, 2, 1], [3, 6], [2, 1, 4], protocol="regdb")
+        self.assertResult(r, [1, 1, 1], [1, 1, 1], 5 / 6, 2 / 3, 2, 0)
+
+    def test_identity_deduplication(self):
+        # query A: id 1, cam 6; gallery ranked by distance: ids [2, 2, 3, 1, 2, 1], cams all 1.
+        #   standard list: first match at rank 4 -> cmc_standard [0, 0, 0, 1, 1].
+        #   de-duplicated list [2, 3, 1] -> match at rank 3 -> cmc [0, 0, 1, 1, 1] (padded with its last value).
+        #   AP = (1/4 + 2/6) / 2 = 7/24; INP = 2/6 = 1/3.
+        r = _evaluate([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], [1], [2, 2, 3, 1, 2, 1], [6], [1] * 6, max_rank=5)
+        self.assertResult(r, [0, 0, 1, 1, 1], [0, 0, 0, 1, 1], 7 / 24, 1 / 3, 1, 0)
+        # query B: id 1, cam 3; gallery ranked: ids [2, 3, 3, 1], cams [2, 1, 1, 1]. The same-room rule
+        #   comes first: id 2 (cam 2) is removed -> kept [3, 3, 1]: standard rank 3, de-duplicated [3, 1]: rank 2.
+        #   (Ignoring the removal would give [2, 3, 1]: rank 3.) AP = 1/3, INP = 1/3.
+        r = _evaluate([[0.1, 0.2, 0.3, 0.4]], [1], [2, 3, 3, 1], [3], [2, 1, 1, 1], max_rank=4)
+        self.assertResult(r, [0, 1, 1, 1], [0, 0, 1, 1], 1 / 3, 1 / 3, 1, 0)
+
+    def test_ties_earlier_gallery_index_first(self):
+        # all distances equal: the ranked list is the gallery order [id 2, id 1, id 2, id 1]:
+        #   matches at ranks 2 and 4: AP = (1/2 + 2/4) / 2 = 1/2, INP = 2/4; de-duplicated [2, 1]: rank 2.
+        r = _evaluate([[0.5] * 4], [1], [2, 1, 2, 1], [6], [1] * 4)
+        self.assertResult(r, [0, 1, 1], [0, 1, 1], 0.5, 0.5, 1, 0)
+        # the gallery reversed: [id 1, id 2, id 1, id 2]: ranks 1 and 3: AP = (1 + 2/3) / 2 = 5/6, INP = 2/3.
+        r = _evaluate([[0.5] * 4], [1], [1, 2, 1, 2], [6], [1] * 4)
+        self.assertResult(r, [1, 1, 1], [1, 1, 1], 5 / 6, 2 / 3, 1, 0)
+        # -0.0 ties with 0.0 (earlier index first: id 2 then id 1); a negative distance ranks before a
+        # less negative one: -2 (id 1) before -1 (id 2).
+        r = _evaluate([[0.0, -0.0], [-1.0, -2.0]], [1, 1], [2, 1], [6, 6], [1, 1], max_rank=2)
+        self.assertResult(r, [0.5, 1], [0.5, 1], (1 / 2 + 1) / 2, (1 / 2 + 1) / 2, 2, 0)
+
+    def test_query_without_match_is_skipped(self):
+        # gallery: g0 id 1 cam 2, g1 id 2 cam 1.
+        # q0 id 1 cam 6: [id 1, id 2] -> rank 1, AP 1, INP 1.   q1 id 9: not in the gallery -> skipped.
+        # q2 id 1 cam 3: g0 removed -> [id 2] -> no match left -> skipped.
+        dist = [[0.1, 0.2]] * 3
+        r = _evaluate(dist, [1, 9, 1], [1, 2], [6, 6, 3], [2, 1])
+        self.assertResult(r, [1, 1, 1], [1, 1, 1], 1.0, 1.0, 1, 2)
+        # RegDB keeps g0 for q2 -> q2 like q0; only q1 skipped.
+        r = _evaluate(dist, [1, 9, 1], [1, 2], [6, 6, 3], [2, 1], protocol="regdb")
+        self.assertResult(r, [1, 1, 1], [1, 1, 1], 1.0, 1.0, 2, 1)
+        with self.assertRaisesRegex(UserError, "no query has a matching identity"):
+            _evaluate(dist[:2], [9, 8], [1, 2], [6, 6], [2, 1])
+
+    def test_regdb_standard_cmc(self):
+        # RegDB does not de-duplicate: ranked ids [2, 2, 3, 1, 2, 1] -> cmc = cmc_standard = [0, 0, 0, 1, 1];
+        # cameras 3 and 2 mean nothing here. AP = (1/4 + 2/6) / 2 = 7/24, INP = 1/3.
+        r = _evaluate([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], [1], [2, 2, 3, 1, 2, 1], [3], [2] * 6, "regdb", max_rank=5)
+        self.assertResult(r, [0, 0, 0, 1, 1], [0, 0, 0, 1, 1], 7 / 24, 1 / 3, 1, 0)
+
+    def test_minp(self):
+        # gallery ids [1, 5, 1, 1, 6]; both queries are id 1.
+        # q0 ranks g0..g4 -> ids [1, 5, 1, 1, 6]: matches at ranks 1, 3, 4:
+        #   AP = (1/1 + 2/3 + 3/4) / 3 = 29/36, INP = 3 / 4 (3 matches, the hardest at rank 4).
+        # q1 ranks g1, g2, g3, g4, g0 -> ids [5, 1, 1, 6, 1]: matches at ranks 2, 3, 5:
+        #   AP = (1/2 + 2/3 + 3/5) / 3 = 53/90, INP = 3 / 5.
+        # mAP = (29/36 + 53/90) / 2 = (145 + 106) / 360 = 251/360; mINP = (3/4 + 3/5) / 2 = 27/40.
+        # cmc: rank 1 only q0, rank 2 both -> [1/2, 1, 1].
+        dist = [[0.1, 0.2, 0.3, 0.4, 0.5], [0.5, 0.1, 0.2, 0.3, 0.4]]
+        r = _evaluate(dist, [1, 1], [1, 5, 1, 1, 6], [1, 1], [2] * 5, "regdb")
+        self.assertResult(r, [0.5, 1, 1], [0.5, 1, 1], 251 / 360, 27 / 40, 2, 0)
+
+    def test_torch_inputs(self):
+        dist, q, g, qc, gc = [[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]], [1, 1], [1, 2, 1], [3, 6], [2, 1, 4]
+        a = _evaluate(dist, q, g, qc, gc)
+        b = reid_eval.evaluate(*(torch.tensor(x) for x in (dist, q, g, qc, gc)), max_rank=3)
+        np.testing.assert_array_equal(a["cmc"], b["cmc"])
+        self.assertEqual((a["mAP"], a["mINP"]), (b["mAP"], b["mINP"]))
+        c = reid_eval.evaluate(torch.tensor(dist, dtype=torch.bfloat16), q, g, qc, gc, max_rank=3)  # autocast output
+        self.assertEqual((a["mAP"], a["mINP"]), (c["mAP"], c["mINP"]))
+
+    def test_nan_distance_is_an_error(self):
+        with self.assertRaisesRegex(UserError, "contains NaN"):
+            _evaluate([[0.1, float("nan")]], [1], [1, 2], [6], [1, 1])
+
+
+def _loop_evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol, max_rank):
+    """Independent re-statement of the protocol, one query at a time."""
+    cmcs, standard, aps, inps, skipped = [], [], [], [], 0
+    for i in range(len(dist)):
+        order = np.argsort(dist[i].astype(np.float32), kind="stable")
+        ids = g_pids[order]
+        if protocol == "sysu" and q_cams[i] == 3:
+            ids = ids[g_cams[order] != 2]
+        match = ids == q_pids[i]
+        if not match.any():
+            skipped += 1
+            continue
+        unique_ids = []
+        for pid in ids:
+            if pid not in unique_ids:
+                unique_ids.append(pid)
+        dedup = np.array(unique_ids) == q_pids[i]
+        pad = lambda c: np.concatenate([c, np.full(max_rank, c[-1])])[:max_rank]
+        standard.append(pad(np.minimum(np.cumsum(match), 1)))
+        cmcs.append(pad(np.cumsum(dedup)) if protocol == "sysu" else standard[-1])
+        positions = np.flatnonzero(match) + 1
+        aps.append(np.mean(np.arange(1, len(positions) + 1) / positions))
+        inps.append(len(positions) / positions[-1])
+    return np.mean(cmcs, 0), np.mean(standard, 0), np.mean(aps), np.mean(inps), skipped
+
+
+class TestEvalAgainstLoop(unittest.TestCase):
+    def test_random_matrices(self):
+        rng = np.random.default_rng(0)
+        nq, ng = 50, 70
+        q_pids, g_pids = rng.integers(0, 10, nq), rng.integers(0, 8, ng)   # ids 8, 9: no match
+        q_cams, g_cams = rng.choice([3, 6], nq), rng.choice([1, 2, 4, 5], ng)
+        matrices = {"real": rng.standard_normal((nq, ng)).astype(np.float32),
+                    "tied": rng.integers(0, 4, (nq, ng)).astype(np.float64)}
+        for (name, dist), protocol, chunk in [(m, p, c) for m in matrices.items() for p in ("sysu", "regdb")
+                                              for c in (ng * 7, reid_eval.CHUNK_ELEMENTS)]:
+            with self.subTest(matrix=name, protocol=protocol, chunk=chunk):
+                with mock.patch.object(reid_eval, "CHUNK_ELEMENTS", chunk):   # 7 queries per chunk, or all
+                    r = reid_eval.evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol, max_rank=20)
+                cmc, standard, mAP, mINP, skipped = _loop_evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol, 20)
+                np.testing.assert_allclose(r["cmc"], cmc, atol=1e-6)
+                np.testing.assert_allclose(r["cmc_standard"], standard, atol=1e-6)
+                self.assertAlmostEqual(r["mAP"], mAP, delta=1e-6)
+                self.assertAlmostEqual(r["mINP"], mINP, delta=1e-6)
+                self.assertEqual(r["num_skipped"], skipped)
+                self.assertGreater(skipped, 0)
+
+
+def _fake_testset(rng, kind):
+    """A TestSet-like object: 6 identities, infrared queries and a visible gallery, 2 trials."""
+    pool = lambda n, cams: SimpleNamespace(labels=rng.integers(0, 6, n), cams=rng.choice(cams, n))
+    pools = {"r": pool(30, [3, 6]), "v": pool(40, [1, 2, 4, 5])}
+    trials = [(np.arange(30), rng.choice(40, 24, replace=False)) for _ in range(2)]
+    return SimpleNamespace(pools=pools, protocols=[SimpleNamespace(name="x", query="r", gallery="v", kind=kind,
+                                                                   trials=trials)])
+
+
+class TestEvalRunProtocol(unittest.TestCase):
+    def test_identity_features_are_perfect(self):
+        # features = one-hot identity: every match is at distance 0, before every non-match (distance sqrt 2).
+        testset = _fake_testset(np.random.default_rng(1), "regdb")
+        features = {k: torch.eye(6)[torch.as_tensor(p.labels)] for k, p in testset.pools.items()}
+        res = reid_eval.run_protocol(features, testset, torch.cdist, torch.device("cpu"))["x"]
+        for key in ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP"):
+            self.assertAlmostEqual(res[key], 100.0)
+            self.assertAlmostEqual(res[f"{key}_std"], 0.0)
+
+    def test_mean_and_std_over_trials(self):
+        rng = np.random.default_rng(2)
+        testset = _fake_testset(rng, "sysu")
+        features = {k: torch.randn(len(p.labels), 5, generator=torch.Generator().manual_seed(3))
+                    for k, p in testset.pools.items()}
+        res = reid_eval.run_protocol(features, testset, torch.cdist, torch.device("cpu"))["x"]
+        q, g = testset.pools["r"], testset.pools["v"]
+        direct = [reid_eval.evaluate(torch.cdist(features["r"][qi], features["v"][gi]), q.labels[qi], g.labels[gi],
+                                     q.cams[qi], g.cams[gi], "sysu") for qi, gi in testset.protocols[0].trials]
+        rank5 = [100 * d["cmc"][4] for d in direct]
+        mAP = [100 * d["mAP"] for d in direct]
+        self.assertAlmostEqual(res["rank5"], np.mean(rank5), places=9)
+        self.assertAlmostEqual(res["mAP"], np.mean(mAP), places=9)
+        self.assertAlmostEqual(res["mAP_std"], abs(mAP[0] - mAP[1]) / 2, places=9)   # population std of 2 values
+        self.assertEqual([t["mINP"] for t in res["trials"]], [100 * d["mINP"] for d in direct])
+        self.assertEqual(res["num_skipped"], sum(d["num_skipped"] for d in direct))
+
+
+class TestEvalPicture(unittest.TestCase):
+    def test_borders_and_order(self):
+        # 1 query (id 1, cam 3), 4 gallery images of plain colours, distances 0.1 (id 1, cam 2), 0.2 (id 2),
+        # 0.3 (id 1), 0.4 (id 3). The cam-2 image is skipped (same room): shown are g1 (red border), g2 (green).
+        q_images = np.full((1, 8, 6, 3), 200, np.uint8)
+        g_images = np.stack([np.full((8, 6, 3), 40 * (i + 1), np.uint8) for i in range(4)])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "ranks.png")
+            reid_eval.ranked_list_picture(path, q_images, g_images, np.array([[0.1, 0.2, 0.3, 0.4]]), [1],
+                                          [1, 2, 1, 3], top=2, q_cams=[3], g_cams=[2, 1, 1, 1])
+            picture = np.asarray(Image.open(path).convert("RGB"))
+        border, w = 4, 6 + 8                                      # cell width = image + 2 borders
+        self.assertEqual(picture.shape[1], 3 * w + border)
+        cell = lambda col: col * w + (border if col else 0)     # left edge of a cell
+        self.assertEqual(tuple(picture[0, cell(1)]), (255, 0, 0))          # g1: wrong identity, red
+        self.assertEqual(tuple(picture[0, cell(2)]), (0, 128, 0))          # g2: right identity, green
+        self.assertEqual(tuple(picture[border, cell(1) + border]), (80,) * 3)    # g1's pixels
+        self.assertEqual(tuple(picture[border, cell(2) + border]), (120,) * 3)   # g2's pixels
+        self.assertEqual(tuple(picture[border, border]), (200,) * 3)            # the query
 
 # ==== end eval ====
 
 # ==== reid.py / agw tests (TestCLI*, TestAGW*) ====
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# One cache for every test that needs a synthetic world: worlds are deterministic and keyed by their parameters.
+TEST_CACHE = os.environ.get("VIREID_TEST_CACHE") or os.path.join(tempfile.gettempdir(), "vireid-test-cache")
+HERE = Path(__file__).resolve().parent
+
+
+def reid_cli(*args):
+    """Run reid.py in a subprocess; returns the CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, str(HERE / "reid.py"), *args], capture_output=True, text=True,
+                          cwd=str(HERE), timeout=600)
+
+
+def reid_smoke(method, out, *extra):
+    """One --smoke train + evaluate through reid.main in this process; returns results.json as a dict."""
+    import reid
+    reid.main(["--method", method, "--smoke", "--out", str(out), "--cache-dir", TEST_CACHE, "--overwrite",
+               *extra])
+    return json.loads((Path(out) / "results.json").read_text())
+
+
+class TestCLIPlumbing(unittest.TestCase):
+    def test_warmup_multistep_factors(self):
+        import torch
+        from methods import common
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = common.WarmupMultiStep(opt, milestones=(20, 50), gamma=0.1, warmup=10)
+        # warm-up (e + 1) / 10, then 1, 0.1 from epoch 20, 0.01 from epoch 50
+        for epoch, lr in [(0, 0.01), (4, 0.05), (9, 0.1), (10, 0.1), (19, 0.1), (20, 0.01), (49, 0.01),
+                          (50, 0.001), (79, 0.001)]:
+            sched.step_epoch(epoch)
+            self.assertAlmostEqual(opt.param_groups[0]["lr"], lr, places=12)
+
+    def test_settings_resolution_order(self):
+        # paper defaults < synthetic recipe < --smoke < explicit flags
+        import reid
+        from methods import agw
+        parser = reid.common_parser()
+        reid.add_settings_options(parser, agw.Settings)
+        argv = ["--method", "agw", "--smoke", "--lr", "0.5", "--milestones", "3", "4", "--non-local", "false"]
+        args = parser.parse_args(argv)
+        s = reid.resolve_settings(agw, args, reid.flags_given(argv))
+        self.assertEqual((s.lr, s.milestones, s.non_local), (0.5, (3, 4), False))
+        self.assertEqual((s.height, s.arch, s.pretrained), (agw.SMOKE["height"], "resnet18", "none"))
+        s = reid.resolve_settings(agw, parser.parse_args(["--method", "agw", "--dataset", "sysu"]), {"method"})
+        self.assertEqual(s, agw.Settings())  # a real benchmark gets the paper's recipe untouched
+
+
+class TestAGW(unittest.TestCase):
+    def test_wrt_against_loop(self):
+        import math
+        import torch
+        from methods import agw
+        g = torch.Generator().manual_seed(0)
+        f, y = torch.randn(8, 5, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+        total = 0.0
+        for i in range(8):  # re-statement: softmax-weighted positive and negative distances per anchor
+            d = [math.dist(f[i].tolist(), f[j].tolist()) for j in range(8)]
+            pos = [j for j in range(8) if y[j] == y[i]]
+            neg = [j for j in range(8) if y[j] != y[i]]
+            zp = sum(math.exp(d[j]) for j in pos)
+            zn = sum(math.exp(-d[j]) for j in neg)
+            d_p = sum(math.exp(d[j]) / zp * d[j] for j in pos)
+            d_n = sum(math.exp(-d[j]) / zn * d[j] for j in neg)
+            total += math.log(1 + math.exp(d_p - d_n))
+        self.assertAlmostEqual(agw.L_wrt(f, y).item(), total / 8, places=4)
+
+    def test_gem_and_non_local(self):
+        import torch
+        from methods import agw
+        x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # GeM p=3: ((1 + 8 + 27 + 64) / 4)^(1/3) = 25^(1/3)
+        self.assertAlmostEqual(agw.gem(x, 3.0).item(), 25 ** (1 / 3), places=5)
+        self.assertAlmostEqual(agw.gem(x, 1.0).item(), 2.5, places=5)  # p = 1 is average pooling
+        block = agw.NonLocal(8).eval()
+        z = torch.randn(2, 8, 4, 3)
+        self.assertTrue(torch.equal(block(z), z))  # W_z's BN starts at zero: the block starts as the identity
+
+    def test_two_stream_layout(self):
+        import torch
+        from methods import agw
+        s = agw.Settings(**agw.SMOKE)
+        model = agw.build(s, 5).eval()
+        x = torch.randn(3, 3, s.height, s.width)
+        f, logits = model(x, x)
+        # visible stem first, infrared stem second; the shared layers and head are the same
+        self.assertTrue(torch.allclose(f[:3], model.features(x, "v")[0], atol=1e-5))
+        self.assertTrue(torch.allclose(f[3:], model.features(x, "r")[0], atol=1e-5))
+        self.assertEqual(tuple(logits.shape), (6, 5))
+        self.assertFalse(model.bnneck.bias.requires_grad)
+
+
+class TestCLIEndToEnd(unittest.TestCase):
+    def test_agw_smoke_on_sysu_and_regdb_layouts(self):
+        import reid
+        import synthetic
+        with tempfile.TemporaryDirectory() as tmp:
+            results = reid_smoke("agw", Path(tmp) / "syn")
+            names = {"all-single", "all-multi", "indoor-single", "indoor-multi"}
+            self.assertEqual(set(results["results"]), names)
+            for r in results["results"].values():
+                for key in ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP"):
+                    self.assertTrue(0 <= r[key] <= 100 and key + "_std" in r)
+                self.assertEqual(len(r["trials"]), 10)
+            for name in ("model.pt", "features.pt", "args.json", "ranked-all-single.png"):
+                self.assertTrue((Path(tmp) / "syn" / name).is_file(), name)
+            sysu = synthetic.ensure_world(Path(TEST_CACHE), "sysu", **reid.SMOKE_WORLDS["sysu"], log=lambda s: None)
+            results = reid_smoke("agw", Path(tmp) / "sysu", "--dataset", "sysu", "--data-root", str(sysu))
+            self.assertEqual(set(results["results"]), names)
+            regdb = synthetic.ensure_world(Path(TEST_CACHE), "regdb", **reid.SMOKE_WORLDS["regdb"], log=lambda s: None)
+            results = reid_smoke("agw", Path(tmp) / "regdb", "--dataset", "regdb", "--data-root", str(regdb),
+                                 "--trial", "3")
+            self.assertEqual(set(results["results"]), {"visible-to-infrared", "infrared-to-visible"})
+            self.assertEqual(results["trial"], "3")
+            # --eval-only on the saved model reproduces the numbers without training
+            again = reid_smoke("agw", Path(tmp) / "again", "--dataset", "regdb", "--data-root", str(regdb),
+                               "--trial", "3", "--eval-only", "--checkpoint", str(Path(tmp) / "regdb" / "model.pt"))
+            self.assertEqual(again["results"]["visible-to-infrared"]["rank1"],
+                             results["results"]["visible-to-infrared"]["rank1"])
+
+    def test_resume_gives_the_same_weights(self):
+        # A run killed after epoch 1 of 2 and resumed must end with the weights of an uninterrupted run.
+        import torch
+        import data
+        import reid
+        import synthetic
+        from methods import agw, common
+        s = agw.Settings(**{**agw.SMOKE, "epochs": 2})
+        root = synthetic.ensure_world(Path(TEST_CACHE), "sysu", **reid.SMOKE_WORLDS["sysu"], log=lambda s: None)
+        trainset, _ = data.load_sysu(root, s.height, s.width, TEST_CACHE, log=lambda s: None,
+                                     expect_published=False)
+
+        class Killed(Exception):
+            pass
+
+        def killer(line):
+            if "epoch 1/2 done" in line:
+                raise Killed
+
+        quiet = lambda line: None  # noqa: E731
+        with tempfile.TemporaryDirectory() as tmp:
+            reid.seed_everything(0)
+            full = agw.train(s, trainset, common.Run(Path(tmp) / "a", "cpu", max_its=3, log=quiet)).state_dict()
+            reid.seed_everything(0)
+            with self.assertRaises(Killed):
+                agw.train(s, trainset, common.Run(Path(tmp) / "b", "cpu", max_its=3, log=killer))
+            reid.seed_everything(0)
+            resumed = agw.train(s, trainset, common.Run(Path(tmp) / "b", "cpu", max_its=3, log=quiet)).state_dict()
+            for k in full:
+                self.assertTrue(torch.equal(full[k], resumed[k]), k)
+
+    def test_bad_input_is_one_line(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            regdb_like = Path(tmp) / "regdb"
+            (regdb_like / "idx").mkdir(parents=True)
+            (regdb_like / "Thermal").mkdir()
+            busy = Path(tmp) / "busy"
+            busy.mkdir()
+            (busy / "args.json").write_text("{}")
+            junk = Path(tmp) / "junk.pt"
+            junk.write_bytes(b"not a checkpoint")
+            cases = [
+                (["--method", "nope"], "invalid choice"),
+                (["--method", "agw", "--lr", "fast"], "invalid float"),
+                (["--method", "agw", "--device", "tpu"], "invalid choice"),
+                (["--method", "agw", "--dataset", "sysu", "--data-root", str(regdb_like)], "use --dataset regdb"),
+                (["--method", "agw", "--dataset", "sysu"], "needs --data-root"),
+                (["--method", "agw", "--dataset", "regdb", "--data-root", str(regdb_like), "--trial", "11"],
+                 "trials 1..10"),
+                (["--method", "agw", "--out", str(busy)], "already holds a run"),
+                (["--eval-only", "--checkpoint", str(junk)], "cannot be read"),
+                (["--eval-only", "--checkpoint", str(Path(tmp) / "missing.pt")], "does not exist"),
+                (["--method", "agw", "--smoke", "--arch", "vgg16", "--out", str(Path(tmp) / "o"),
+                  "--cache-dir", TEST_CACHE], "--arch"),
+            ]
+            for argv, expected in cases:
+                with self.subTest(argv=argv):
+                    if "--out" not in argv:  # never write into the repository
+                        argv = argv + ["--out", str(Path(tmp) / "out")]
+                    p = reid_cli(*argv)
+                    self.assertNotEqual(p.returncode, 0)
+                    self.assertNotIn("Traceback", p.stderr)
+                    self.assertIn(expected, p.stderr)
 
 # ==== end cli ====
 
 # ==== methods/nfs.py tests (TestNFS*) ====
 
+import copy as _nfs_copy
+import dataclasses as _nfs_dc
+import inspect as _nfs_inspect
+import json as _nfs_json
+import math as _nfs_math
+import os as _nfs_os
+import re as _nfs_re
+import subprocess as _nfs_subprocess
+import sys as _nfs_sys
+import tempfile as _nfs_tempfile
+
+import numpy as _nfs_np
+import torch as _nfs_torch
+import torch.nn as _nfs_nn
+
+from methods import agw as _nfs_agw
+from methods import nfs as _nfs
+from methods.common import UserError as _nfs_UserError
+
+
+def _nfs_settings(**kw):
+    """The --smoke settings (resnet18, 64 x 32) with overrides."""
+    return _nfs.Settings(**{**_nfs_dc.asdict(_nfs.Settings()), **_nfs.SMOKE, **kw})
+
+
+def _nfs_density(x, lam):
+    """Eq. (7) re-stated: C(lam) lam^x (1 - lam)^(1 - x), float64 numpy."""
+    return float(_nfs.C(_nfs_torch.tensor(lam, dtype=_nfs_torch.float64))) * lam ** x * (1 - lam) ** (1 - x)
+
+
+def _nfs_cdf_at_half(lam):
+    """F(1/2) of the continuous Bernoulli re-stated from its CDF: (sqrt(lam (1 - lam)) + lam - 1) / (2 lam - 1)."""
+    return (lam * (1 - lam)).sqrt().add(lam - 1).div(2 * lam - 1)
+
+
+class _NFSTiny(_nfs.NFS):
+    """A tiny two-stream network with NFS's interface and real search cells after its two shared stages:
+    8 x 8 inputs, stems 3 -> 4 channels (stride 2), stage 1: 4 -> 6 (4 x 4), stage 2: 6 -> 8 (2 x 2)."""
+
+    def __init__(self, act=_nfs_nn.ReLU):
+        _nfs_nn.Module.__init__(self)
+
+        def block(c_in, c_out, stride):
+            return _nfs_nn.Sequential(_nfs_nn.Conv2d(c_in, c_out, 3, stride, 1), _nfs_nn.BatchNorm2d(c_out), act())
+        self.stem_v, self.stem_r = block(3, 4, 2), block(3, 4, 2)
+        self.stages = _nfs_nn.ModuleList([block(4, 6, 1), block(6, 8, 2)])
+        self.bnneck = _nfs_nn.BatchNorm1d(8)
+        self.bnneck.bias.requires_grad_(False)
+        self.classifier = _nfs_nn.Linear(8, 3, bias=False)
+        self.cells = _nfs_nn.ModuleDict({"layer1": _nfs.SearchCell(6, 4, 4, (-1.0, 1.0), 0.5),
+                                         "layer2": _nfs.SearchCell(8, 2, 2, (-1.0, 1.0), 0.5)})
+
+
+def _nfs_batch(seed, n=4, h=8, w=8, dtype=_nfs_torch.float64):
+    g = _nfs_torch.Generator().manual_seed(seed)
+    y = _nfs_torch.arange(n) // 2
+    return {"x_v": _nfs_torch.randn(n, 3, h, w, generator=g, dtype=dtype),
+            "x_r": _nfs_torch.randn(n, 3, h, w, generator=g, dtype=dtype), "y_v": y, "y_r": y.clone()}
+
+
+def _nfs_flat(tensors):
+    return _nfs_torch.cat([t.flatten() for t in tensors])
+
+
+class TestNFSContinuousBernoulli(unittest.TestCase):
+    """Eq. (6)-(8): normalising constant, density, inverse-CDF sampler."""
+
+    LAMS = (0.003, 0.2, 0.5 - 1e-4, 0.5, 0.5 + 1e-4, 0.5 + 0.0049, 0.5 + 0.0051, 0.8, 0.999)
+
+    def test_C_against_closed_form_and_at_one_half(self):
+        for lam in self.LAMS:
+            z = 1 - 2 * lam
+            expect = 2.0 if lam == 0.5 else 2 * _nfs_math.atanh(z) / z
+            got = float(_nfs.C(_nfs_torch.tensor(lam, dtype=_nfs_torch.float64)))
+            self.assertAlmostEqual(got, expect, delta=1e-13 * expect, msg=lam)
+        self.assertEqual(float(_nfs.C(_nfs_torch.tensor(0.5))), 2.0)
+        lam = _nfs_torch.tensor([0.5 - 1e-4, 0.5, 0.5 + 1e-4], requires_grad=True)
+        c = _nfs.C(lam)                                           # float32: series branch, no 0/0
+        self.assertTrue(_nfs_torch.allclose(c, _nfs_torch.tensor([2 + 8e-8 / 3, 2.0, 2 + 8e-8 / 3]), atol=1e-7))
+        c.sum().backward()                                        # dC/dlam = -(8/3) z ... -> 0 at 1/2, finite
+        self.assertTrue(_nfs_torch.isfinite(lam.grad).all())
+        self.assertAlmostEqual(float(lam.grad[1]), 0.0, places=6)
+
+    def test_density_integrates_to_one(self):
+        x = _nfs_np.linspace(0, 1, 2001)
+        for lam in self.LAMS:
+            p = _nfs_density(x, lam)
+            simpson = (x[1] - x[0]) / 3 * (p[0] + p[-1] + 4 * p[1:-1:2].sum() + 2 * p[2:-1:2].sum())
+            self.assertAlmostEqual(simpson, 1.0, delta=1e-9, msg=lam)
+
+    def test_samples_follow_the_density(self):
+        """Kolmogorov-Smirnov distance of 20 000 samples to the CDF integrated numerically from Eq. (7)."""
+        grid = _nfs_np.linspace(0, 1, 20001)
+        g = _nfs_torch.Generator().manual_seed(0)
+        n = 20000
+        for lam in self.LAMS:
+            p = _nfs_density(grid, lam)
+            cdf = _nfs_np.concatenate([[0.0], _nfs_np.cumsum((p[1:] + p[:-1]) / 2 * _nfs_np.diff(grid))])
+            u = _nfs_torch.rand(n, generator=g, dtype=_nfs_torch.float64)
+            x = _nfs.sample_cb(_nfs_torch.tensor(lam, dtype=_nfs_torch.float64), u).numpy()
+            self.assertTrue(((x >= 0) & (x <= 1)).all())
+            F = _nfs_np.interp(_nfs_np.sort(x), grid, cdf)
+            ks = max((_nfs_np.arange(1, n + 1) / n - F).max(), (F - _nfs_np.arange(n) / n).max())
+            self.assertLess(ks, 1.95 / n ** 0.5, msg=lam)           # 0.1 % level of the KS test
+            counts = _nfs_np.histogram(x, bins=10, range=(0, 1))[0] / n
+            expect = _nfs_np.diff(_nfs_np.interp(_nfs_np.linspace(0, 1, 11), grid, cdf))
+            self.assertLess(_nfs_np.abs(counts - expect).max(), 0.012, msg=lam)
+
+    def test_float32_sampler_is_stable_near_one_half(self):
+        u = _nfs_torch.rand(1000, generator=_nfs_torch.Generator().manual_seed(1), dtype=_nfs_torch.float64)
+        for lam in (0.5 - 1e-4, 0.5 - 1e-7, 0.5, 0.5 + 1e-7, 0.5 + 1e-4, 0.505):
+            x32 = _nfs.sample_cb(_nfs_torch.tensor(lam), u.float())
+            x64 = _nfs.sample_cb(_nfs_torch.tensor(lam, dtype=_nfs_torch.float64), u)
+            self.assertTrue(_nfs_torch.isfinite(x32).all(), lam)
+            self.assertLess(float((x32.double() - x64).abs().max()), 1e-6, lam)
+        self.assertTrue(_nfs_torch.equal(_nfs.sample_cb(_nfs_torch.tensor(0.5, dtype=_nfs_torch.float64), u), u))
+
+    def test_rounded_sample_is_bernoulli_of_sigmoid_half_logit(self):
+        """P(x > 1/2) = 1 - F(1/2) = sqrt(lam) / (sqrt(lam) + sqrt(1 - lam)) = sigmoid(P / 2)."""
+        P = _nfs_torch.tensor([-6.0, -1.0, 0.0, 0.3, 2.0, 8.0])
+        n = 100000
+        u = _nfs_torch.rand(n, len(P), generator=_nfs_torch.Generator().manual_seed(2))
+        share = _nfs.gate(P, u).mean(0)
+        p = _nfs_torch.sigmoid(P / 2)
+        self.assertLess(float(((share - p).abs() / (p * (1 - p) / n).sqrt()).max()), 4.5)
+
+    def test_saturated_fields_stay_finite(self):
+        P = _nfs_torch.tensor([-1e4, -100.0, -20.0, 20.0, 100.0, 1e4], requires_grad=True)
+        G = _nfs.gate(P, _nfs_torch.rand(500, len(P), generator=_nfs_torch.Generator().manual_seed(3)))
+        G_value = G.detach()
+        self.assertTrue(_nfs_torch.isfinite(G).all())
+        # P~ is clamped to [1e-6, 1 - 1e-6]: a saturated gate flips with probability sigmoid(-13.8 / 2) = 1e-3
+        self.assertLess(float(G_value[:, :3].mean()), 0.005)
+        self.assertGreater(float(G_value[:, 3:].mean()), 0.995)
+        G.sum().backward()
+        self.assertTrue(_nfs_torch.isfinite(P.grad).all())
+
+
+class TestNFSGates(unittest.TestCase):
+    """Eq. (4) and Eq. (9) in a search cell; gates per modality; stage shapes."""
+
+    def setUp(self):
+        _nfs_torch.manual_seed(0)
+        self.cell = _nfs.SearchCell(5, 3, 2, (-1.0, 1.0), 0.5).train()
+        self.y = _nfs_torch.rand(6, 5, 3, 2, dtype=_nfs_torch.float64) + 0.5       # rows 0-3 visible, 4-5 infrared
+        self.n_v = 4
+        self.noise = self.cell.draw_noise(6)
+
+    def expected_gates(self):
+        """(6, 5, 3, 2) 0/1: u > F(1/2; P~) per element, F re-stated (x = F^-1(u) > 1/2 iff u > F(1/2))."""
+        u_pix, u_ch = self.noise
+        out = []
+        for i in range(6):
+            m = "v" if i < self.n_v else "r"
+            g_pix = u_pix[i] > _nfs_cdf_at_half(_nfs_torch.sigmoid(self.cell.P_pix[m].detach()))
+            g_ch = u_ch[i] > _nfs_cdf_at_half(_nfs_torch.sigmoid(self.cell.P_ch[m].detach()))
+            out.append((g_pix & g_ch[:, None, None]).double())
+        return _nfs_torch.stack(out)
+
+    def test_eq4_unselected_exactly_zero_selected_unchanged(self):
+        out = self.cell(self.y, self.n_v, self.noise)
+        G = self.expected_gates()
+        self.assertTrue(0 < float(G.mean()) < 1)
+        self.assertTrue(_nfs_torch.equal(out[G == 0], _nfs_torch.zeros_like(out[G == 0])))
+        self.assertTrue(_nfs_torch.equal(out[G == 1], self.y[G == 1]))
+
+    def test_eq9_gradient_reaches_fields_through_hard_gates(self):
+        w = _nfs_torch.randn(6, 5, 3, 2, generator=_nfs_torch.Generator().manual_seed(4), dtype=_nfs_torch.float64)
+        (self.cell(self.y, self.n_v, self.noise) * w).sum().backward()
+        u_pix, u_ch = self.noise
+        for m, rows in (("v", slice(0, 4)), ("r", slice(4, 6))):
+            lam_pix = _nfs_torch.sigmoid(self.cell.P_pix[m].detach())
+            lam_ch = _nfs_torch.sigmoid(self.cell.P_ch[m].detach())
+            g_pix = (u_pix[rows] > _nfs_cdf_at_half(lam_pix)).double()             # (n_m, C, H, W)
+            g_ch = (u_ch[rows] > _nfs_cdf_at_half(lam_ch)).double()[:, :, None, None]
+            up = w[rows] * self.y[rows]                                             # dL/dY~ * Y
+            # straight-through: dL/dP~ = dL/dG, then dP~/dP = P~ (1 - P~)
+            want_pix = (up * g_ch).sum(0) * lam_pix * (1 - lam_pix)
+            want_ch = (up * g_pix).sum((0, 2, 3)) * lam_ch * (1 - lam_ch)
+            self.assertTrue(_nfs_torch.allclose(self.cell.P_pix[m].grad.double(), want_pix, atol=1e-6, rtol=1e-5), m)
+            self.assertTrue(_nfs_torch.allclose(self.cell.P_ch[m].grad.double(), want_ch, atol=1e-6, rtol=1e-5), m)
+            self.assertGreater(float(self.cell.P_pix[m].grad.abs().sum()), 0)
+
+    def test_each_modality_uses_its_own_fields(self):
+        with _nfs_torch.no_grad():
+            for field in (self.cell.P_pix, self.cell.P_ch):
+                field["v"].fill_(30.0)
+                field["r"].fill_(-30.0)
+        for train in (True, False):
+            self.cell.train(train)
+            out = self.cell(self.y, self.n_v, self.noise)
+            self.assertTrue(_nfs_torch.equal(out[:4], self.y[:4]))
+            self.assertEqual(float(out[4:].abs().max()), 0.0)
+
+    def test_derived_gates_threshold_and_eval_forward(self):
+        with _nfs_torch.no_grad():
+            self.cell.P_pix["v"][0, 0, 0] = 0.0                                     # P~ = 0.5 is not > 0.5
+        self.cell.threshold = 0.6
+        d = self.cell.derived()
+        for m in ("v", "r"):
+            self.assertTrue(_nfs_torch.equal(d[f"{m}.pixel"], _nfs_torch.sigmoid(self.cell.P_pix[m]) > 0.6))
+            self.assertTrue(_nfs_torch.equal(d[f"{m}.channel"], _nfs_torch.sigmoid(self.cell.P_ch[m]) > 0.6))
+        self.cell.eval()
+        out = self.cell(self.y, self.n_v)
+        for i, m in enumerate("vvvvrr"):
+            keep = d[f"{m}.pixel"] & d[f"{m}.channel"][:, None, None]
+            self.assertTrue(_nfs_torch.equal(out[i], self.y[i] * keep))
+        fixed = _nfs.GateCell(5, 3, 2)
+        fixed.set(d)
+        self.assertTrue(_nfs_torch.equal(fixed(self.y, self.n_v), out))
+
+    def test_stage_shapes_match_a_dry_forward(self):
+        net = _nfs.common.resnet("resnet18").eval()
+        for h, w in ((64, 32), (100, 50), (97, 33)):
+            y = _nfs.common.stem(net)(_nfs_torch.zeros(1, 3, h, w))
+            got = []
+            with _nfs_torch.no_grad():
+                for stage in _nfs.common.stages(net):
+                    y = stage(y)
+                    got.append(tuple(y.shape[1:]))
+            self.assertEqual(_nfs.stage_shapes("resnet18", h, w), got, (h, w))
+        self.assertEqual(_nfs.stage_shapes("resnet50", 288, 144),
+                         [(256, 72, 36), (512, 36, 18), (1024, 18, 9), (2048, 18, 9)])        # Table 5
+
+    def test_model_fields_follow_the_input_size(self):
+        for h, w in ((64, 32), (96, 40)):
+            model = _nfs.build(_nfs_settings(height=h, width=w, search_stages=(1, 3)), 4, {"nfs_model": "search"})
+            self.assertEqual(list(model.cells), ["layer1", "layer3"])
+            shapes = _nfs.stage_shapes("resnet18", h, w)
+            self.assertEqual(tuple(model.cells["layer3"].P_pix["r"].shape), shapes[2])
+            self.assertEqual(tuple(model.cells["layer1"].P_ch["v"].shape), (64,))
+            model.train()
+            f, logits = model(_nfs_torch.randn(2, 3, h, w), _nfs_torch.randn(2, 3, h, w))
+            self.assertEqual((tuple(f.shape), tuple(logits.shape)), ((4, 512), (4, 4)))
+
+
+class TestNFSSecondOrder(unittest.TestCase):
+    """Alg. 1 line 4 on a tiny network in float64."""
+
+    def grad(self, model, settings, seed=7, **kw):
+        _nfs_torch.manual_seed(seed)
+        xi = [0.05 if name.startswith("classifier") else 0.1 for name, _ in model.named_weights()]
+        g, l_val = _nfs.gate_gradient(model, _nfs_batch(1), _nfs_batch(2), settings, xi, **kw)
+        return _nfs_flat(g), l_val
+
+    def setUp(self):
+        _nfs_torch.manual_seed(0)
+        self.model = _NFSTiny().double().train()
+        self.settings = _nfs_settings()
+        self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    def assert_untouched(self):
+        for k, v in self.model.state_dict().items():
+            self.assertTrue(_nfs_torch.equal(v, self.state[k]), k)
+
+    def test_finite_difference_matches_exact_autograd(self):
+        exact, l_exact = self.grad(self.model, _nfs_dc.replace(self.settings, hessian="autograd"))
+        self.assert_untouched()
+        fd, l_fd = self.grad(self.model, self.settings, fd_scale=1e-7)      # small step: no ReLU kink crossed
+        self.assert_untouched()
+        self.assertAlmostEqual(float(l_fd), float(l_exact), places=12)
+        self.assertLess(float((fd - exact).norm() / exact.norm()), 1e-5)
+        first, _ = self.grad(self.model, _nfs_dc.replace(self.settings, first_order=True))
+        self.assertGreater(float((first - exact).norm() / exact.norm()), 1e-3)   # the second-order term matters
+
+    def test_finite_difference_at_the_default_step_on_a_smooth_network(self):
+        _nfs_torch.manual_seed(0)
+        self.model = _NFSTiny(_nfs_nn.Softplus).double().train()
+        self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        exact, _ = self.grad(self.model, _nfs_dc.replace(self.settings, hessian="autograd"))
+        fd, _ = self.grad(self.model, self.settings)
+        self.assert_untouched()
+        self.assertLess(float((fd - exact).norm() / exact.norm()), 1e-3)
+
+    def test_exact_equals_an_independent_restatement(self):
+        """d/dP L_val(W - xi grad_W L_train(W, P), P) by hand: direct term - (d/dP of <grad_W L_train, xi v>)."""
+        settings = _nfs_dc.replace(self.settings, hessian="autograd")
+        exact, _ = self.grad(self.model, settings)
+        _nfs_torch.manual_seed(7)
+        names, W = zip(*self.model.named_weights())
+        xi = [0.05 if n.startswith("classifier") else 0.1 for n in names]
+        P = self.model.fields()
+        u_t, u_v = self.model.draw_noise(8), self.model.draw_noise(8)
+        l_t = _nfs.L(self.model, _nfs_batch(1), settings, noise=u_t)[0]
+        g = _nfs_torch.autograd.grad(l_t, W, create_graph=True)
+        virtual = _nfs_copy.deepcopy(self.model)                            # the network at W' = W - xi g
+        with _nfs_torch.no_grad():
+            for w, x, gw in zip(virtual.weights(), xi, g):
+                w.sub_(x * gw)
+        l_v = _nfs.L(virtual, _nfs_batch(2), settings, noise=u_v)[0]
+        d = _nfs_torch.autograd.grad(l_v, virtual.weights() + virtual.fields())
+        dW, dP = d[:len(W)], d[len(W):]
+        hvp = _nfs_torch.autograd.grad(sum((gw * x * dw).sum() for gw, x, dw in zip(g, xi, dW)), P)
+        want = _nfs_flat(dP) - _nfs_flat(hvp)
+        self.assertLess(float((exact - want).norm() / want.norm()), 1e-10)
+
+    def test_first_order_is_the_gradient_at_W(self):
+        got, l_val = self.grad(self.model, _nfs_dc.replace(self.settings, first_order=True))
+        self.assert_untouched()
+        _nfs_torch.manual_seed(7)
+        loss = _nfs.L(self.model, _nfs_batch(2), self.settings)[0]
+        want = _nfs_flat(_nfs_torch.autograd.grad(loss, self.model.fields()))
+        self.assertTrue(_nfs_torch.equal(got, want))
+        self.assertEqual(float(l_val), float(loss))
+
+
+class TestNFSLosses(unittest.TestCase):
+
+    def test_eq13_by_hand(self):
+        f_v = _nfs_torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+        f_r = _nfs_torch.tensor([[0.0, 1.0], [6.0, 8.0]])
+        y_v, y_r = _nfs_torch.tensor([0, 1]), _nfs_torch.tensor([0, 2])
+        # pairs: (v0, r0) positive, d = 1 -> 1; (v0, r1) negative, d = 10 >= T -> 0;
+        # (v1, r0) negative, d = sqrt(18) -> (6 - 3 sqrt 2)^2; (v1, r1) negative, d = 5 -> 1
+        want = (1 + 0 + (6 - 3 * 2 ** 0.5) ** 2 + 1) / 4
+        self.assertAlmostEqual(float(_nfs.L_c(f_v, f_r, y_v, y_r, T=6.0)), want, places=5)
+
+    def test_eq13_against_a_pair_loop(self):
+        g = _nfs_torch.Generator().manual_seed(0)
+        f_v, f_r = _nfs_torch.randn(6, 5, generator=g) * 4, _nfs_torch.randn(6, 5, generator=g) * 4
+        y = _nfs_torch.tensor([0, 0, 1, 1, 2, 2])
+        terms = []
+        for i in range(6):
+            for j in range(6):
+                d = float((f_v[i] - f_r[j]).norm())
+                terms.append(d ** 2 if y[i] == y[j] else max(0.0, 8.0 - d) ** 2)
+        self.assertAlmostEqual(float(_nfs.L_c(f_v, f_r, y, y, T=8.0)), sum(terms) / 36, places=3)
+
+    def test_copies_of_agw_are_verbatim(self):
+        for name in ("L_wrt", "pairwise_distance"):
+            self.assertEqual(_nfs_inspect.getsource(getattr(_nfs, name)), _nfs_inspect.getsource(getattr(_nfs_agw, name)))
+
+    def test_eq14_total(self):
+        _nfs_torch.manual_seed(0)
+        model = _NFSTiny().train()
+        batch = _nfs_batch(3, dtype=_nfs_torch.float32)
+        noise = model.draw_noise(8)
+        settings = _nfs_settings(lam=0.5, T=3.0)
+        loss, terms = _nfs.L(model, batch, settings, noise=noise)
+        self.assertAlmostEqual(float(loss), float(terms["L_id"] + terms["L_tri"] + 0.5 * terms["L_c"]), places=5)
+        f, logits = model(batch["x_v"], batch["x_r"], noise)
+        y = _nfs_torch.cat([batch["y_v"], batch["y_r"]])
+        self.assertAlmostEqual(float(terms["L_id"]), float(_nfs_torch.nn.functional.cross_entropy(logits, y)), places=5)
+        self.assertAlmostEqual(float(terms["L_c"]), float(_nfs.L_c(f[:4], f[4:], y[:4], y[4:], 3.0)), places=4)
+        loss_b, terms_b = _nfs.L(model, batch, _nfs_dc.replace(settings, contrastive=False), noise=noise)
+        self.assertEqual(set(terms_b), {"L_id", "L_tri"})
+        self.assertAlmostEqual(float(loss_b), float(terms["L_id"] + terms["L_tri"]), places=5)
+
+
+class TestNFSGatesFile(unittest.TestCase):
+    """Alg. 1 lines 5-6: derived gates, the gates file, the retrain network and its checkpoint."""
+
+    def setUp(self):
+        self.tmp = _nfs_tempfile.TemporaryDirectory()
+        self.settings = _nfs_settings(search_stages=(1, 2))
+        self.search = _nfs.initial_model(self.settings, 4, "search", seed=3)
+        with _nfs_torch.no_grad():
+            for p in self.search.fields():
+                p.uniform_(-1, 1)
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_round_trip_into_the_retrain_network(self):
+        path = _nfs_os.path.join(self.tmp.name, "gates.pt")
+        _nfs.save_gates(self.search, self.settings, path)
+        retrain = _nfs.initial_model(self.settings, 4, "retrain", seed=3)
+        gates = _nfs.load_gates(path, retrain, self.settings)
+        retrain.set_gates(gates)
+        for k, g in self.search.gates().items():
+            self.assertTrue(_nfs_torch.equal(retrain.gates()[k], g), k)
+            self.assertTrue(0.2 < float(g.float().mean()) < 0.8, k)
+        saved = _nfs_torch.load(path, weights_only=True)
+        p = saved["probabilities"]["layer2.r.pixel"]
+        self.assertTrue(_nfs_torch.equal(saved["gates"]["layer2.r.pixel"], p > 0.5))
+        # the retrain network starts from the weights the search started from
+        ws, wr = self.search.state_dict(), retrain.state_dict()
+        for k in ws:
+            if not k.startswith("cells."):
+                self.assertTrue(_nfs_torch.equal(ws[k], wr[k]), k)
+        # build() for --eval-only: the gates come back with the state dict
+        rebuilt = _nfs.build(self.settings, 4, {"nfs_model": "retrain"})
+        _nfs.common.load_model_state(rebuilt, retrain.state_dict(), "test")
+        x = _nfs_torch.randn(2, 3, 64, 32)
+        retrain.eval(), rebuilt.eval(), self.search.eval()
+        for m in ("v", "r"):
+            self.assertTrue(_nfs_torch.equal(_nfs.extract(rebuilt, x, m), _nfs.extract(retrain, x, m)))
+        self.assertTrue(_nfs_torch.allclose(_nfs.extract(retrain, x, "r"), _nfs.extract(self.search, x, "r")))
+
+    def test_mismatched_or_missing_gates_file(self):
+        path = _nfs_os.path.join(self.tmp.name, "gates.pt")
+        _nfs.save_gates(self.search, self.settings, path)
+        other = _nfs_settings(search_stages=(1, 2, 3))
+        with self.assertRaisesRegex(_nfs_UserError, "search-stages 1 2, this run has .*search-stages 1 2 3"):
+            _nfs.load_gates(path, _nfs.build(other, 4, {"nfs_model": "retrain"}), other)
+        other = _nfs_settings(search_stages=(1, 2), height=96, width=48)
+        with self.assertRaisesRegex(_nfs_UserError, "--height 64 --width 32"):
+            _nfs.load_gates(path, _nfs.build(other, 4, {"nfs_model": "retrain"}), other)
+        with self.assertRaisesRegex(_nfs_UserError, "no such file"):
+            _nfs.load_gates(path + ".missing", self.search, self.settings)
+        with self.assertRaisesRegex(_nfs_UserError, "needs --gates"):
+            _nfs.load_gates("", self.search, self.settings)
+        bad = _nfs_os.path.join(self.tmp.name, "bad.pt")
+        with open(bad, "w") as f:
+            f.write("not a checkpoint")
+        with self.assertRaisesRegex(_nfs_UserError, "cannot be read"):
+            _nfs.load_gates(bad, self.search, self.settings)
+
+    def test_settings_a_user_gets_wrong(self):
+        for kw, text in ((dict(phase="serch"), "--phase 'serch'"), (dict(hessian="exact"), "--hessian"),
+                         (dict(search_stages=(1, 5)), "--search-stages 1 5"), (dict(search_stages=()), "stages"),
+                         (dict(gates="x.pt"), "--gates is for --phase retrain"),
+                         (dict(feature_search=False, phase="search"), "--feature-search false"),
+                         (dict(threshold=1.0), "--threshold"), (dict(gate_init=(1.0, 0.0)), "--gate-init")):
+            with self.assertRaisesRegex(_nfs_UserError, _nfs_re.escape(text)):
+                _nfs.check(_nfs_settings(**kw))
+        self.assertEqual([_nfs.model_kind(_nfs_settings(**kw)) for kw in
+                          (dict(), dict(phase="search"), dict(phase="retrain"), dict(feature_search=False))],
+                         ["retrain", "search", "retrain", "baseline"])
+
+
+class TestNFSSmoke(unittest.TestCase):
+    """Alg. 1 end to end through reid.py: search -> derive -> retrain -> test; then retrain from the saved gates."""
+
+    def reid(self, *args):
+        done = _nfs_subprocess.run([_nfs_sys.executable, "reid.py", "--method", "nfs", "--smoke", *args],
+                                   capture_output=True, text=True, timeout=600)
+        self.assertEqual(done.returncode, 0, done.stdout[-3000:] + done.stderr[-3000:])
+        return done.stdout
+
+    def test_search_derive_retrain(self):
+        with _nfs_tempfile.TemporaryDirectory() as tmp:
+            out = _nfs_os.path.join(tmp, "both")
+            log = self.reid("--out", out)
+            self.assertIn("[search] epoch 1/1", log)
+            self.assertIn("[retrain] epoch 1/1", log)
+            for name in ("gates.pt", "gates.png", "features.png", "results.json", "model.pt"):
+                self.assertTrue(_nfs_os.path.isfile(_nfs_os.path.join(out, name)), name)
+            results = _nfs_json.load(open(_nfs_os.path.join(out, "results.json")))["results"]
+            self.assertIn("all-single", results)
+            ckpt = _nfs_torch.load(_nfs_os.path.join(out, "model.pt"), weights_only=True)
+            self.assertEqual(ckpt["meta"]["nfs_model"], "retrain")
+            gates = _nfs_torch.load(_nfs_os.path.join(out, "gates.pt"), weights_only=True)["gates"]
+            self.assertTrue(_nfs_torch.equal(ckpt["model"]["cells.layer2.G_pix_r"], gates["layer2.r.pixel"]))
+
+            again = _nfs_os.path.join(tmp, "retrain")
+            log = self.reid("--out", again, "--phase", "retrain", "--gates", _nfs_os.path.join(out, "gates.pt"))
+            self.assertNotIn("[search]", log)
+            ckpt2 = _nfs_torch.load(_nfs_os.path.join(again, "model.pt"), weights_only=True)
+            for k in ckpt["model"]:
+                if k.startswith("cells."):
+                    self.assertTrue(_nfs_torch.equal(ckpt["model"][k], ckpt2["model"][k]), k)
+            # the same data, seed and initial weights: the retrain phase gives the same model
+            self.assertTrue(_nfs_torch.equal(ckpt["model"]["classifier.weight"], ckpt2["model"]["classifier.weight"]))
+
+            log = self.reid("--eval-only", "--checkpoint", _nfs_os.path.join(out, "model.pt"),
+                            "--out", _nfs_os.path.join(tmp, "eval"))
+            r1 = _nfs_json.load(open(_nfs_os.path.join(tmp, "eval", "results.json")))["results"]["all-single"]
+            self.assertAlmostEqual(r1["mAP"], results["all-single"]["mAP"], places=4)
+
+
 # ==== end nfs ====
 
 # ==== methods/cmnas.py tests (TestCMNAS*) ====
+import dataclasses as _cm_dc
+import inspect as _cm_inspect
+import json as _cm_json
+import math as _cm_math
+import os as _cm_os
+import shutil as _cm_shutil
+import subprocess as _cm_subprocess
+import sys as _cm_sys
+import tempfile as _cm_tempfile
+
+import numpy as _cm_np
+import torch as _cm_torch
+import torch.nn as _cm_nn
+
+import data as _cm_data
+from methods import cmnas as _cm
+from methods import common as _cm_common
+
+
+def _cm_settings(**kw):
+    return _cm_dc.replace(_cm.Settings(arch="resnet18", pretrained="none"), **kw)
+
+
+def _cm_bn_by_hand(x, weight, bias, eps, mean=None, var=None):
+    """BatchNorm restated: per-channel batch mean and biased variance (or the given statistics)."""
+    mean = x.mean(dim=(0, 2, 3)) if mean is None else mean
+    var = x.var(dim=(0, 2, 3), unbiased=False) if var is None else var
+    shape = (1, -1, 1, 1)
+    return (x - mean.view(shape)) / (var.view(shape) + eps).sqrt() * weight.view(shape) + bias.view(shape)
+
+
+class TestCMNASSearchSpace(unittest.TestCase):
+    """Eq. (1)-(2): the searchable BN unit."""
+
+    def setUp(self):
+        _cm_torch.manual_seed(0)
+        self.bn = _cm_nn.BatchNorm2d(3, momentum=1.0)   # momentum 1: running stats = the last batch's
+        self.bn.weight.data.uniform_(0.5, 2.0)
+        self.bn.bias.data.uniform_(-1.0, 1.0)
+        # visible and infrared halves with very different statistics
+        self.x_v = _cm_torch.randn(4, 3, 5, 3) * 2 + 5
+        self.x_r = _cm_torch.randn(4, 3, 5, 3) * 0.5 - 3
+        self.x = _cm_torch.cat([self.x_v, self.x_r])
+
+    def expected(self, unit):
+        sep, shared = unit.o1, unit.o2
+        o1 = _cm_torch.cat([_cm_bn_by_hand(self.x_v, sep.v.weight, sep.v.bias, sep.v.eps),
+                            _cm_bn_by_hand(self.x_r, sep.r.weight, sep.r.bias, sep.r.eps)])
+        return o1, _cm_bn_by_hand(self.x, shared.weight, shared.bias, shared.eps)
+
+    def test_saturated_alpha_gives_separate_or_shared_bn(self):
+        unit = _cm.MixedBN(self.bn)
+        unit.o1.r.weight.data.mul_(1.5)                 # the two separate BNs hold their own parameters
+        o1, o2 = self.expected(unit)
+        with _cm_torch.no_grad():
+            unit.alpha.copy_(_cm_torch.tensor([40.0, -40.0]))
+            _cm_torch.testing.assert_close(unit(self.x), o1, atol=1e-5, rtol=1e-5)
+            unit.alpha.copy_(_cm_torch.tensor([-40.0, 40.0]))
+            _cm_torch.testing.assert_close(unit(self.x), o2, atol=1e-5, rtol=1e-5)
+
+    def test_weighted_sum_with_softmax(self):
+        unit = _cm.MixedBN(self.bn)
+        with _cm_torch.no_grad():
+            unit.alpha.copy_(_cm_torch.tensor([_cm_math.log(3.0), 0.0]))   # p = (3/4, 1/4) by Eq. (1)
+            _cm_torch.testing.assert_close(unit.probabilities(), _cm_torch.tensor([0.75, 0.25]))
+            o1, o2 = self.expected(unit)
+            _cm_torch.testing.assert_close(unit(self.x), 0.75 * o1 + 0.25 * o2, atol=1e-5, rtol=1e-5)
+
+    def test_separate_running_statistics_see_only_their_modality(self):
+        unit = _cm.MixedBN(self.bn)
+        unit(self.x)
+        for bn, x in ((unit.o1.v, self.x_v), (unit.o1.r, self.x_r), (unit.o2, self.x)):
+            _cm_torch.testing.assert_close(bn.running_mean, x.mean(dim=(0, 2, 3)))
+            _cm_torch.testing.assert_close(bn.running_var, x.var(dim=(0, 2, 3), unbiased=True))
+        # at test time a one-modality batch is normalised with that modality's statistics
+        sep = unit.o1.eval()
+        sep.modality = "r"
+        want = _cm_bn_by_hand(self.x_r, sep.r.weight, sep.r.bias, sep.r.eps, sep.r.running_mean, sep.r.running_var)
+        _cm_torch.testing.assert_close(sep(self.x_r), want, atol=1e-5, rtol=1e-5)
+
+    def test_network_routes_each_half_to_its_modality(self):
+        for network in ("two-stream-bn", "two-stream"):
+            model = _cm.CMNASNet(_cm_settings(network=network), 5).eval()
+            for m in model.modules():
+                if isinstance(m, _cm.SeparateBN):
+                    m.r.bias.data.add_(0.5)             # the infrared BNs now differ from the visible ones
+            x = _cm_torch.randn(2, 3, 32, 16)
+            with _cm_torch.no_grad():
+                f_v, _ = model(x, "v")
+                f_r, _ = model(x, "r")
+                f_vr, _ = model(_cm_torch.cat([x, x]), "vr")
+            _cm_torch.testing.assert_close(f_vr, _cm_torch.cat([f_v, f_r]))
+            self.assertGreater((f_v - f_r).abs().max().item(), 1e-3, network)
+
+
+class TestCMNASLosses(unittest.TestCase):
+    """Eq. (4)-(10)."""
+
+    def test_kernel_mmd_equals_explicit_feature_map(self):
+        _cm_torch.manual_seed(1)
+        a, b = _cm_torch.randn(5, 4, dtype=_cm_torch.float64), _cm_torch.randn(3, 4, dtype=_cm_torch.float64)
+        psi = lambda x: (x[:, :, None] * x[:, None, :]).flatten(1)      # k(x, y) = (x . y)^2 = psi(x) . psi(y)
+        want = (psi(a).mean(0) - psi(b).mean(0)).pow(2).sum()
+        _cm_torch.testing.assert_close(_cm.mmd2(a, b), want)
+
+    def test_L_CMMD_is_the_class_average_of_feature_map_distances(self):
+        _cm_torch.manual_seed(2)
+        f_v, f_r = _cm_torch.randn(6, 4, dtype=_cm_torch.float64), _cm_torch.randn(6, 4, dtype=_cm_torch.float64)
+        y_v = _cm_torch.tensor([7, 7, 2, 2, 9, 9])
+        y_r = _cm_torch.tensor([7, 7, 2, 2, 9, 9])
+        n_v, n_r = f_v / f_v.norm(dim=1, keepdim=True), f_r / f_r.norm(dim=1, keepdim=True)
+        psi = lambda x: (x[:, :, None] * x[:, None, :]).flatten(1)
+        per_class = []
+        for c in (7, 2, 9):   # Eq. (4) with the norm squared, on L2-normalised features
+            per_class.append((psi(n_v[y_v == c]).mean(0) - psi(n_r[y_r == c]).mean(0)).pow(2).sum())
+        _cm_torch.testing.assert_close(_cm.L_CMMD(f_v, f_r, y_v, y_r), sum(per_class) / 3)
+        # plain MMD (Table 1): all visible against all infrared
+        want = (psi(n_v).mean(0) - psi(n_r).mean(0)).pow(2).sum()
+        _cm_torch.testing.assert_close(_cm.L_MMD(f_v, f_r), want)
+
+    def test_L_CC_hand_computed(self):
+        F_vis = _cm_torch.tensor([[1.0, 0.0], [0.0, 1.0]])   # Gram I -> rows (1, 0), (0, 1)
+        F_ir = _cm_torch.tensor([[1.0, 0.0], [1.0, 1.0]])    # Gram [[1, 1], [1, 2]] -> (1, 1)/sqrt2, (1, 2)/sqrt5
+        # ((1 - 1/sqrt2)^2 + (1/sqrt2)^2 + (1/sqrt5)^2 + (1 - 2/sqrt5)^2) / 2^2
+        #   = (0.0857864 + 0.5 + 0.2 + 0.0111456) / 4 = 0.1992330
+        self.assertAlmostEqual(_cm.L_CC(F_vis, F_ir).item(), 0.1992330, places=6)
+        self.assertAlmostEqual(_cm.L_CC(F_ir, F_ir).item(), 0.0, places=7)
+
+    def test_L_tri_hard_is_the_shared_copy(self):
+        from methods import rfm
+        self.assertEqual(_cm_inspect.getsource(_cm.L_tri_hard), _cm_inspect.getsource(rfm.L_tri_hard))
+
+    def test_L_train_sums_the_terms_with_the_lambdas(self):
+        class Stub(_cm_nn.Module):   # features = the first 4 pixels, the BN feature = twice that
+            def __init__(self):
+                super().__init__()
+                self.classifier = _cm_nn.Linear(4, 3, bias=False)
+
+            def forward(self, x):
+                f = x.flatten(1)[:, :4]
+                return f, 2 * f
+
+        _cm_torch.manual_seed(3)
+        batch = {"x_v": _cm_torch.randn(4, 3, 2, 2), "x_r": _cm_torch.randn(4, 3, 2, 2),
+                 "y_v": _cm_torch.tensor([0, 0, 1, 1]), "y_r": _cm_torch.tensor([0, 0, 1, 1])}
+        run = _cm_common.Run(_cm_tempfile.mkdtemp(), "cpu")
+        model = Stub()
+        s = _cm_settings(lambdas=(0.3, 2.0))
+        loss, terms = _cm.L_train(model, batch, s, True, run)
+        self.assertEqual(set(terms), {"L_cls", "L_triplet", "L_CMMD", "L_CC"})
+        _cm_torch.testing.assert_close(loss, terms["L_cls"] + terms["L_triplet"] + 0.3 * terms["L_CMMD"]
+                                       + 2.0 * terms["L_CC"])
+        f = _cm_torch.cat([batch["x_v"], batch["x_r"]]).flatten(1)[:, :4]
+        _cm_torch.testing.assert_close(terms["L_CC"], _cm.L_CC(2 * f[:4], 2 * f[4:]))
+        loss, terms = _cm.L_train(model, batch, _cm_dc.replace(s, class_specific=False), True, run)
+        self.assertIn("L_MMD", terms)
+        loss, terms = _cm.L_train(model, batch, s, False, run)
+        self.assertEqual(set(terms), {"L_cls", "L_triplet"})
+        _cm_torch.testing.assert_close(loss, terms["L_cls"] + terms["L_triplet"])
+
+
+class TestCMNASGenotype(unittest.TestCase):
+
+    def test_paper_genotypes_have_53_bits_and_round_trip(self):
+        s = _cm_settings(arch="resnet50")
+        for name, text in _cm.PAPER_GENOTYPES.items():
+            model = _cm.CMNASNet(s, 10, _cm.read_genotype(name))
+            self.assertEqual(len(_cm.flat(_cm.bn_layers(model.body))), 53)
+            self.assertEqual(_cm.genotype_of(model.body), text)        # bits -> model -> bits, Fig. 4 grouping
+            separate = sum(isinstance(m, _cm.SeparateBN) for m in model.modules())
+            self.assertEqual(separate, text.count("0"))
+            # s3_1 is layer2[0]: 4 bits, downsample BN first, then bn1, bn2, bn3
+            block = model.body[2][0]
+            units = [block.downsample[1], block.bn1, block.bn2, block.bn3]
+            bits = text.split(" | ")[2].split()[0]
+            self.assertEqual("".join("0" if isinstance(u, _cm.SeparateBN) else "1" for u in units), bits)
+            self.assertIsInstance(model.body[0][1], _cm.SeparateBN if text[0] == "0" else _cm_nn.BatchNorm2d)
+
+    def test_resnet18_layout_derivation_and_length_check(self):
+        model = _cm.CMNASNet(_cm_settings(), 10)                   # the search space
+        self.assertEqual(len(model.alphas()), 20)                   # 1 + 2x2 + 3x(3 + 2)
+        _cm_torch.manual_seed(4)
+        with _cm_torch.no_grad():
+            for a in model.alphas():
+                a.normal_()
+        bits = "".join("0" if a[0] > a[1] else "1" for a in
+                       (getattr(parent, name).alpha for parent, name, _ in _cm.flat(_cm.bn_layers(model.body))))
+        text = _cm.genotype_of(model.body)
+        self.assertEqual(text.replace(" ", "").replace("|", ""), bits)
+        self.assertEqual(len(text.split(" | ")), 5)
+        again = _cm.CMNASNet(_cm_settings(), 10, text)
+        self.assertEqual(_cm.genotype_of(again.body), text)
+        with self.assertRaisesRegex(_cm_common.UserError, "20 BN layers"):
+            _cm.CMNASNet(_cm_settings(), 10, _cm.PAPER_GENOTYPES["paper-sysu"])
+        with self.assertRaisesRegex(_cm_common.UserError, "20 BN layers"):
+            _cm.CMNASNet(_cm_settings(), 10, "2" * 20)
+
+    def test_baselines(self):
+        self.assertEqual(_cm.genotype_of(_cm.CMNASNet(_cm_settings(network="two-stream-bn"), 3).body),
+                         "0 | 00 00 | 111 11 | 111 11 | 111 11")
+        self.assertEqual(_cm.genotype_of(_cm.CMNASNet(_cm_settings(network="one-stream"), 3).body),
+                         "1 | 11 11 | 111 11 | 111 11 | 111 11")
+        two = _cm.CMNASNet(_cm_settings(network="two-stream"), 3)
+        self.assertIsNot(two.specific["v"][0][0], two.specific["r"][0][0])   # separate stem convolutions
+        for network in ("one-stream-in", "two-stream-in"):
+            model = _cm.CMNASNet(_cm_settings(network=network), 3)
+            kinds = {type(m) for m in model.modules()}
+            self.assertNotIn(_cm_nn.BatchNorm2d, kinds)
+            self.assertIn(_cm_nn.InstanceNorm2d, kinds)
+
+    def test_build_from_meta_and_genotype_files(self):
+        s = _cm_settings()
+        text = "0 | 01 10 | 001 11 | 111 11 | 111 11"
+        model = _cm.build(s, 7, {"genotype": text, "supernet": False})
+        self.assertEqual(_cm.genotype_of(model.body), text)
+        _cm_common.load_model_state(_cm.build(s, 7, {"genotype": text}), model.state_dict(), "test")
+        self.assertEqual(len(_cm.build(s, 7, {"genotype": text, "supernet": True}).alphas()), 20)
+        with _cm_tempfile.TemporaryDirectory() as tmp:
+            path = _cm_os.path.join(tmp, "g.txt")
+            with open(path, "w") as f:
+                f.write("# a comment\n" + text + "\n# s1.bn1 0.6 0.4 0\n")
+            self.assertEqual(_cm.read_genotype(path), text)
+            self.assertEqual(_cm.genotype_of(_cm.build(_cm_dc.replace(s, genotype=path), 7).body), text)
+        with self.assertRaisesRegex(_cm_common.UserError, "paper-sysu"):
+            _cm.read_genotype("/no/such/genotype.txt")
+
+    def test_settings_errors(self):
+        for kw, pattern in ((dict(network="three-stream"), "--network"), (dict(phase="all"), "--phase"),
+                            (dict(c3mmd="phase1"), "--c3mmd"), (dict(lambdas=(1.0,)), "--lambdas"),
+                            (dict(phase="retrain"), "--genotype"), (dict(genotype="paper-sysu"), "--phase retrain"),
+                            (dict(network="one-stream", phase="search"), "--network cm-nas")):
+            with self.assertRaisesRegex(_cm_common.UserError, pattern):
+                _cm.check(_cm_settings(**kw))
+
+
+def _cm_tiny_trainset(ids=6, h=32, w=16):
+    rng = _cm_np.random.default_rng(0)
+
+    def image_set(per_id):
+        labels = _cm_np.repeat(_cm_np.arange(ids), per_id)
+        images = rng.integers(0, 256, (len(labels), h, w, 3), dtype=_cm_np.uint8)
+        return _cm_data.ImageSet([f"img{i}" for i in range(len(labels))], labels, _cm_np.ones_like(labels), images)
+
+    return _cm_data.TrainSet(image_set(4), image_set(2), ids)
+
+
+class TestCMNASTrain(unittest.TestCase):
+    """Search -> derive -> retrain, retrain from a genotype file, and resume, on a tiny in-memory set."""
+
+    def test_search_then_retrain_and_resume(self):
+        s = _cm_settings(height=32, width=16, P=2, K=2, epochs=1, search_epochs=1, warmup=1, milestones=(),
+                         search_split=0.5, arch_lr=0.05)
+        with _cm_tempfile.TemporaryDirectory() as tmp:
+            run = _cm_common.Run(tmp, "cpu", log=lambda line: None, max_its=2)
+            model = _cm.train(s, _cm_tiny_trainset(), run)
+            genotype = run.stored["genotype"]
+            self.assertEqual(_cm.genotype_of(model.body), genotype)
+            self.assertFalse(run.stored["supernet"])
+            self.assertFalse(any(isinstance(m, _cm.MixedBN) for m in model.modules()))
+            written = _cm.read_genotype(_cm_os.path.join(tmp, "genotype.txt"))
+            self.assertEqual(written, genotype)
+            search = _cm_common.load_checkpoint(_cm_os.path.join(tmp, "search.pt"))
+            alphas = [v for k, v in search["model"].items() if k.endswith("alpha")]
+            self.assertEqual(len(alphas), 20)
+            self.assertTrue(any((a != 0).any() for a in alphas))         # the alpha steps moved alpha
+            # a resumed run (both phases finished) rebuilds the same model
+            run2 = _cm_common.Run(tmp, "cpu", log=lambda line: None, max_its=2)
+            again = _cm.train(s, _cm_tiny_trainset(), run2)
+            for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+                _cm_torch.testing.assert_close(a, b, msg=k)
+            # phase 2 alone from the written genotype file
+            run3 = _cm_common.Run(_cm_os.path.join(tmp, "retrain"), "cpu", log=lambda line: None, max_its=1)
+            retrained = _cm.train(_cm_dc.replace(s, phase="retrain", genotype=_cm_os.path.join(tmp, "genotype.txt")),
+                                  _cm_tiny_trainset(), run3)
+            self.assertEqual(_cm.genotype_of(retrained.body), genotype)
+            feats = _cm.extract(retrained.eval(), _cm_torch.randn(3, 3, 32, 16), "r")
+            _cm_torch.testing.assert_close(feats.norm(dim=1), _cm_torch.ones(3))
+
+
+class TestCMNASSmoke(unittest.TestCase):
+    def test_reid_smoke_search_retrain_and_eval_only(self):
+        with _cm_tempfile.TemporaryDirectory() as tmp:
+            out = _cm_os.path.join(tmp, "run")
+            done = _cm_subprocess.run([_cm_sys.executable, "reid.py", "--method", "cmnas", "--smoke", "--out", out],
+                                      capture_output=True, text=True, cwd=_cm_os.path.dirname(_cm_os.path.abspath(__file__)))
+            self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+            self.assertIn("[search] genotype", done.stdout)
+            results = _cm_json.load(open(_cm_os.path.join(out, "results.json")))
+            self.assertTrue(results["results"])
+            checkpoint = _cm_common.load_checkpoint(_cm_os.path.join(out, "model.pt"))
+            genotype = checkpoint["meta"]["genotype"]
+            self.assertEqual(genotype, _cm.read_genotype(_cm_os.path.join(out, "genotype.txt")))
+            # --eval-only rebuilds the retrained network from the stored genotype (in-process: no second start-up)
+            import contextlib
+            import io
+
+            import reid
+            with contextlib.redirect_stdout(io.StringIO()):
+                again = reid.main(["--eval-only", "--checkpoint", _cm_os.path.join(out, "model.pt"), "--smoke",
+                                   "--out", _cm_os.path.join(tmp, "eval")])
+            self.assertEqual(again["all-single"]["rank1"], results["results"]["all-single"]["rank1"])
 
 # ==== end cmnas ====
 
 # ==== methods/ssft.py tests (TestSSFT*) ====
 
+import dataclasses as _ss_dc
+import inspect as _ss_inspect
+import json as _ss_json
+import math as _ss_math
+import os as _ss_os
+import subprocess as _ss_subprocess
+import sys as _ss_sys
+import tempfile as _ss_tempfile
+
+import torch as _ss_torch
+
+from methods import agw as _ss_agw
+from methods import rfm as _ss_rfm
+from methods import ssft as _ss
+from methods.common import UserError as _ss_UserError
+
+
+def _ss_settings(**kw):
+    return _ss.Settings(**{**dict(arch="resnet18", pretrained="none", height=32, width=16, P=2, K=2), **kw})
+
+
+def _ss_features(Nv, Nr, c, seed=0):
+    """Random H, P (Nv + Nr, c) and is_r (visible rows first)."""
+    g = _ss_torch.Generator().manual_seed(seed)
+    N = Nv + Nr
+    return (_ss_torch.randn(N, c, generator=g), _ss_torch.randn(N, c, generator=g),
+            _ss_torch.arange(N) >= Nv)
+
+
+class TestSSFTEquations(unittest.TestCase):
+    def test_eq7_normalised_distance(self):
+        a = _ss_torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])
+        d = _ss.d(a, _ss_torch.cat([a, -a]))                         # (3, 6)
+        _ss_torch.testing.assert_close(d[:, :3].diagonal(), _ss_torch.ones(3), atol=1e-5, rtol=0)   # d(a, a) = 1
+        _ss_torch.testing.assert_close(d[:, 3:].diagonal(), _ss_torch.zeros(3), atol=1e-5, rtol=0)  # d(a, -a) = 0
+        _ss_torch.testing.assert_close(d[1, 2], _ss_torch.tensor(1 - 0.5 * _ss_math.sqrt(2)))     # orthogonal
+        _ss_torch.testing.assert_close(d[:, :3], d[:, :3].t())                                    # symmetric
+        self.assertTrue(bool(((d >= -1e-6) & (d <= 1 + 1e-6)).all()))
+
+    def test_eq8_keeps_k_per_row_of_each_block(self):
+        H, P, is_r = _ss_features(5, 7, 6)
+        A = _ss.affinity(H, P, is_r, 3)
+        same = is_r[:, None] == is_r[None, :]
+        for i in range(12):
+            for block, S in ((same[i], _ss.d(P, P)[i]), (~same[i], _ss.d(H, H)[i])):  # Eq. (6): P intra, H inter
+                kept = (A[i] != 0) & block
+                self.assertEqual(int(kept.sum()), 3)
+                self.assertEqual(set(kept.nonzero().flatten().tolist()),
+                                 set(block.nonzero().flatten()[S[block].topk(3).indices].tolist()))
+                _ss_torch.testing.assert_close(A[i][kept], S[kept])
+        # a block narrower than k keeps all of it
+        self.assertEqual(int((_ss.affinity(H, P, is_r, 6)[0] != 0)[:5].sum()), 5)
+
+    def test_eq10_hand_computed(self):
+        A = _ss_torch.tensor([[1.0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [1, 0, 0, 1]])    # degrees 2, 2, 1, 2
+        Z = _ss_torch.tensor([[1.0, 2, 0], [0, 1, 3], [0, -1, -2], [2, 0, 0]])             # c = 1: [P_v; H; P_r]
+        sstn = _ss.SSTN(1, 3, bnneck=True)
+        with _ss_torch.no_grad():
+            sstn.W.weight.copy_(_ss_torch.tensor([[1.0, 1.0, 1.0]]))                       # Z W = row sums 3, 4, -3, 2
+        # D^-1/2 A D^-1/2 Z W: row 0: 3/2 + 4/2 = 3.5; row 1: 4/2 - 3/sqrt(2) < 0 -> ReLU 0; row 2: -3 -> 0;
+        # row 3: 3/2 + 2/2 = 2.5
+        Z_tilde, _ = sstn(A, Z)
+        _ss_torch.testing.assert_close(Z_tilde, _ss_torch.tensor([[3.5], [0.0], [0.0], [2.5]]))
+        A_hat = _ss.normalised_affinity(A)
+        self.assertAlmostEqual(float(A_hat[1, 2]), 1 / _ss_math.sqrt(2), places=6)
+        self.assertAlmostEqual(float(A_hat[3, 0]), 0.5, places=6)
+
+    def test_normalised_affinity_is_its_definition(self):
+        A = _ss_torch.rand(6, 6) * (_ss_torch.rand(6, 6) > 0.4) + _ss_torch.eye(6)
+        D = _ss_torch.diag(A.sum(1))
+        _ss_torch.testing.assert_close(_ss.normalised_affinity(A),
+                                       _ss_torch.linalg.inv(D).sqrt() @ A @ _ss_torch.linalg.inv(D).sqrt())
+
+    def test_eq5_padding_layout(self):
+        H = _ss_torch.tensor([[1.0, 2], [3, 4]])
+        P = _ss_torch.tensor([[5.0, 6], [7, 8]])
+        is_r = _ss_torch.tensor([False, True])
+        _ss_torch.testing.assert_close(_ss.pad(H, P, is_r), _ss_torch.tensor([[5.0, 6, 1, 2, 0, 0],    # [P^R; H^R; 0]
+                                                                             [0, 0, 3, 4, 7, 8]]))  # [0; H^I; P^I]
+        _ss_torch.testing.assert_close(_ss.pad(H, P, is_r, sht=False), _ss_torch.tensor([[5.0, 6, 0, 0, 0, 0],
+                                                                                         [0, 0, 0, 0, 7, 8]]))
+        _ss_torch.testing.assert_close(_ss.pad(H, P, is_r, spt=False), _ss_torch.tensor([[0.0, 0, 1, 2, 0, 0],
+                                                                                         [0, 0, 3, 4, 0, 0]]))
+
+    def test_eq15_projection_loss(self):
+        projection = _ss_torch.nn.ModuleDict({m: _ss_torch.nn.Linear(2, 2, bias=False) for m in "vr"})
+        with _ss_torch.no_grad():
+            projection["v"].weight.copy_(2 * _ss_torch.eye(2))
+            projection["r"].weight.copy_(_ss_torch.tensor([[0.0, 1], [1, 0]]))
+        P = _ss_torch.tensor([[1.0, 0], [1, 2]])
+        H = _ss_torch.tensor([[2.0, 3], [2, 1]])
+        # visible: 2 P - H = (0, -3) -> 3; infrared: swap(P) - H = (2, 1) - (2, 1) = 0 -> mean 1.5
+        with _ss_torch.no_grad():
+            self.assertAlmostEqual(float(_ss.L_pa(projection, P, H, _ss_torch.tensor([False, True]))), 1.5, places=6)
+
+    def test_eq17_reconstruction_loss(self):
+        X = _ss_torch.zeros(2, 3, 2, 2)
+        X_hat = _ss_torch.zeros(2, 3, 2, 2)
+        X_hat[0, 0, 0, 0], X_hat[1, 2, 1, 1] = 2.0, -4.0
+        self.assertAlmostEqual(float(_ss.L_re(X_hat, X)), (4 + 16) / 24, places=6)
+
+    def test_eq14_modality_loss(self):
+        discriminator = _ss_torch.nn.Linear(2, 2, bias=False)
+        with _ss_torch.no_grad():
+            discriminator.weight.copy_(_ss_torch.eye(2))
+        H = _ss_torch.tensor([[1.0, 0], [0, 2]])                 # logits = H; labels 0 (visible), 1 (infrared)
+        expected = 0.5 * (-_ss_math.log(_ss_math.e / (_ss_math.e + 1)) - _ss_math.log(_ss_math.e ** 2 / (1 + _ss_math.e ** 2)))
+        with _ss_torch.no_grad():
+            self.assertAlmostEqual(float(_ss.L_ma(discriminator, H, _ss_torch.tensor([False, True]))), expected, places=6)
+
+    def test_triplets_against_loops(self):
+        g = _ss_torch.Generator().manual_seed(1)
+        f_v, f_r = _ss_torch.randn(6, 4, generator=g), _ss_torch.randn(6, 4, generator=g)
+        y = _ss_torch.tensor([0, 0, 1, 1, 2, 2])
+
+        def hard(anchors, candidates, y_a, y_c, margin):
+            losses = []
+            for i in range(len(anchors)):
+                dist = [float((anchors[i] - candidates[j]).norm()) for j in range(len(candidates))]
+                pos = max(dist[j] for j in range(len(candidates)) if y_c[j] == y_a[i])
+                neg = min(dist[j] for j in range(len(candidates)) if y_c[j] != y_a[i])
+                losses.append(max(margin + pos - neg, 0.0))
+            return sum(losses) / len(losses)
+
+        self.assertAlmostEqual(float(_ss.L_smT(f_v, f_r, y, y, 0.5)),
+                               hard(f_v, f_v, y, y, 0.5) + hard(f_r, f_r, y, y, 0.5), places=4)      # Eq. (3)
+        self.assertAlmostEqual(float(_ss.L_cmT(f_v, f_r, y, y, 0.5)),
+                               hard(f_v, f_r, y, y, 0.5) + hard(f_r, f_v, y, y, 0.5), places=4)      # Eq. (4)
+        self.assertAlmostEqual(float(_ss.L_t(f_v, f_r, y, y, 0.5, 0.2)),
+                               float(_ss.L_cmT(f_v, f_r, y, y, 0.5) + _ss.L_smT(f_v, f_r, y, y, 0.2)), places=5)
+
+    def test_shared_pieces_are_verbatim_copies(self):
+        self.assertEqual(_ss_inspect.getsource(_ss.pairwise_distance), _ss_inspect.getsource(_ss_agw.pairwise_distance))
+        self.assertEqual(_ss_inspect.getsource(_ss.L_tri_hard), _ss_inspect.getsource(_ss_rfm.L_tri_hard))
+
+
+class TestSSFTTest(unittest.TestCase):
+    """Test-time SSTN (sparse, chunked) against the dense equations."""
+
+    @classmethod
+    def setUpClass(cls):
+        _ss_torch.manual_seed(0)
+        cls.model = _ss.build(_ss_settings(), 5).eval()
+        with _ss_torch.no_grad():            # a BNNeck with non-trivial running statistics
+            cls.model.sstn.feat.layer.running_mean.normal_()
+            cls.model.sstn.feat.layer.running_var.uniform_(0.5, 2)
+
+    def test_transductive_equals_dense(self):
+        c = self.model.c
+        H, P, is_r = _ss_features(7, 9, c)
+        is_r = is_r[_ss_torch.randperm(16)]                  # modalities interleaved
+        with _ss_torch.no_grad():
+            _, T = self.model.sstn(_ss.affinity(H, P, is_r, 4), _ss.pad(H, P, is_r))   # Eq. (6)-(11), dense
+            sparse = _ss.sstn_transductive(self.model, H, P, is_r, 4)
+            _ss_torch.testing.assert_close(sparse, T, atol=1e-5, rtol=1e-4)
+            old = _ss.CHUNK_ELEMENTS
+            try:
+                _ss.CHUNK_ELEMENTS = 40                      # rows in chunks of 2
+                _ss_torch.testing.assert_close(_ss.sstn_transductive(self.model, H, P, is_r, 4), sparse)
+            finally:
+                _ss.CHUNK_ELEMENTS = old
+
+    def test_eq22_single_query_equals_dense(self):
+        c, k, Ng = self.model.c, 2, 5
+        H, P, is_r = _ss_features(Ng, 3, c, seed=3)          # gallery visible (rows 0..4), queries infrared
+        Hg, Pg, Hq, Pq = H[:Ng], P[:Ng], H[Ng:], P[Ng:]
+        with _ss_torch.no_grad():
+            dist = _ss.sstn_single_query(self.model, Hq, Pq, is_r[Ng:], Hg, Pg, is_r[:Ng], k)
+            for q in range(3):
+                # Eq. (22) written out: A = [[k A^{q,q}, T(A^{q,G}, k)], [k A^{G,q}, T(A^{G,G}, k)]]
+                A = _ss_torch.zeros(Ng + 1, Ng + 1)
+                A[0, 0] = k * 1.0                                                     # d(P^q, P^q) = 1
+                a_qG = _ss.d(Hq[q:q + 1], Hg)[0]
+                top = a_qG.topk(k).indices
+                A[0, 1 + top] = a_qG[top]
+                A[1:, 0] = k * a_qG                                                   # amplified left column
+                A[1:, 1:] = _ss.T(_ss.d(Pg, Pg), k)
+                self.assertEqual(int((A[0] != 0).sum()), k + 1)
+                self.assertEqual(int((A[1:] != 0).sum(1).min()), k + 1)
+                Z = _ss.pad(_ss_torch.cat([Hq[q:q + 1], Hg]), _ss_torch.cat([Pq[q:q + 1], Pg]),
+                            _ss_torch.tensor([True] + [False] * Ng))
+                _, T = self.model.sstn(A, Z)
+                T = _ss_torch.nn.functional.normalize(T, dim=1)
+                _ss_torch.testing.assert_close(dist[q], (T[0] - T[1:]).norm(dim=1), atol=1e-5, rtol=1e-4)
+            old = _ss.CHUNK_ELEMENTS
+            try:
+                _ss.CHUNK_ELEMENTS = Ng * c                  # one query per chunk
+                _ss_torch.testing.assert_close(
+                    _ss.sstn_single_query(self.model, Hq, Pq, is_r[Ng:], Hg, Pg, is_r[:Ng], k), dist)
+            finally:
+                _ss.CHUNK_ELEMENTS = old
+
+    def test_extract_layout_and_distance(self):
+        x = _ss_torch.randn(3, 3, 32, 16)
+        c = self.model.c
+        for m, flag in (("v", 0.0), ("r", 1.0)):
+            f = _ss.extract(self.model, x, m)
+            self.assertEqual(tuple(f.shape), (3, 2 * c + 1))
+            with _ss_torch.no_grad():
+                out = self.model.encode(**{f"x_{m}": x})
+            _ss_torch.testing.assert_close(f[:, :c], out["H"])
+            _ss_torch.testing.assert_close(f[:, c:2 * c], out["P"])
+            self.assertTrue(bool((f[:, -1] == flag).all()))
+        q, g = _ss.extract(self.model, x, "r"), _ss.extract(self.model, _ss_torch.randn(4, 3, 32, 16), "v")
+        for mode in _ss.TEST_MODES:
+            dist = _ss.distance(self.model, q, g, _ss_settings(ssft_test=mode))
+            self.assertEqual(tuple(dist.shape), (3, 4))
+            self.assertTrue(bool(_ss_torch.isfinite(dist).all()))
+        with self.assertRaises(_ss_UserError):                # Eq. (22) needs query and gallery modalities apart
+            _ss.distance(self.model, q, q, _ss_settings(ssft_test="single-query"))
+        with self.assertRaises(_ss_UserError):
+            _ss.distance(self.model, q, g, _ss_settings(ssft_test="both"))
+
+
+class TestSSFTTraining(unittest.TestCase):
+    def batch(self, B=4):
+        g = _ss_torch.Generator().manual_seed(2)
+        y = _ss_torch.tensor([0, 0, 1, 1])
+        return {"x_v": _ss_torch.randn(B, 3, 32, 16, generator=g), "x_r": _ss_torch.randn(B, 3, 32, 16, generator=g),
+                "y_v": y, "y_r": y}
+
+    def adversarial_losses(self, model, batch):
+        with _ss_torch.no_grad():
+            out = model(batch["x_v"], batch["x_r"])
+            is_r = _ss_torch.arange(8) >= 4
+            return (float(_ss.L_ma(model.discriminator, out["H"], is_r)),
+                    float(_ss.L_pa(model.projection, out["P"], out["H"], is_r)))
+
+    def test_eq20_21_signs(self):
+        """One max step lowers L_ma and L_pa, one min step raises them (the network fools the adversaries)."""
+        _ss_torch.manual_seed(0)
+        # the min step sees mostly the adversarial terms: large lambda2, lambda3 and no SSTN or decoder
+        s = _ss_settings(shl=False, sht=False, spt=False, re=False, lambda2=50.0, lambda3=50.0)
+        model = _ss.build(s, 2).train()
+        net_params, adv_params = _ss.split_parameters(model)
+        self.assertEqual(len(adv_params), sum(1 for m in model.adversaries() for _ in m.parameters()))
+        opt_net = _ss_torch.optim.SGD(net_params, lr=1e-3)         # small first-order steps: the signs show
+        opt_adv = _ss_torch.optim.SGD(adv_params, lr=1e-3)
+        batch = self.batch()
+        ma0, pa0 = self.adversarial_losses(model, batch)
+        net_before = [p.detach().clone() for p in net_params]
+        _ss.max_step(model, model(batch["x_v"], batch["x_r"]), s, opt_adv)
+        self.assertTrue(all(_ss_torch.equal(a, b) for a, b in zip(net_before, net_params)))   # Theta_N fixed
+        ma1, pa1 = self.adversarial_losses(model, batch)
+        self.assertLess(ma1, ma0)
+        self.assertLess(pa1, pa0)
+        adv_before = [p.detach().clone() for p in adv_params]
+        _ss.min_step(model, model(batch["x_v"], batch["x_r"]), batch, s, opt_net, net_params)
+        self.assertTrue(all(_ss_torch.equal(a, b) for a, b in zip(adv_before, adv_params)))   # Theta_D, Theta^m fixed
+        ma2, pa2 = self.adversarial_losses(model, batch)
+        self.assertGreater(ma2, ma1)
+        self.assertGreater(pa2, pa1)
+
+    def test_forward_shapes_and_switches(self):
+        _ss_torch.manual_seed(0)
+        model = _ss.build(_ss_settings(), 3).train()
+        out = model(self.batch()["x_v"], self.batch()["x_r"])
+        c = model.c
+        self.assertEqual(tuple(out["H"].shape), (8, c))
+        self.assertEqual(tuple(out["T"].shape), (8, c))
+        self.assertEqual(tuple(out["logits_T"].shape), (8, 3))
+        self.assertEqual(tuple(out["X_hat"].shape), (8, 3, 32, 16))               # Eq. (16): back to input size
+        bare = _ss.build(_ss_settings(spl=False, sht=False, spt=False, pa=False, re=False, moa=False), 3)
+        self.assertIsNone(bare.sstn)
+        self.assertEqual(bare.adversaries(), [])
+        self.assertEqual(tuple(_ss.extract(bare.eval(), _ss_torch.randn(2, 3, 32, 16), "v").shape), (2, c + 1))
+        for bad in (dict(ssft_test="all"), dict(spl=False), dict(height=40), dict(k=0)):
+            with self.assertRaises(_ss_UserError):
+                _ss.check_settings(_ss_settings(**bad))
+
+
+class TestSSFTSmoke(unittest.TestCase):
+    def run_smoke(self, *flags):
+        with _ss_tempfile.TemporaryDirectory() as out:
+            done = _ss_subprocess.run([_ss_sys.executable, "reid.py", "--method", "ssft", "--smoke", "--out", out,
+                                       *flags], capture_output=True, text=True, timeout=300,
+                                      cwd=_ss_os.path.dirname(_ss_os.path.abspath(__file__)))
+            self.assertEqual(done.returncode, 0, done.stdout[-2000:] + done.stderr[-2000:])
+            results = _ss_json.load(open(_ss_os.path.join(out, "results.json")))["results"]
+            self.assertIn("rank1", results["all-single"])
+            self.assertTrue(_ss_os.path.isfile(_ss_os.path.join(out, "reconstruction.png")))
+            return done.stdout
+
+    def test_transductive(self):
+        stdout = self.run_smoke()
+        for term in ("L_max", "L(H)", "L(P)", "L(T)", "L_re", "L_ma", "L_pa"):
+            self.assertIn(f" {term} ", stdout)
+
+    def test_single_query(self):
+        self.run_smoke("--ssft-test", "single-query")
+
+
 # ==== end ssft ====
 
 # ==== methods/rfm.py tests (TestRFM*) ====
 
+import json as _rfm_json
+import subprocess as _rfm_subprocess
+import sys as _rfm_sys
+import tempfile as _rfm_tempfile
+
+import numpy as _rfm_np
+import torch as _rfm_torch
+
+from methods import rfm as _rfm
+from methods.common import UserError as _RFMUserError
+
+
+class _RFMRecordingLTG(_rfm.LTG):
+    """The LTG, recording the rectangles and f_g draws it makes, in order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.drawn = []
+
+    def rectangle(self, rng, H, W):
+        self.drawn.append(super().rectangle(rng, H, W))
+        return self.drawn[-1]
+
+    def draw_f_g(self, rng, n):
+        self.drawn.append(super().draw_f_g(rng, n))
+        return self.drawn[-1]
+
+
+def _rfm_alg1_restated(I, steps, t_min):
+    """Alg. 1's loop, channel by channel in float64, replaying given (rectangle, f_g draws) steps."""
+    I = I.double().clone()
+    M = _rfm_torch.ones_like(I)
+    used = 0
+    for (y, x, h, w), f in steps:
+        used += 1
+        for c in range(I.shape[0]):
+            peak = I[c, y:y + h, x:x + w].max().item()
+            alpha = f[c] / peak if peak > 0 else 1.0
+            I[c, y:y + h, x:x + w] *= alpha
+            M[c, y:y + h, x:x + w] *= alpha
+        if M.min() <= t_min:
+            break
+    return I, M, used
+
+
+def _rfm_batch(B=8, n_ids=4, d=6, seed=0):
+    g = _rfm_torch.Generator().manual_seed(seed)
+    y = _rfm_torch.arange(n_ids).repeat_interleave(B // n_ids)
+    return _rfm_torch.randn(B, d, generator=g), y, _rfm_torch.randn(B, d, generator=g), y[_rfm_torch.randperm(B, generator=g)]
+
+
+class TestRFMLTG(unittest.TestCase):
+    def images(self, n=12, H=32, W=16):
+        x = _rfm_torch.rand(n, 3, H, W, generator=_rfm_torch.Generator().manual_seed(1)) * 0.9 + 0.05
+        x[0] *= 0.3                       # an image whose maximum is far below 1
+        x[1, :, :12] = 0                  # black rows (like the crop padding): all-zero rectangles keep alpha = 1
+        return x
+
+    def test_range_and_memory_matrix(self):
+        x = self.images()
+        ltg = _rfm.LTG(32, 16, p=1.0)
+        I, M, rects = ltg.transform(x, _rfm_np.random.default_rng(0))
+        self.assertTrue(bool(((I >= 0) & (I <= 1)).all()))          # alpha_max = 1 / max keeps I* <= 1
+        nonzero = x > 0
+        _rfm_torch.testing.assert_close(I[nonzero] / x[nonzero], M[nonzero], rtol=1e-5, atol=0)
+        done = M.flatten(1).amin(1) <= ltg.t_min
+        self.assertTrue(bool((done | (rects == ltg.max_rects)).all()))
+        self.assertTrue(bool((rects >= 1).all()))
+        self.assertTrue(bool(_rfm_torch.equal(x, self.images())))  # the input batch is not modified
+
+    def test_matches_alg1_restated(self):
+        x = self.images()
+        for f_g in _rfm.F_G:
+            ltg = _RFMRecordingLTG(32, 16, p=0.7, f_g=f_g, max_rects=30)
+            I, M, rects = ltg.transform(x, _rfm_np.random.default_rng(3))
+            steps = list(zip(ltg.drawn[0::2], ltg.drawn[1::2]))
+            for i in range(len(x)):
+                mine, steps = steps[:rects[i]], steps[rects[i]:]
+                I_ref, M_ref, used = _rfm_alg1_restated(x[i], mine, ltg.t_min)
+                self.assertEqual(used, rects[i].item())
+                _rfm_torch.testing.assert_close(I[i].double(), I_ref, rtol=1e-4, atol=1e-6)
+                _rfm_torch.testing.assert_close(M[i].double(), M_ref, rtol=1e-4, atol=1e-12)
+            self.assertEqual(steps, [])
+
+    def test_p_zero_is_identity(self):
+        x = self.images()
+        I, M, rects = _rfm.LTG(32, 16, p=0.0).transform(x, _rfm_np.random.default_rng(0))
+        self.assertTrue(bool(_rfm_torch.equal(I, x)) and bool((M == 1).all()) and int(rects.sum()) == 0)
+
+    def test_bound_on_rectangles(self):
+        # t_min = 0 is never reached with uniform factors: Alg. 1 would loop forever, the bound stops it
+        ltg = _rfm.LTG(32, 16, p=1.0, f_g="uniform", t_min=0.0, max_rects=7)
+        _, _, rects = ltg.transform(self.images(), _rfm_np.random.default_rng(0))
+        self.assertTrue(bool((rects == 7).all()))
+
+    def test_constant_is_one_black_rectangle(self):
+        x = self.images()[2:]
+        I, _, rects = _rfm.LTG(32, 16, p=1.0, f_g="constant").transform(x, _rfm_np.random.default_rng(0))
+        self.assertTrue(bool((rects == 1).all()))
+        for image in I:
+            black = (image == 0).all(0)
+            rows, cols = black.any(1).nonzero()[:, 0], black.any(0).nonzero()[:, 0]
+            box = black[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+            self.assertTrue(bool(box.all()) and int(black.sum()) == box.numel())    # one rectangle
+            self.assertTrue(0.01 * 32 * 16 <= box.numel() <= 0.5 * 32 * 16)
+
+    def test_rectangles_inside_with_the_drawn_area_and_aspect(self):
+        ltg = _rfm.LTG(128, 64)
+        rng = _rfm_np.random.default_rng(0)
+        for _ in range(300):
+            y, x, h, w = ltg.rectangle(rng, 128, 64)
+            self.assertTrue(0 <= y and y + h <= 128 and 0 <= x and x + w <= 64)
+            self.assertTrue(0.015 * 128 * 64 <= h * w <= 0.42 * 128 * 64)
+            self.assertTrue(0.25 <= h / w <= 3.8)
+
+    def test_factors_follow_f_g(self):
+        # one rectangle on white images: inside, each channel is its draw of f_g (alpha_max = 1)
+        x = _rfm_torch.ones(2000, 3, 8, 8)
+        cdf = {"uniform": lambda t: t, "beta0.5": lambda t: 2 / _rfm_np.pi * _rfm_np.arcsin(_rfm_np.sqrt(t))}
+        var = {"uniform": 1 / 12, "beta0.5": 1 / 8, "beta0.3": 1 / (4 * 1.6)}       # Beta(a, a): 1 / (4 (2a + 1))
+        for f_g in var:
+            ltg = _rfm.LTG(8, 8, p=1.0, f_g=f_g, t_min=0.0, max_rects=1)
+            I, _, _ = ltg.transform(x, _rfm_np.random.default_rng(0))
+            f = _rfm_np.sort(I.flatten(2).amin(2).flatten().double().numpy())      # (6000,) the draws
+            self.assertAlmostEqual(f.mean(), 0.5, delta=0.02)
+            self.assertAlmostEqual(f.var(), var[f_g], delta=0.006)
+            if f_g in cdf:                                                          # Kolmogorov-Smirnov distance
+                ks = _rfm_np.abs(cdf[f_g](f) - _rfm_np.arange(1, len(f) + 1) / len(f)).max()
+                self.assertLess(ks, 0.03)
+
+    def test_hook_changes_both_modalities_and_is_deterministic(self):
+        ltg = _rfm.LTG(32, 16, p=1.0)
+        batch = {"x_v": self.images(4), "x_r": self.images(4) * 0.5, "y_v": _rfm_torch.arange(4),
+                 "y_r": _rfm_torch.arange(4)}
+        a = ltg(batch, _rfm_torch.Generator().manual_seed(5))
+        b = ltg(batch, _rfm_torch.Generator().manual_seed(5))
+        for k in ("x_v", "x_r"):
+            self.assertEqual(a[k].shape, batch[k].shape)
+            self.assertFalse(bool(_rfm_torch.equal(a[k], batch[k])))
+            self.assertTrue(bool(_rfm_torch.equal(a[k], b[k])))
+
+    def test_bad_settings(self):
+        for kwargs in (dict(f_g="beta"), dict(area=(0.5, 0.1)), dict(area=(0.95, 1.0), aspect=(8.0, 9.0)),
+                       dict(p=1.5), dict(max_rects=0)):
+            with self.assertRaises(_RFMUserError):
+                _rfm.LTG(32, 16, **kwargs)
+
+
+class TestRFMLosses(unittest.TestCase):
+    def test_L_tri_hard_against_loop(self):
+        f, y, _, _ = _rfm_batch(B=12, n_ids=4)
+        total = 0.0
+        for i in range(len(y)):
+            d = [float((f[i] - f[j]).norm()) for j in range(len(y))]
+            d_ap = max(d[j] for j in range(len(y)) if y[j] == y[i])
+            d_an = min(d[j] for j in range(len(y)) if y[j] != y[i])
+            total += max(0.0, d_ap - d_an + 0.3)
+        self.assertAlmostEqual(_rfm.L_tri_hard(f, y, 0.3).item(), total / len(y), places=4)
+
+    def test_L_c_and_L_cc_against_loop(self):
+        f_v, y_v, f_n, y_n = _rfm_batch()
+        f, y = _rfm_torch.cat([f_v, f_n]), _rfm_torch.cat([y_v, y_n])
+        centre = {k: f[y == k].mean(0) for k in y.unique().tolist()}
+        L_c = 0.5 * sum(float((f[i] - centre[int(y[i])]).norm()) for i in range(len(y))) / len(y)
+        self.assertAlmostEqual(_rfm.L_c(f, y).item(), L_c, places=5)                    # Eq. (5)
+        c_v = {k: f_v[y_v == k].mean(0) for k in y_v.unique().tolist()}
+        c_n = {k: f_n[y_n == k].mean(0) for k in y_n.unique().tolist()}
+        L_cc = 0.5 * (sum(float((f_v[i] - c_n[int(y_v[i])]).norm()) for i in range(len(y_v)))     # to the NIR centre
+                      + sum(float((f_n[i] - c_v[int(y_n[i])]).norm()) for i in range(len(y_n))))  # to the VIS centre
+        self.assertAlmostEqual(_rfm.L_cc(f_v, y_v, f_n, y_n).item(), L_cc / len(y), places=5)   # Eq. (6)
+        L_hc = sum(float((c_v[k] - c_n[k]).pow(2).sum()) for k in c_v)
+        self.assertAlmostEqual(_rfm.L_hc(f_v, y_v, f_n, y_n).item(), L_hc, places=4)
+
+    def test_L_cc_needs_both_modalities(self):
+        f_v, y_v, f_n, y_n = _rfm_batch()
+        with self.assertRaises(ValueError):
+            _rfm.L_cc(f_v, y_v, f_n, _rfm_torch.zeros_like(y_n))
+
+    def test_centre_losses_have_gradients(self):
+        f_v, y_v, f_n, y_n = _rfm_batch()
+        f = _rfm_torch.cat([f_v, f_n]).requires_grad_()
+        for kind in ("cross", "center", "hetero"):
+            f.grad = None
+            _rfm.center_term(kind, f, y_v, y_n).backward()
+            self.assertTrue(bool(_rfm_torch.isfinite(f.grad).all()) and f.grad.abs().sum() > 0)
+
+
+class TestRFMModel(unittest.TestCase):
+    def settings(self, **kw):
+        return _rfm.Settings(**{**_rfm.SYNTHETIC, "height": 64, "width": 32, "parts": 4, "part_dim": 16, **kw})
+
+    def test_mam_attention_and_parts(self):
+        _rfm_torch.manual_seed(0)
+        model = _rfm.build(self.settings(), 10).eval()
+        x = _rfm_torch.randn(3, 3, 64, 32)
+        with _rfm_torch.no_grad():
+            F_m = model.backbone(x)
+            for modality in ("v", "r"):
+                A, high = model.attend(F_m, modality)
+                self.assertEqual(A.shape, (3, 1) + F_m.shape[2:])                 # Eq. (7): spatial size of F
+                self.assertTrue(bool(((A > 0) & (A < 1)).all()))
+                _rfm_torch.testing.assert_close(A, _rfm_torch.sigmoid(high.mean(1, keepdim=True)))
+            self.assertEqual(len(model.part_features(F_m)), 4)
+            f, logits, high = model(x, x)
+            self.assertEqual((len(f), f[0].shape, logits[0].shape, high[0].shape), (4, (6, 16), (6, 10), (3, 10)))
+            e = _rfm.extract(model, x, "v")
+            self.assertEqual(e.shape, (3, 64))
+            _rfm_torch.testing.assert_close(e.norm(dim=1), _rfm_torch.ones(3))
+            _rfm_torch.testing.assert_close(e[:, :16] * 2, _rfm_torch.nn.functional.normalize(
+                model.part_features(F_m * model.attend(F_m, "v")[0])[0], dim=1))      # part 1, scaled by 1/sqrt(K)
+            model.f_n[0].conv1.weight.mul_(2)                                        # the NIR branch is its own
+            self.assertFalse(bool(_rfm_torch.allclose(_rfm.extract(model, x, "r"), e)))
+
+    def test_part_pooling_is_stripes(self):
+        model = _rfm.build(self.settings(), 10).eval()
+        F_att = _rfm_torch.randn(2, model.reduce[0][0].in_features, 4, 2)
+        V = _rfm_torch.nn.functional.adaptive_avg_pool2d(F_att, (4, 1)).flatten(2)
+        _rfm_torch.testing.assert_close(V[:, :, 2], F_att[:, :, 2].mean(-1))     # part 3 = row 3 averaged
+
+    def test_other_attentions(self):
+        x = _rfm_torch.randn(2, 3, 64, 32)
+        for attention in ("spatial", "none"):
+            model = _rfm.build(self.settings(attention=attention), 10).eval()
+            f, logits, high = model(x, x)
+            self.assertIsNone(high)
+            self.assertFalse(hasattr(model, "f_v"))
+            A, _ = model.attend(model.backbone(x), "v")
+            self.assertTrue(bool(((A > 0) & (A <= 1)).all()))
+
+    def test_bad_settings(self):
+        for kw in (dict(center="hc"), dict(attention="cbam"), dict(parts=5), dict(parts=0)):
+            with self.assertRaises(_RFMUserError):
+                _rfm.check(self.settings(**kw))
+
+
+class TestRFMSmoke(unittest.TestCase):
+    def run_smoke(self, *flags):
+        with _rfm_tempfile.TemporaryDirectory() as out:
+            done = _rfm_subprocess.run([_rfm_sys.executable, "reid.py", "--method", "rfm", "--smoke", "--out", out,
+                                        *flags], capture_output=True, text=True, timeout=300)
+            self.assertEqual(done.returncode, 0, done.stdout[-2000:] + done.stderr[-2000:])
+            results = _rfm_json.load(open(f"{out}/results.json"))["results"]
+            self.assertIn("rank1", results["all-single"])
+            return done.stdout, sorted(p.name for p in __import__("pathlib").Path(out).iterdir())
+
+    def test_default(self):
+        stdout, files = self.run_smoke()
+        for term in ("L_id", "L_tri", "L_cc", "L_id^v", "L_id^n"):
+            self.assertIn(f" {term} ", stdout)
+        self.assertTrue({"ltg.png", "attention.png", "model.pt"} <= set(files))
+
+    def test_ablations(self):
+        stdout, files = self.run_smoke("--ltg", "false", "--center", "hetero", "--attention", "spatial")
+        self.assertIn(" L_hc ", stdout)
+        self.assertNotIn("L_id^v", stdout)
+        stdout, files = self.run_smoke("--center", "center", "--attention", "none", "--f-g", "constant")
+        self.assertIn(" L_c ", stdout)
+        self.assertNotIn("attention.png", files)
+
+
 # ==== end rfm ====
 
 # ==== methods/mce.py tests (TestMCE*) ====
+import inspect as _mce_inspect
+import os as _mce_os
+import math as _mce_math
+import subprocess as _mce_subprocess
+import sys as _mce_sys
+import tempfile as _mce_tempfile
+from unittest import mock as _mce_mock
+
+import numpy as _mce_np
+import torch as _mce_torch
+import torch.nn.functional as _mce_F
+
+import data as _mce_data
+from methods import agw as _mce_agw
+from methods import common as _mce_common
+from methods import mce as _mce
+
+
+def _mce_trainset(num_classes=3, per_class=4, height=32, width=16, seed=0):
+    """A tiny random TrainSet: `per_class` images per identity in each modality."""
+    rng = _mce_np.random.default_rng(seed)
+
+    def images():
+        labels = _mce_np.repeat(_mce_np.arange(num_classes), per_class)
+        return _mce_data.ImageSet([f"img{i}.jpg" for i in range(len(labels))], labels,
+                                  _mce_np.ones(len(labels), dtype=_mce_np.int64),
+                                  rng.integers(0, 256, (len(labels), height, width, 3), dtype=_mce_np.uint8))
+    return _mce_data.TrainSet(images(), images(), num_classes)
+
+
+def _mce_settings(**kw):
+    return _mce.Settings(**{**_mce.SMOKE, "height": 32, "width": 16, "P": 2, "K": 2, **kw})
+
+
+class TestMCEShared(unittest.TestCase):
+    def test_copies_equal_agw(self):
+        for name in ("NonLocal", "with_non_local", "gem", "pairwise_distance"):
+            self.assertEqual(_mce_inspect.getsource(getattr(_mce, name)),
+                             _mce_inspect.getsource(getattr(_mce_agw, name)), name)
+
+    def test_channel_exchange(self):
+        x = _mce_torch.rand(64, 3, 4, 2)
+        a = _mce.channel_exchange(x, _mce_torch.Generator().manual_seed(0))
+        seen = set()
+        for i in range(64):
+            c = [k for k in range(3) if _mce_torch.equal(x[i, k], a[i, 0])]
+            self.assertEqual(len(c), 1)
+            self.assertTrue(_mce_torch.equal(a[i, 1], a[i, 0]) and _mce_torch.equal(a[i, 2], a[i, 0]))
+            seen.add(c[0])
+        self.assertEqual(seen, {0, 1, 2})
+
+    def test_bad_choices(self):
+        with self.assertRaises(_mce_common.UserError):
+            _mce.check(_mce_settings(objective="W+GC"))
+        with self.assertRaises(_mce_common.UserError):
+            _mce.check(_mce_settings(centroids="old"))
+
+
+class TestMCELosses(unittest.TestCase):
+    def test_eq2_is_log_softmax(self):
+        g = _mce_torch.Generator().manual_seed(0)
+        f = _mce_F.normalize(_mce_torch.randn(5, 4, generator=g), dim=1)
+        W = _mce_F.normalize(_mce_torch.randn(3, 4, generator=g), dim=1)
+        y = _mce_torch.tensor([0, 2, 1, 1, 0])
+        tau = 0.05
+        expected = 0.0
+        for i in range(5):
+            s = [sum(f[i, j].item() * W[k, j].item() for j in range(4)) / tau for k in range(3)]
+            expected -= _mce_math.log(_mce_math.exp(s[y[i]]) / sum(_mce_math.exp(v) for v in s)) / 5
+        self.assertAlmostEqual(_mce.L_m(f, y, W, tau).item(), expected, places=4)
+
+    def test_eq7_hand_case(self):
+        # tau = 0.5: logits f^m C^m / tau = (2, 0), f^m C^n / tau = (0, 2); log p - log q = (-2, +2), so
+        # KL(p || q) = 2 (p_1 - p_0) = 2 (e^2 - 1) / (e^2 + 1) = 2 tanh(1), and the same for f^n
+        f_m = _mce_torch.tensor([[1.0, 0.0]], requires_grad=True)
+        f_n = _mce_torch.tensor([[0.0, 1.0]])
+        C_m, C_n = _mce_torch.eye(2), _mce_torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+        loss = _mce.L_MI_mn(f_m, f_n, C_m, C_n, 0.5)
+        self.assertAlmostEqual(loss.item(), 4 * _mce_math.tanh(1.0), places=5)
+        loss.backward()
+        # the cross-modality response is a fixed target: d KL(p || softmax(z)) / dz = softmax(z) - p, z = f C^T / tau
+        t = _mce_math.tanh(1.0)
+        self.assertTrue(_mce_torch.allclose(f_m.grad, _mce_torch.tensor([[2 * t, -2 * t]]), atol=1e-5))
+        self.assertAlmostEqual(_mce.L_MI_mn(f_m, f_n, C_m, C_m, 0.5).item(), 0.0, places=6)
+
+    def test_eq8_sums_pairs(self):
+        g = _mce_torch.Generator().manual_seed(1)
+        f = {m: _mce_F.normalize(_mce_torch.randn(4, 6, generator=g), dim=1) for m in "vra"}
+        C = {m: _mce_F.normalize(_mce_torch.randn(3, 6, generator=g), dim=1) for m in "vra"}
+        expected = (_mce.L_MI_mn(f["v"], f["r"], C["v"], C["r"], 0.05)
+                    + _mce.L_MI_mn(f["a"], f["r"], C["a"], C["r"], 0.05))
+        self.assertAlmostEqual(_mce.L_MI(f, C, 0.05).item(), expected.item(), places=5)
+        two = {m: f[m] for m in "vr"}
+        self.assertAlmostEqual(_mce.L_MI(two, C, 0.05).item(),
+                               _mce.L_MI_mn(f["v"], f["r"], C["v"], C["r"], 0.05).item(), places=5)
+
+    def test_eq9_hand_case(self):
+        C_u = _mce_torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+        f = _mce_torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.6, 0.8]])
+        y = _mce_torch.tensor([0, 1, 0])
+        # sample 0: 0 - sqrt(2) + 0.3 < 0 -> 0; sample 1: sqrt(2) - 0 + 0.3; sample 2: sqrt(.8) - sqrt(.4) + 0.3
+        expected = (0.0 + (_mce_math.sqrt(2) + 0.3) + (_mce_math.sqrt(0.8) - _mce_math.sqrt(0.4) + 0.3)) / 3
+        self.assertAlmostEqual(_mce.L_GC(f, y, C_u, 0.3).item(), expected, places=5)
+
+
+class TestMCEMemory(unittest.TestCase):
+    def test_eq3_update(self):
+        g = _mce_torch.Generator().manual_seed(0)
+        W0 = _mce_F.normalize(_mce_torch.randn(3, 4, generator=g), dim=1)
+        memory = _mce.Memory(("v",), 3, 4, _mce_torch.device("cpu"))
+        memory.W["v"] = W0.clone()
+        f = _mce_F.normalize(_mce_torch.randn(4, 4, generator=g), dim=1)
+        memory.update("v", f, _mce_torch.tensor([2, 0, 2, 2]), 0.3)
+        for k, expected in ((0, 0.3 * W0[0] + 0.7 * f[1]), (1, W0[1]),
+                            (2, 0.3 * W0[2] + 0.7 * (f[0] + f[2] + f[3]) / 3)):
+            self.assertTrue(_mce_torch.allclose(memory.W["v"][k], expected / expected.norm(), atol=1e-6), k)
+
+    def test_eq1_class_means(self):
+        """The centroid pass equals a per-image loop: class means of L2-normalised features, normalised; the
+        auxiliary images use the pass generator's channels; u pools v, r and a."""
+        _mce_torch.manual_seed(0)
+        settings = _mce_settings()
+        trainset = _mce_trainset(per_class=3)
+        model = _mce.build(settings, 3)
+        run = _mce_common.Run(_mce_tempfile.mkdtemp(), "cpu", log=lambda *a: None)
+        got = _mce.class_centroids(model, trainset, ("v", "r", "a", "u"), run, _mce.pass_generator(0, 4))
+        model.eval()
+        channels = _mce_torch.randint(0, 3, (len(trainset.v),), generator=_mce.pass_generator(0, 4))
+        feats = {m: [[] for _ in range(3)] for m in "vrau"}
+        for m, images in (("v", trainset.v), ("r", trainset.r), ("a", trainset.v)):
+            for i, (img, label) in enumerate(zip(images.images, images.labels)):
+                img = img.astype(_mce_np.float32) / 255                                 # (H, W, 3)
+                if m == "a":
+                    img = _mce_np.repeat(img[:, :, channels[i].item(), None], 3, axis=2)
+                x = _mce_data.normalize(_mce_torch.from_numpy(img).permute(2, 0, 1)[None])
+                with _mce_torch.no_grad():
+                    f = _mce_F.normalize(model(x), dim=1)[0]
+                feats[m][label].append(f)
+                feats["u"][label].append(f)
+        for m in "vrau":
+            for k in range(3):
+                mean = _mce_torch.stack(feats[m][k]).mean(0)
+                self.assertTrue(_mce_torch.allclose(got[m][k], mean / mean.norm(), atol=1e-5), (m, k))
+
+
+class TestMCETrain(unittest.TestCase):
+    def _train(self, out, settings, trainset, **run_kw):
+        run = _mce_common.Run(out, "cpu", log=run_kw.pop("log", lambda *a: None), **run_kw)
+        return _mce.train(settings, trainset, run)
+
+    def test_memories_and_historical_centroids(self):
+        """Eq. 1: the first memories are the class means of the initial model; W moves every iteration (Eq. 3);
+        C stays fixed during an epoch and is the class means of the model at the end of the previous one."""
+        settings, trainset = _mce_settings(epochs=2), _mce_trainset()
+        seen_W, seen_C = [], []
+        real_L_W, real_L_MI = _mce.L_W, _mce.L_MI
+
+        def spy_L_W(f, y, W, tau):
+            seen_W.append({m: w.clone() for m, w in W.items()})
+            return real_L_W(f, y, W, tau)
+
+        def spy_L_MI(f, C, tau):
+            seen_C.append({m: c.clone() for m, c in C.items()})
+            return real_L_MI(f, C, tau)
+
+        with _mce_tempfile.TemporaryDirectory() as out, _mce_mock.patch.object(_mce, "L_W", spy_L_W), \
+                _mce_mock.patch.object(_mce, "L_MI", spy_L_MI):
+            _mce_torch.manual_seed(0)
+            model = self._train(out, settings, trainset, max_its=2)
+            state = _mce_torch.load(f"{out}/train.pt", weights_only=True)
+            run = _mce_common.Run(out, "cpu", log=lambda *a: None)
+            final = _mce.class_centroids(model, trainset, ("v", "r", "a", "u"), run, _mce.pass_generator(0, 1))
+        _mce_torch.manual_seed(0)
+        initial = _mce.class_centroids(_mce.build(settings, 3), trainset, ("v", "r", "a", "u"), run,
+                                       _mce.pass_generator(0, -1))
+        its = len(seen_C) // 2
+        self.assertEqual(len(seen_C), 2 * its)
+        self.assertGreater(its, 1)
+        for m in "vrau":
+            self.assertTrue(_mce_torch.allclose(seen_W[0][m], initial[m], atol=1e-5), m)       # Eq. 1
+            self.assertTrue(_mce_torch.allclose(seen_C[0][m], initial[m], atol=1e-5), m)
+            self.assertFalse(_mce_torch.allclose(seen_W[1][m], seen_W[0][m]), m)                  # Eq. 3
+            for e in range(2):
+                for i in range(its):
+                    self.assertTrue(_mce_torch.equal(seen_C[e * its + i][m], seen_C[e * its][m]), (m, e, i))
+            self.assertFalse(_mce_torch.allclose(seen_C[its][m], seen_C[0][m]), m)               # refreshed
+            self.assertTrue(_mce_torch.allclose(state["memory"]["C"][m], final[m], atol=1e-5), m)
+
+    def test_resume_is_exact(self):
+        settings, trainset = _mce_settings(epochs=2), _mce_trainset()
+        with _mce_tempfile.TemporaryDirectory() as a, _mce_tempfile.TemporaryDirectory() as b:
+            _mce_torch.manual_seed(0)
+            self._train(a, settings, trainset, max_its=1)
+            _mce_torch.manual_seed(0)
+            self._train(b, _mce_settings(epochs=1), trainset, max_its=1)   # stopped after one epoch
+            _mce_torch.manual_seed(123)                                  # resume restores every state
+            self._train(b, settings, trainset, max_its=1)
+            sa, sb = (_mce_torch.load(f"{d}/train.pt", weights_only=True) for d in (a, b))
+        for k, v in sa["model"].items():
+            self.assertTrue(_mce_torch.equal(v, sb["model"][k]), k)
+        for kind in "WC":
+            for m, v in sa["memory"][kind].items():
+                self.assertTrue(_mce_torch.equal(v, sb["memory"][kind][m]), (kind, m))
+
+    def test_ablations_log_their_terms(self):
+        trainset = _mce_trainset()
+        cases = [(dict(objective="CE"), {"L_CE"}),
+                 (dict(objective="u"), {"L_u"}),
+                 (dict(objective="W", auxiliary=False), {"L_v", "L_r", "L_u"}),
+                 (dict(objective="W+MI", centroids="dynamic"), {"L_v", "L_r", "L_a", "L_u", "L_MI"}),
+                 (dict(centroids="dynamic", auxiliary=False), {"L_v", "L_r", "L_u", "L_MI", "L_GC"})]
+        all_terms = {"L_CE", "L_v", "L_r", "L_a", "L_u", "L_MI", "L_GC"}
+        for kw, terms in cases:
+            lines = []
+            with _mce_tempfile.TemporaryDirectory() as out:
+                self._train(out, _mce_settings(**kw), trainset, max_its=1, log_every=1, log=lines.append)
+            line = next(l for l in lines if " it 1/" in l).split()
+            self.assertEqual({t for t in all_terms if t in line}, terms, kw)
+            for t in terms:
+                self.assertTrue(_mce_math.isfinite(float(line[line.index(t) + 1])), (kw, t))
+
+
+class TestMCESmoke(unittest.TestCase):
+    def test_reid_smoke(self):
+        for flags in ([], ["--objective", "W+MI", "--centroids", "dynamic", "--auxiliary", "false"]):
+            with _mce_tempfile.TemporaryDirectory() as out:
+                proc = _mce_subprocess.run([_mce_sys.executable, "reid.py", "--method", "mce", "--smoke",
+                                            "--out", out, *flags], capture_output=True, text=True)
+                self.assertEqual(proc.returncode, 0, proc.stderr[-2000:] + proc.stdout[-2000:])
+                self.assertIn("all-single", proc.stdout)
+                self.assertTrue(_mce_os.path.exists(f"{out}/results.json"))
 
 # ==== end mce ====
 
