@@ -1378,7 +1378,7 @@ class TestNFSGates(unittest.TestCase):
                 field["r"].fill_(-30.0)
         for train in (True, False):
             self.cell.train(train)
-            out = self.cell(self.y, self.n_v, self.noise)
+            out = self.cell(self.y, self.n_v, self.noise).detach()
             self.assertTrue(_nfs_torch.equal(out[:4], self.y[:4]))
             self.assertEqual(float(out[4:].abs().max()), 0.0)
 
@@ -2220,6 +2220,10 @@ class TestSSFTTraining(unittest.TestCase):
         self.assertEqual(tuple(out["T"].shape), (8, c))
         self.assertEqual(tuple(out["logits_T"].shape), (8, 3))
         self.assertEqual(tuple(out["X_hat"].shape), (8, 3, 32, 16))               # Eq. (16): back to input size
+        fc = _ss.build(_ss_settings(aug=False), 3).train()                       # Table 4 'wo aug': FC blocks
+        out = fc(self.batch()["x_v"], self.batch()["x_r"])
+        self.assertIsInstance(fc.sstn.feat.layer, _ss_torch.nn.Linear)
+        self.assertIs(out["H_tri"], out["H"])
         bare = _ss.build(_ss_settings(spl=False, sht=False, spt=False, pa=False, re=False, moa=False), 3)
         self.assertIsNone(bare.sstn)
         self.assertEqual(bare.adversaries(), [])
