@@ -88,8 +88,8 @@ class Settings:
 
 
 # CPU recipe for the built-in synthetic world: resnet18 from scratch, small images, short phases.
-SYNTHETIC = dict(arch="resnet18", pretrained="none", height=128, width=64, epochs=8, search_epochs=4,
-                 lr=0.001, backbone_lr=0.001, warmup=1, milestones=(6,), arch_lr=3e-3)
+SYNTHETIC = dict(arch="resnet18", pretrained="none", height=128, width=64, epochs=6, search_epochs=3,
+                 lr=0.001, backbone_lr=0.001, warmup=1, milestones=(5,), arch_lr=3e-3)
 SMOKE = dict(arch="resnet18", pretrained="none", height=64, width=32, epochs=1, search_epochs=1, P=4, K=2,
              warmup=1, milestones=())
 
@@ -246,14 +246,12 @@ class CMNASNet(nn.Module):
             self.body = nn.Sequential(common.stem(net), *common.stages(net))
         if settings.network.endswith("-in"):
             instance_norm(self)
-        elif settings.network in ("one-stream", "two-stream-bn"):
-            stages = bn_layers(self.body)
-            separate = 2 if settings.network == "two-stream-bn" else 0   # stages s1, s2 = stem, layer1
-            apply_genotype(self.body, "".join(("0" if s < separate else "1") * sum(map(len, stage))
-                                              for s, stage in enumerate(stages)))
+        elif settings.network == "two-stream-bn":          # separate BNs in stages s1, s2 (stem, layer1)
+            apply_genotype(self.body, "".join(("0" if s < 2 else "1") * len(flat([stage]))
+                                              for s, stage in enumerate(bn_layers(self.body))))
         elif settings.network == "cm-nas":
-            stages = bn_layers(self.body)
-            apply_genotype(self.body, None if genotype is None else parse_genotype(genotype, stages))
+            apply_genotype(self.body, None if genotype is None else parse_genotype(genotype, bn_layers(self.body)))
+        # 'one-stream': every BN stays one shared BN
         c = common.channels(settings.arch)[-1]
         self.bnneck = nn.BatchNorm1d(c)
         self.bnneck.bias.requires_grad_(False)              # BNNeck: no shift
@@ -349,7 +347,7 @@ def L_train(model, batch, settings, c3mmd, run):
     loss = terms["L_cls"] + terms["L_triplet"]              # L_basic
     if c3mmd:
         lambda1, lambda2 = (float(v) for v in settings.lambdas)
-        F_vis, F_ir = f_bn.chunk(2)                         # (n, C) each, identity-aligned rows (Eq. 5)
+        F_vis, F_ir = f_bn.chunk(2)                         # Eq. (5): (n, C) each, identity-aligned rows
         if settings.class_specific:
             terms["L_CMMD"] = L_CMMD(F_vis, F_ir, batch["y_v"], batch["y_r"])
         else:
@@ -392,14 +390,14 @@ def search_step(model, batch, val_batch, settings, c3mmd, optimizer, arch_optimi
     L_train (training batch, alpha fixed). -> L_val, the L_train terms."""
     weights = [p for group in optimizer.param_groups for p in group["params"]]
     alphas = arch_optimizer.param_groups[0]["params"]
-    set_requires_grad(weights, False)                       # upper level: alpha <- alpha - grad_alpha L_val
-    l_val, _ = L_train(model, val_batch, settings, c3mmd, run)
+    set_requires_grad(weights, False)
+    l_val, _ = L_train(model, val_batch, settings, c3mmd, run)   # Eq. (3) upper level: min_alpha L_val(w, alpha)
     arch_optimizer.zero_grad(set_to_none=True)
     l_val.backward()
     arch_optimizer.step()
-    set_requires_grad(weights, True)                        # lower level
+    set_requires_grad(weights, True)
     set_requires_grad(alphas, False)
-    terms = weight_step(model, batch, settings, c3mmd, optimizer, run)
+    terms = weight_step(model, batch, settings, c3mmd, optimizer, run)   # Eq. (3) lower level: min_w L_train(w, alpha)
     set_requires_grad(alphas, True)
     return l_val.detach(), terms
 
