@@ -43,8 +43,8 @@ class Settings:
 
 
 # CPU recipe for the built-in synthetic world: a small network trained from scratch.
-SYNTHETIC = dict(arch="resnet18", pretrained="none", height=128, width=64, epochs=15, lr=0.1, backbone_lr=0.1,
-                 warmup=2, milestones=(10, 13))
+SYNTHETIC = dict(arch="resnet18", pretrained="none", height=128, width=64, epochs=10, lr=0.1, backbone_lr=0.05,
+                 warmup=1, milestones=(6, 9))
 SMOKE = dict(arch="resnet18", pretrained="none", height=64, width=32, epochs=1, P=4, K=2, lr=0.01, backbone_lr=0.01,
              warmup=1, milestones=())
 
