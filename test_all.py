@@ -2228,7 +2228,8 @@ class TestSSFTTraining(unittest.TestCase):
         self.assertIsNone(bare.sstn)
         self.assertEqual(bare.adversaries(), [])
         self.assertEqual(tuple(_ss.extract(bare.eval(), _ss_torch.randn(2, 3, 32, 16), "v").shape), (2, c + 1))
-        for bad in (dict(ssft_test="all"), dict(spl=False), dict(height=40), dict(k=0)):
+        for bad in (dict(ssft_test="all"), dict(spl=False), dict(height=40), dict(k=0),
+                    dict(shl=False, spl=False, sht=False, spt=False, pa=False, re=False)):
             with self.assertRaises(_ss_UserError):
                 _ss.check_settings(_ss_settings(**bad))
 
@@ -2466,14 +2467,16 @@ class TestRFMModel(unittest.TestCase):
             e = _rfm.extract(model, x, "v")
             self.assertEqual(e.shape, (3, 64))
             _rfm_torch.testing.assert_close(e.norm(dim=1), _rfm_torch.ones(3))
-            _rfm_torch.testing.assert_close(e[:, :16] * 2, _rfm_torch.nn.functional.normalize(
-                model.part_features(F_m * model.attend(F_m, "v")[0])[0], dim=1))      # part 1, scaled by 1/sqrt(K)
+            f_1 = model.part_features(F_m * model.attend(F_m, "v")[0])[0]            # part 1 before its BNNeck
+            bn = model.classifiers[0][0]
+            bn_f_1 = (f_1 - bn.running_mean) / (bn.running_var + bn.eps).sqrt() * bn.weight + bn.bias
+            _rfm_torch.testing.assert_close(e[:, :16] * 2, _rfm_torch.nn.functional.normalize(bn_f_1, dim=1))
             model.f_n[0].conv1.weight.mul_(2)                                        # the NIR branch is its own
             self.assertFalse(bool(_rfm_torch.allclose(_rfm.extract(model, x, "r"), e)))
 
     def test_part_pooling_is_stripes(self):
         model = _rfm.build(self.settings(), 10).eval()
-        F_att = _rfm_torch.randn(2, model.reduce[0][0].in_features, 4, 2)
+        F_att = _rfm_torch.randn(2, model.reduce[0].in_features, 4, 2)
         V = _rfm_torch.nn.functional.adaptive_avg_pool2d(F_att, (4, 1)).flatten(2)
         _rfm_torch.testing.assert_close(V[:, :, 2], F_att[:, :, 2].mean(-1))     # part 3 = row 3 averaged
 
@@ -2522,8 +2525,8 @@ class TestRFMSmoke(unittest.TestCase):
 
 # ==== methods/mce.py tests (TestMCE*) ====
 import inspect as _mce_inspect
-import os as _mce_os
 import math as _mce_math
+import os as _mce_os
 import subprocess as _mce_subprocess
 import sys as _mce_sys
 import tempfile as _mce_tempfile
@@ -2571,6 +2574,18 @@ class TestMCEShared(unittest.TestCase):
             self.assertTrue(_mce_torch.equal(a[i, 1], a[i, 0]) and _mce_torch.equal(a[i, 2], a[i, 0]))
             seen.add(c[0])
         self.assertEqual(seen, {0, 1, 2})
+
+    def test_auxiliary_batches(self):
+        """The Augment hook adds 'x_a': one channel of the (cropped, flipped) visible image in all three."""
+        augment = _mce_data.Augment(32, 16, erasing=0.0, extra=_mce.add_auxiliary)
+        batch = next(_mce_data.train_loader(_mce_trainset(), 2, 2, 0, augment).epoch(0))
+        mean = _mce_torch.tensor(_mce_data.IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = _mce_torch.tensor(_mce_data.IMAGENET_STD).view(1, 3, 1, 1)
+        x_v, x_a = batch["x_v"] * std + mean, batch["x_a"] * std + mean                  # back to [0, 1]
+        for i in range(len(x_a)):
+            self.assertTrue(_mce_torch.allclose(x_a[i, 1], x_a[i, 0], atol=1e-5))
+            self.assertTrue(_mce_torch.allclose(x_a[i, 2], x_a[i, 0], atol=1e-5))
+            self.assertTrue(any(_mce_torch.allclose(x_a[i, 0], x_v[i, c], atol=1e-5) for c in range(3)))
 
     def test_bad_choices(self):
         with self.assertRaises(_mce_common.UserError):
@@ -2756,4 +2771,9 @@ class TestMCESmoke(unittest.TestCase):
 # ==== end mce ====
 
 if __name__ == "__main__":
-    unittest.main(verbosity=2)
+    import sys as _sys
+    _result = unittest.main(verbosity=2, exit=False).result
+    _failed = len(_result.failures) + len(_result.errors) + len(_result.unexpectedSuccesses)
+    _skipped = len(_result.skipped)
+    print(f"{_result.testsRun - _failed - _skipped} passed, {_failed} failed, {_skipped} skipped")
+    _sys.exit(0 if _result.wasSuccessful() else 1)
