@@ -1,0 +1,451 @@
+"""RFM: the robust feature mining network of Tan et al., "Exploring Invariant Representation for Visible-Infrared
+Person Re-Identification" (arXiv 2023; Xiamen University / Tencent Youtu).
+
+Implements:
+- Alg. 1, the linear transformation generator (LTG, Sec. IV-B): with probability p, random rectangles of each
+  image are rescaled per channel by alpha = f_g / max(region) until the memory matrix M of cumulative factors
+  reaches t_min somewhere. An image transform on both modalities, run as the data.Augment `extra` hook on the
+  float [0, 1] batch, vectorised over the batch (one rectangle per image per step). f_g: Beta(0.5, 0.5),
+  Beta(0.3, 0.3), uniform, or the constant 0 (random erasing as a special case: one black rectangle), Table III.
+- Sec. IV-A: a single-path ResNet up to Residual-Block 3 (torchvision layer3, last stride 1) gives F; PCB cuts
+  the (attended) F into K horizontal stripes, each average pooled, reduced by a fully connected layer and classified.
+- Eq. (7), the modality-aware spatial attention (MAM, Sec. IV-D): modality-specific copies f_m of Residual-Block 4
+  run on F^m; their spatial-wise average pooling (the mean over channels at each position) through a sigmoid is
+  the attention map that weights F^m. Table V's alternatives: CBAM's spatial attention [43], or none.
+- Eq. (5) center loss, Eq. (6) cross-center loss, and the hetero-center loss of [33] (the Table IV comparison);
+  L_tri with online hard mining (batch hard) [34]; Eq. (8) L_cls = L_id + L_tri + lambda L_cc for every part;
+  Eq. (9) L = L_id^v + L_id^n + sum_k L_cls^k, with L_id^v / L_id^n on the pooled Residual-Block 4 features.
+- Ablations from the command line: Table II (--ltg, --center cross|none, --attention mam|none), Table III
+  (--f-g), Table IV (--center center|hetero|cross), Table V (--attention none|spatial|mam).
+- Pictures (figures): LTG samples under their inputs (Fig. 9) and attention maps over test images (Fig. 10).
+
+Readings where the paper is ambiguous or silent:
+- Alg. 1 writes W_r = S_r / r_r, which is not a length; we use W_r = sqrt(S_r / r_r) (H_r W_r = S_r, H_r / W_r =
+  r_r), as random erasing [31], whose parameters the LTG takes. Corners are integer pixels, uniform in the image;
+  a rectangle that leaves the image is redrawn (area, aspect and corner together), exactly as Alg. 1's loop.
+- f_g is drawn per channel (Alg. 1 calls f_g inside the channel loop). Alg. 1 bounds the image by 1
+  (alpha_max = 1 / max), so a rescaled region's maximum is f_g <= 1: outputs stay in [0, 1], but can exceed the
+  input's own maximum when that is below 1.
+- The LTG keeps only M and forms I* = I (.) M: the same numbers as Alg. 1's in-place updates of I and M.
+- F_att of Sec. IV-A (the map that PCB cuts) is read as F^m (.) F_att^m, the stage-3 map weighted by Eq. (7).
+- Eq. (5)-(6) centres are the class (per modality) means of the mini-batch features, gradients flowing through
+  them; D is the Euclidean distance (Sec. IV-C); both losses are divided by the batch size N (Sec. V-D says
+  center and cross-center loss are normalised so). The hetero-center loss is the one of [33]: squared distance of
+  the two modality centres, summed over the identities (its 'default' in Table IV; HC-Loss*(3.0) = --lam 3/N).
+- Each part is reduced by a fully connected layer Linear(C, part_dim); L_tri and the centre loss act on its output
+  f_k ("we attach the constraints after a fully connected layer", Sec. IV-A), L_id on a BNNeck [30] after it
+  (BatchNorm1d with frozen shift, bias-free classifier): without the BN, the metric losses shrink f_k to a point
+  faster than cross-entropy learns, seen from scratch on the synthetic world. L_id^v, L_id^n: the same BNNeck
+  classifier on the average pooled f_v(F^v), f_n(F^n). Test feature: the K BN part features, each L2-normalised,
+  concatenated and L2-normalised.
+- Not stated: epochs (80: the decays at 40 and 70 and the DDAG schedule [21] the paper follows), SGD momentum
+  0.9, weight decay 5e-4, triplet margin 0.3, part_dim 256, and pad 10 + random crop (the community pipeline;
+  Sec. V-A names flipping). No random erasing: the LTG takes its place (Table III).
+
+Deviations:
+- Alg. 1 loops until min(M) <= t_min with no bound; here an image gets at most `ltg_max_rects` rectangles (50:
+  more than the 99th percentile of what Beta(0.5, 0.5) needs at t_min = 1e-6, about 13 on average).
+- A rectangle channel that is all zero keeps alpha = 1 (alpha_max = 1 / 0 is undefined; no factor changes it).
+- With images too small for 12 stripes on the stage-3 map (CPU recipes), K is a setting and must not exceed the
+  map's height; resnet18/34 are allowed for CPU runs (the paper uses ResNet-50).
+"""
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+from methods import common
+
+F_G = ("beta0.5", "beta0.3", "uniform", "constant")   # Table III's f_g; constant = 0 (random-erasing-like)
+CENTERS = ("cross", "center", "hetero", "none")        # Table IV (and Table II's CC on/off)
+ATTENTIONS = ("mam", "spatial", "none")                # Table V (and Table II's MAM on/off)
+
+
+@dataclass
+class Settings:
+    arch: str = "resnet50"               # Sec. V-A: ResNet-50
+    pretrained: str = "imagenet"         # Sec. V-A: pre-trained on ImageNet
+    height: int = 384                    # Sec. V-A: inputs resized to 384 x 192
+    width: int = 192
+    epochs: int = 80                     # not stated: lr decays at 40 and 70, the 80-epoch schedule of [21]
+    P: int = 7                           # Sec. V-A: 7 identities per batch
+    K: int = 8                           #   x 8 visible + 8 infrared images each
+    lr: float = 0.03                     # Sec. V-A: SGD, lr 0.03
+    milestones: tuple = (40, 70)         # Sec. V-A: lr x0.1 after epoch 40 and again after epoch 70
+    warmup: int = 0                      # Sec. V-A: no warm-up stated
+    momentum: float = 0.9                # not stated; the community value [21]
+    weight_decay: float = 5e-4           # not stated; the community value [21]
+    pad: int = 10                        # not stated (Sec. V-A: flipping); the community pad 10 + random crop
+    erasing: float = 0.0                 # Sec. V-A: no random erasing (the LTG replaces it, Table III)
+    parts: int = 12                      # Sec. V-C: PCB with K = 12 parts
+    part_dim: int = 256                  # Sec. IV-A: a fully connected layer reduces each part; 256 as PCB [29]
+    margin: float = 0.3                  # not stated for L_tri [34]; the community value
+    lam: float = 3.0                     # Sec. V-A, Fig. 8: lambda = 3 in Eq. (8)
+    center: str = "cross"                # Table IV: cross (Eq. 6) | center (Eq. 5) | hetero ([33]) | none
+    attention: str = "mam"               # Table V: mam (Eq. 7) | spatial (CBAM [43]) | none
+    ltg: bool = True                     # Table II: the LTG on or off
+    ltg_p: float = 0.5                   # Sec. V-A: LTG probability p = 0.5
+    ltg_area: tuple = (0.02, 0.4)        # Sec. V-A: s_min, s_max (fraction of the image area)
+    ltg_aspect: tuple = (0.3, 3.33)      # Sec. V-A: r_min = 1 / r_max = 0.3
+    f_g: str = "beta0.5"                 # Sec. IV-B, Table III: beta0.5 | beta0.3 | uniform | constant
+    t_min: float = 1e-6                  # Sec. V-A: t_min = 1e-6
+    ltg_max_rects: int = 50              # Deviation: Alg. 1's loop has no bound
+
+
+# CPU recipe for the built-in synthetic world: resnet18 from scratch at 128 x 64 (stage-3 map 8 x 4: 4 stripes).
+SYNTHETIC = dict(arch="resnet18", pretrained="none", height=128, width=64, epochs=14, P=8, K=4, lr=0.05,
+                 warmup=2, milestones=(9, 12), parts=4, part_dim=128)
+SMOKE = dict(arch="resnet18", pretrained="none", height=64, width=32, epochs=1, P=4, K=2, milestones=(),
+             parts=2, part_dim=32)
+
+
+# ---------------------------------------------------------------- Alg. 1: linear transformation generator
+
+class LTG:
+    """Alg. 1 as the data.Augment `extra` hook: applied to every image of 'x_v' and 'x_r' (B, 3, H, W) in [0, 1].
+
+    Each image runs Alg. 1's loop; the work inside a rectangle is vectorised over channels and pixels. (Stepping
+    all images of a batch together costs whole-image passes per step while rectangles cover a fifth of an image,
+    and the batch waits for its slowest image: about 10x slower on a CPU.) Picklable (loader worker processes
+    get a copy); every draw comes from a numpy Generator seeded from the loader's torch.Generator, so a batch
+    depends only on (seed, epoch, batch index)."""
+
+    def __init__(self, height, width, p=0.5, area=(0.02, 0.4), aspect=(0.3, 3.33), f_g="beta0.5", t_min=1e-6,
+                 max_rects=50):
+        if f_g not in F_G:
+            raise common.UserError(f"--f-g {f_g!r} is not an f_g of Table III; choose one of {', '.join(F_G)}")
+        if not (len(area) == 2 and 0 < area[0] <= area[1] <= 1 and len(aspect) == 2 and 0 < aspect[0] <= aspect[1]):
+            raise common.UserError(f"--ltg-area {area} / --ltg-aspect {aspect}: give two increasing numbers each, "
+                                   f"areas in (0, 1] (fractions of the image) and aspects > 0, e.g. 0.02 0.4 / 0.3 3.33")
+        r = np.linspace(aspect[0], aspect[1], 101)
+        s = area[0] * height * width
+        if not np.any((np.rint(np.sqrt(s * r)) <= height) & (np.rint(np.sqrt(s / r)) <= width)):
+            raise common.UserError(f"--ltg-area {area} --ltg-aspect {aspect}: no rectangle fits a {height}x{width} "
+                                   f"image; lower the area or bring the aspect range nearer {height / width:.2f}")
+        if not (0 <= p <= 1 and t_min >= 0 and max_rects >= 1):
+            raise common.UserError(f"LTG: need 0 <= --ltg-p <= 1 (got {p}), --t-min >= 0 (got {t_min}) and "
+                                   f"--ltg-max-rects >= 1 (got {max_rects})")
+        self.p, self.area, self.aspect, self.f_g, self.t_min, self.max_rects = p, area, aspect, f_g, t_min, max_rects
+
+    def draw_f_g(self, rng, n):
+        """n draws of f_g(.) on [0, 1] (Sec. IV-B, Table III)."""
+        if self.f_g == "constant":
+            return np.zeros(n)
+        if self.f_g == "uniform":
+            return rng.random(n)
+        a = float(self.f_g[len("beta"):])
+        return rng.beta(a, a, n)
+
+    def rectangle(self, rng, H, W, tries=8):
+        """(y_r, x_r, H_r, W_r) drawn as Alg. 1 draws it: area, aspect and corner at random, drawn again until the
+        rectangle lies inside (the first inside of `tries` candidates drawn at once: the same distribution)."""
+        while True:
+            S_r = rng.uniform(*self.area, tries) * W * H
+            r_r = rng.uniform(*self.aspect, tries)
+            H_r = np.rint(np.sqrt(S_r * r_r)).astype(np.int64)
+            W_r = np.rint(np.sqrt(S_r / r_r)).astype(np.int64)        # Alg. 1 prints S_r / r_r (see docstring)
+            x_r, y_r = rng.integers(0, W, tries), rng.integers(0, H, tries)
+            inside = np.flatnonzero((x_r + W_r <= W) & (y_r + H_r <= H))
+            if inside.size:
+                i = inside[0]
+                return int(y_r[i]), int(x_r[i]), int(H_r[i]), int(W_r[i])
+
+    def image(self, I, M, rng):
+        """Alg. 1 on one image, in place: I (C, H, W) float array in [0, 1] becomes I*, M (C, H, W) of ones
+        becomes the memory matrix. Returns the number of rectangles applied."""
+        C, H, W = I.shape
+        if rng.random() >= self.p:                                    # p_1 >= p: I* = I
+            return 0
+        for n in range(1, self.max_rects + 1):                        # Deviation: at most max_rects rectangles
+            y_r, x_r, H_r, W_r = self.rectangle(rng, H, W)
+            I_rle = I[:, y_r:y_r + H_r, x_r:x_r + W_r]                # (C, H_r, W_r) views into I and M
+            M_rle = M[:, y_r:y_r + H_r, x_r:x_r + W_r]
+            peak = I_rle.reshape(C, -1).max(1)                        # (C,) max(I_c)
+            alpha = np.divide(self.draw_f_g(rng, C), peak, out=np.ones(C), where=peak > 0)  # alpha_max * f_g
+            alpha = alpha.astype(I.dtype)[:, None, None]              # an all-zero channel keeps alpha = 1
+            I_rle *= alpha                                            # I(I_c) <- alpha * I_c
+            M_rle *= alpha                                            # M(M_c) <- alpha * M_c
+            if M_rle.min() <= self.t_min:                             # min(M) <= t_min (M changed only in I_rle)
+                return n
+        return self.max_rects
+
+    def transform(self, x, rng):
+        """Alg. 1 on each image of x (N, C, H, W) in [0, 1] -> I* (N, C, H, W), M (N, C, H, W), rectangles (N,)."""
+        I = x.detach().cpu().numpy().copy()
+        M = np.ones_like(I)
+        rects = np.array([self.image(I[i], M[i], rng) for i in range(len(I))])
+        return torch.from_numpy(I), torch.from_numpy(M), torch.from_numpy(rects)
+
+    def __call__(self, batch, g):
+        rng = np.random.default_rng(int(torch.randint(2 ** 62, (1,), generator=g)))
+        B = batch["x_v"].shape[0]
+        x, _, _ = self.transform(torch.cat([batch["x_v"], batch["x_r"]]), rng)   # both modalities
+        return {**batch, "x_v": x[:B], "x_r": x[B:]}
+
+
+# ---------------------------------------------------------------- model
+
+class SpatialAttention(nn.Module):
+    """CBAM's spatial attention [43] (Table V's 'Spatial-Attention'): sigmoid(conv7x7([mean_c F; max_c F]))."""
+
+    def __init__(self, kernel=7):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel, padding=kernel // 2, bias=False)
+
+    def forward(self, x):                                            # x: (B, C, h, w) -> (B, 1, h, w)
+        return torch.sigmoid(self.conv(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)))
+
+
+def stage3_height(height):
+    """Rows of the Residual-Block 3 map: four stride-2 steps (conv1, maxpool, layer2, layer3)."""
+    for _ in range(4):
+        height = (height - 1) // 2 + 1
+    return height
+
+
+def classifier(dim, num_classes):
+    """BNNeck [30]: BatchNorm1d (shift frozen), then a bias-free linear classifier. The metric losses act on the
+    features before it, cross-entropy after it."""
+    bn = nn.BatchNorm1d(dim)
+    bn.bias.requires_grad_(False)
+    return nn.Sequential(bn, nn.Linear(dim, num_classes, bias=False))
+
+
+class RFM(nn.Module):
+    def __init__(self, settings, num_classes):
+        super().__init__()
+        net = common.resnet(settings.arch, settings.pretrained, last_stride=1)
+        c = common.channels(settings.arch)
+        layer1, layer2, layer3, layer4 = common.stages(net)
+        self.backbone = nn.Sequential(common.stem(net), layer1, layer2, layer3)   # single path -> F (Sec. IV-A)
+        self.attention = settings.attention
+        if self.attention == "mam":
+            self.f_v, self.f_n = layer4, copy.deepcopy(layer4)       # f_m of Eq. (7): Residual-Block 4 per modality
+            self.id_v, self.id_n = classifier(c[3], num_classes), classifier(c[3], num_classes)  # L_id^v, L_id^n
+        elif self.attention == "spatial":
+            self.spatial = SpatialAttention()
+        self.parts = settings.parts
+        self.reduce = nn.ModuleList(nn.Linear(c[2], settings.part_dim) for _ in range(settings.parts))
+        self.classifiers = nn.ModuleList(classifier(settings.part_dim, num_classes) for _ in range(settings.parts))
+
+    def attend(self, F_m, modality):
+        """F^m (B, C3, h, w) of one modality -> attention map (B, 1, h, w), high-level feature f_m(F^m) or None."""
+        if self.attention == "mam":
+            high = (self.f_v if modality == "v" else self.f_n)(F_m)            # (B, C4, h, w), stride 1
+            return torch.sigmoid(high.mean(1, keepdim=True)), high              # Eq. (7): sigma(f_S(f_m(F^m)))
+        if self.attention == "spatial":
+            return self.spatial(F_m), None
+        return torch.ones_like(F_m[:, :1]), None
+
+    def part_features(self, F_att):
+        """PCB: (B, C3, h, w) -> K part features f_k (B, part_dim): K stripes, average pooled, reduced by FC."""
+        V = F.adaptive_avg_pool2d(F_att, (self.parts, 1)).flatten(2)           # (B, C3, K): V_1..V_K
+        return [reduce(V[:, :, k]) for k, reduce in enumerate(self.reduce)]
+
+    def forward(self, x_v, x_r):
+        """Training forward, x_v and x_r (B, 3, H, W) -> K part features (2B, d) (visible first), K part logits
+        (2B, classes), and the high-level logits (B, classes) of each modality (None without MAM)."""
+        B = x_v.shape[0]
+        F_vr = self.backbone(torch.cat([x_v, x_r]))                            # (2B, C3, h, w): F
+        A_v, high_v = self.attend(F_vr[:B], "v")
+        A_n, high_n = self.attend(F_vr[B:], "r")
+        f = self.part_features(F_vr * torch.cat([A_v, A_n]))                   # F_att = F (.) attention
+        logits = [classify(f_k) for classify, f_k in zip(self.classifiers, f)]
+        high = None if high_v is None else (self.id_v(high_v.mean((2, 3))), self.id_n(high_n.mean((2, 3))))
+        return f, logits, high
+
+
+def build(settings, num_classes, meta=None):
+    return RFM(settings, num_classes)
+
+
+# ---------------------------------------------------------------- losses (n = NIR in the paper = r here)
+
+def L_tri_hard(f, y, margin):
+    """Triplet loss with online hard mining (batch hard): for each anchor, the farthest positive and the closest
+    negative in the batch; mean over anchors of max(0, d_ap - d_an + margin). f (N, d), y (N,)."""
+    d = (f.pow(2).sum(1, keepdim=True) + f.pow(2).sum(1) - 2 * f @ f.t()).clamp(min=1e-12).sqrt()   # (N, N)
+    same = y[:, None] == y[None, :]                                   # (N, N), the diagonal included
+    d_ap = d.masked_fill(~same, float("-inf")).amax(1)                # (N,) hardest positive
+    d_an = d.masked_fill(same, float("inf")).amin(1)                  # (N,) hardest negative
+    return F.relu(d_ap - d_an + margin).mean()
+
+
+def D(a, b):
+    """Euclidean distance of matching rows, (N, d), (N, d) -> (N,)."""
+    return (a - b).pow(2).sum(1).clamp(min=1e-12).sqrt()
+
+
+def class_centres(f, y, ids):
+    """Mean of the rows of f (N, d) of each identity in ids (U,): (U, d)."""
+    member = (ids[:, None] == y[None, :]).to(f.dtype)                 # (U, N)
+    return member @ f / member.sum(1, keepdim=True)
+
+
+def check_both_modalities(y_v, y_n):
+    ids = y_v.unique()
+    if not torch.equal(ids, y_n.unique()):
+        raise ValueError("modality centres need every identity of the batch in both modalities")
+    return ids
+
+
+def L_c(f, y):
+    """Eq. (5), center loss: each feature to the centre of its class; divided by the batch size N (Sec. V-D)."""
+    ids = y.unique()
+    c = class_centres(f, y, ids)                                      # (U, d): c_{y_i}
+    return 0.5 * D(f, c[torch.searchsorted(ids, y)]).sum() / len(y)   # Eq. (5)
+
+
+def L_cc(f_v, y_v, f_n, y_n):
+    """Eq. (6), cross-center loss: each visible feature to the NIR centre of its class and vice versa; / N."""
+    ids = check_both_modalities(y_v, y_n)
+    c_v, c_n = class_centres(f_v, y_v, ids), class_centres(f_n, y_n, ids)   # (U, d) each
+    to_n = D(f_v, c_n[torch.searchsorted(ids, y_v)])                  # (N_v,) D(f(I_i^v), c_{y_i^n})
+    to_v = D(f_n, c_v[torch.searchsorted(ids, y_n)])                  # (N_n,) D(f(I_i^n), c_{y_i^v})
+    return 0.5 * (to_n.sum() + to_v.sum()) / (len(y_v) + len(y_n))   # Eq. (6)
+
+
+def L_hc(f_v, y_v, f_n, y_n):
+    """Hetero-center loss [33]: squared distance of each identity's visible and NIR centres, summed."""
+    ids = check_both_modalities(y_v, y_n)
+    return (class_centres(f_v, y_v, ids) - class_centres(f_n, y_n, ids)).pow(2).sum()
+
+
+def center_term(kind, f, y_v, y_n):
+    """The lambda-weighted term of Eq. (8) for one part: f (2B, d) visible first."""
+    B = len(y_v)
+    if kind == "cross":
+        return L_cc(f[:B], y_v, f[B:], y_n)
+    if kind == "center":
+        return L_c(f, torch.cat([y_v, y_n]))
+    return L_hc(f[:B], y_v, f[B:], y_n)
+
+
+# ---------------------------------------------------------------- training
+
+def check(settings):
+    if settings.center not in CENTERS:
+        raise common.UserError(f"--center {settings.center!r}: choose one of {', '.join(CENTERS)}")
+    if settings.attention not in ATTENTIONS:
+        raise common.UserError(f"--attention {settings.attention!r}: choose one of {', '.join(ATTENTIONS)}")
+    rows = stage3_height(settings.height)
+    if not 1 <= settings.parts <= rows:
+        raise common.UserError(f"--parts {settings.parts}: the Residual-Block 3 map of a {settings.height}-pixel "
+                               f"image has {rows} rows; give 1..{rows} parts, or raise --height")
+
+
+def make_ltg(settings):
+    return LTG(settings.height, settings.width, settings.ltg_p, settings.ltg_area, settings.ltg_aspect,
+               settings.f_g, settings.t_min, settings.ltg_max_rects)
+
+
+def objective(model, batch, settings):
+    """Eq. (9) on one batch -> (L, {loss term name: value}). K-part sums of Eq. (8)'s terms, then L_id^v, L_id^n."""
+    y_v, y_n = batch["y_v"], batch["y_r"]
+    y = torch.cat([y_v, y_n])                                         # (2B,) visible first, then infrared
+    f, logits, high = model(batch["x_v"], batch["x_r"])
+    f = [f_k.float() for f_k in f]
+    terms = {"L_id": sum(F.cross_entropy(z.float(), y) for z in logits),             # sum_k L_id^k
+             "L_tri": sum(L_tri_hard(f_k, y, settings.margin) for f_k in f)}         # sum_k L_tri^k
+    loss = terms["L_id"] + terms["L_tri"]
+    if settings.center != "none":
+        name = {"cross": "L_cc", "center": "L_c", "hetero": "L_hc"}[settings.center]
+        terms[name] = sum(center_term(settings.center, f_k, y_v, y_n) for f_k in f)
+        loss = loss + settings.lam * terms[name]                      # Eq. (8), summed over the K parts
+    if high is not None:
+        terms["L_id^v"] = F.cross_entropy(high[0].float(), y_v)
+        terms["L_id^n"] = F.cross_entropy(high[1].float(), y_n)
+        loss = loss + terms["L_id^v"] + terms["L_id^n"]              # Eq. (9)
+    return loss, terms
+
+
+def train(settings, trainset, run):
+    check(settings)
+    ltg = make_ltg(settings) if settings.ltg else None
+    model = build(settings, trainset.num_classes).to(run.device)
+    augment = data.Augment(settings.height, settings.width, pad=settings.pad, erasing=settings.erasing, extra=ltg)
+    loader = data.train_loader(trainset, settings.P, settings.K, run.seed, augment, workers=run.workers)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    schedule = common.WarmupMultiStep(optimizer, settings.milestones, warmup=settings.warmup)
+    for epoch in run.epochs("train", settings.epochs, model=model, optimizer=optimizer, schedule=schedule,
+                            loader=loader):
+        schedule.step_epoch(epoch)
+        model.train()
+        for it, batch in run.batches(loader, epoch):
+            with run.autocast():
+                loss, terms = objective(model, batch, settings)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            run.log(epoch, it, {"L": loss.detach(), **{k: v.detach() for k, v in terms.items()}},
+                    optimizer.param_groups[0]["lr"])
+    return model
+
+
+@torch.no_grad()
+def extract(model, x, modality):
+    """Test feature: the K BNNeck part features, each L2-normalised, concatenated, L2-normalised: (B, K part_dim)."""
+    F_m = model.backbone(x)
+    A, _ = model.attend(F_m, modality)
+    f = model.part_features(F_m * A)
+    parts = [F.normalize(classify[0](f_k), dim=1) for classify, f_k in zip(model.classifiers, f)]
+    return F.normalize(torch.cat(parts, 1), dim=1)
+
+
+# ---------------------------------------------------------------- pictures (Fig. 9, Fig. 10)
+
+def heat(maps, size):
+    """(B, 1, h, w) -> (B, H, W, 3) uint8 jet-like colours, each map stretched to its own [min, max]."""
+    m = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    lo, hi = m.amin((1, 2), keepdim=True), m.amax((1, 2), keepdim=True)
+    t = ((m - lo) / (hi - lo).clamp(min=1e-8)).cpu().numpy()
+    rgb = np.stack([np.clip(1.5 - np.abs(4 * t - k), 0, 1) for k in (3, 2, 1)], -1)
+    return (255 * rgb).astype(np.uint8)
+
+
+def grid(rows):
+    """A list of rows, each a list of (H, W, 3) uint8 images of one size -> one PIL image with 2-pixel gaps."""
+    h, w = rows[0][0].shape[:2]
+    canvas = Image.new("RGB", (max(len(r) for r in rows) * (w + 2), len(rows) * (h + 2)), "white")
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            canvas.paste(Image.fromarray(image), (j * (w + 2), i * (h + 2)))
+    return canvas
+
+
+@torch.no_grad()
+def figures(model, settings, trainset, testset, out, n=8):
+    """ltg.png: training images (top row) over their LTG outputs (bottom row), p = 1 (Fig. 9).
+    attention.png, unless --attention none: n/2 visible then n/2 infrared test images (top row), and over them the
+    channel mean of F, the attention map, and the channel mean of the attended map (Fig. 10), each stretched to
+    its own range."""
+    def spread(images):                                               # n // 2 images from across the set
+        return images[np.linspace(0, len(images) - 1, n // 2).astype(int)]
+
+    images = np.concatenate([spread(trainset.v.images), spread(trainset.r.images)])   # (n, H, W, 3) uint8
+    ltg = make_ltg(settings)
+    ltg.p = 1.0
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x_star, _, _ = ltg.transform(x, np.random.default_rng(0))
+    after = (x_star.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    grid([list(images), list(after)]).save(out / "ltg.png")
+    if settings.attention == "none":
+        return
+    model.eval()
+    device = next(model.parameters()).device
+    rows = [[], [], [], []]
+    for modality in ("v", "r"):
+        shown = spread(testset.pools[modality].images)
+        F_m = model.backbone(next(data.test_batches(shown, len(shown))).to(device))
+        A, _ = model.attend(F_m, modality)
+        maps = (F_m.mean(1, keepdim=True), A, (F_m * A).mean(1, keepdim=True))
+        rows[0] += list(shown)
+        for row, m in zip(rows[1:], maps):
+            row += list((0.5 * shown + 0.5 * heat(m, shown.shape[1:3])).astype(np.uint8))
+    grid(rows).save(out / "attention.png")
