@@ -28,21 +28,22 @@ Choices where the paper is silent (taken from the authors' released training cod
   at the start (p = 0.5 each). Validation batches are drawn in a cycle over the validation split.
 - Search length: the Sec. 4.1 recipe (120 epochs) on the search-train split. Phase 2 starts again from ImageNet.
 - L_val's L_cls uses the one classifier over all training identities (labels stay global): rows of validation
-  identities are trained only as negatives during the weight steps.
+  identities are trained only as negatives during the weight steps, so L_val's L_cls grows during the search;
+  alpha still gets the identity-agnostic L_triplet and L_C3MMD signal of the unseen identities.
 - Separate BNs and IN layers start from the (pretrained) BN they replace. IN = affine InstanceNorm2d, which
   normalises with instance statistics at test time too. The two-stream baselines separate the paper's stages 1-2:
   stem and layer1.
+- No EMA of the weights: the paper does not mention one (the released SYSU script averages with decay 0.997).
 
 Deviations:
 - L_CMMD is the SQUARED MMD (biased estimate) on L2-normalised features, averaged over the identities of the
   batch, as in the authors' released code; Eq. (4) writes the RKHS norm itself. The square is smooth where the
   two modalities already agree (the norm's gradient has unit length however small the gap, and none at 0), and
-  lambda1 = 0.05 was tuned for it.
+  the released code's lambda1 = 0.05 goes with the square.
 - lambda1 (CMMD) = 0.05 and lambda2 (CC) = 5.0, the best values of the parameter analysis (Fig. 5) and of the
   released code; Sec. 4.1 prints them swapped (5.0, 0.05): `--lambdas 5.0 0.05`.
 - The backbone learns at 0.1 x lr (0.001) and the lr warms up linearly over 10 epochs (from 0.1 x, the project's
   WarmupMultiStep; the released code warms up from 0.01 x); Sec. 4.1 states only lr 0.01, /10 at epochs 40, 70.
-- No EMA of the weights (the released SYSU script averages weights with decay 0.997; the paper does not).
 """
 import copy
 import itertools
