@@ -84,7 +84,7 @@ class Settings:
 
 
 # CPU recipe for the built-in synthetic world: a small network trained from scratch.
-SYNTHETIC = dict(arch="resnet18", pretrained="none", height=128, width=64, epochs=10, warmup=2, milestones=(7, 9))
+SYNTHETIC = dict(arch="resnet18", pretrained="none", height=128, width=64, epochs=6, warmup=1, milestones=(4,))
 SMOKE = dict(arch="resnet18", pretrained="none", height=64, width=32, epochs=1, P=4, K=2, warmup=1, milestones=())
 
 
@@ -221,26 +221,22 @@ def class_centroids(model, trainset, keys, run, g):
     """Eq. (1) over the whole training set (no augmentation, eval mode): {m: (N^p, d)} L2-normalised class means of
     the features f of modality m; 'u' pools v, r and a. A class without images in m keeps a zero row."""
     model.eval()
-    n, device = trainset.num_classes, run.device
+    n, d, device = trainset.num_classes, model.bnneck.num_features, run.device
+    modal = [m for m in keys if m != "u"]
     sums, counts = {}, {}
-    for m in keys:
-        if m == "u":
-            continue
+    for m in modal:
         images = trainset.r if m == "r" else trainset.v
         batches = (auxiliary_batches(images.images, EXTRACT_BATCH, g) if m == "a"
                    else data.test_batches(images.images, EXTRACT_BATCH))
         labels = torch.from_numpy(images.labels).to(device)                       # (N,)
-        sums[m] = None
+        sums[m] = torch.zeros(n, d, device=device)                                # (N^p, d)
         start = 0
         for x in batches:
             with run.autocast():
                 f = F.normalize(model(x.to(device)).float(), dim=1)               # (B, d)
-            if sums[m] is None:
-                sums[m] = torch.zeros(n, f.shape[1], device=device)
             sums[m].index_add_(0, labels[start:start + len(f)], f)
             start += len(f)
         counts[m] = torch.bincount(labels, minlength=n).float()                   # (N^p,)
-    modal = [m for m in keys if m != "u"]
     sums["u"], counts["u"] = sum(sums[m] for m in modal), sum(counts[m] for m in modal)
     return {m: F.normalize(sums[m] / counts[m].clamp(min=1)[:, None], dim=1) for m in keys}
 

@@ -5,8 +5,9 @@ Implements:
 - Alg. 1, the linear transformation generator (LTG, Sec. IV-B): with probability p, random rectangles of each
   image are rescaled per channel by alpha = f_g / max(region) until the memory matrix M of cumulative factors
   reaches t_min somewhere. An image transform on both modalities, run as the data.Augment `extra` hook on the
-  float [0, 1] batch, vectorised over the batch (one rectangle per image per step). f_g: Beta(0.5, 0.5),
-  Beta(0.3, 0.3), uniform, or the constant 0 (random erasing as a special case: one black rectangle), Table III.
+  float [0, 1] batch: Alg. 1's loop per image, each rectangle's update vectorised over channels and pixels.
+  f_g: Beta(0.5, 0.5), Beta(0.3, 0.3), uniform, or the constant 0 (random erasing as a special case: one black
+  rectangle), Table III.
 - Sec. IV-A: a single-path ResNet up to Residual-Block 3 (torchvision layer3, last stride 1) gives F; PCB cuts
   the (attended) F into K horizontal stripes, each average pooled, reduced by a fully connected layer and classified.
 - Eq. (7), the modality-aware spatial attention (MAM, Sec. IV-D): modality-specific copies f_m of Residual-Block 4
@@ -26,18 +27,14 @@ Readings where the paper is ambiguous or silent:
 - f_g is drawn per channel (Alg. 1 calls f_g inside the channel loop). Alg. 1 bounds the image by 1
   (alpha_max = 1 / max), so a rescaled region's maximum is f_g <= 1: outputs stay in [0, 1], but can exceed the
   input's own maximum when that is below 1.
-- The LTG keeps only M and forms I* = I (.) M: the same numbers as Alg. 1's in-place updates of I and M.
 - F_att of Sec. IV-A (the map that PCB cuts) is read as F^m (.) F_att^m, the stage-3 map weighted by Eq. (7).
 - Eq. (5)-(6) centres are the class (per modality) means of the mini-batch features, gradients flowing through
   them; D is the Euclidean distance (Sec. IV-C); both losses are divided by the batch size N (Sec. V-D says
   center and cross-center loss are normalised so). The hetero-center loss is the one of [33]: squared distance of
   the two modality centres, summed over the identities (its 'default' in Table IV; HC-Loss*(3.0) = --lam 3/N).
 - Each part is reduced by a fully connected layer Linear(C, part_dim); L_tri and the centre loss act on its output
-  f_k ("we attach the constraints after a fully connected layer", Sec. IV-A), L_id on a BNNeck [30] after it
-  (BatchNorm1d with frozen shift, bias-free classifier): without the BN, the metric losses shrink f_k to a point
-  faster than cross-entropy learns, seen from scratch on the synthetic world. L_id^v, L_id^n: the same BNNeck
-  classifier on the average pooled f_v(F^v), f_n(F^n). Test feature: the K BN part features, each L2-normalised,
-  concatenated and L2-normalised.
+  f_k ("we attach the constraints after a fully connected layer", Sec. IV-A). Test feature: the K BNNeck part
+  features (below), each L2-normalised, concatenated and L2-normalised.
 - Not stated: epochs (80: the decays at 40 and 70 and the DDAG schedule [21] the paper follows), SGD momentum
   0.9, weight decay 5e-4, triplet margin 0.3, part_dim 256, and pad 10 + random crop (the community pipeline;
   Sec. V-A names flipping). No random erasing: the LTG takes its place (Table III).
@@ -46,6 +43,10 @@ Deviations:
 - Alg. 1 loops until min(M) <= t_min with no bound; here an image gets at most `ltg_max_rects` rectangles (50:
   more than the 99th percentile of what Beta(0.5, 0.5) needs at t_min = 1e-6, about 13 on average).
 - A rectangle channel that is all zero keeps alpha = 1 (alpha_max = 1 / 0 is undefined; no factor changes it).
+- L_id of each part, L_id^v and L_id^n sit on a BNNeck [30] (BatchNorm1d with frozen shift, bias-free linear
+  classifier) after f_k and after the average pooled f_v(F^v), f_n(F^n); the paper names only the classifier.
+  Without the BN, the metric losses shrink f_k to a point faster than cross-entropy learns (seen from scratch on
+  the synthetic world).
 - With images too small for 12 stripes on the stage-3 map (CPU recipes), K is a setting and must not exceed the
   map's height; resnet18/34 are allowed for CPU runs (the paper uses ResNet-50).
 """

@@ -111,6 +111,8 @@ def check_settings(settings):
     if not settings.spl and (settings.sht or settings.spt or settings.pa or settings.re):
         raise common.UserError("--spl false removes the specific features, which SSTN's intra-modality affinity "
                                "(Eq. 6), L_pa and the decoders need; add --sht false --spt false --pa false --re false")
+    if not (settings.shl or settings.spl):
+        raise common.UserError("--shl false --spl false leaves no feature learning loss (Eq. 18); keep one of them")
     if settings.re and (settings.height % 16 or settings.width % 16):
         raise common.UserError(f"--height {settings.height} --width {settings.width}: the decoders' four x2 "
                                f"sub-pixel layers need both to be multiples of 16 (or --re false)")
