@@ -2753,33 +2753,47 @@ class TestMCETrain(unittest.TestCase):
             for m, v in sa["memory"][kind].items():
                 self.assertTrue(_mce_torch.equal(v, sb["memory"][kind][m]), (kind, m))
 
-    def test_ablations_log_their_terms(self):
-        trainset = _mce_trainset()
-        cases = [(dict(objective="CE"), {"L_CE"}),
-                 (dict(objective="u"), {"L_u"}),
-                 (dict(objective="W", auxiliary=False), {"L_v", "L_r", "L_u"}),
-                 (dict(objective="W+MI", centroids="dynamic"), {"L_v", "L_r", "L_a", "L_u", "L_MI"}),
-                 (dict(centroids="dynamic", auxiliary=False), {"L_v", "L_r", "L_u", "L_MI", "L_GC"})]
-        all_terms = {"L_CE", "L_v", "L_r", "L_a", "L_u", "L_MI", "L_GC"}
-        for kw, terms in cases:
-            lines = []
-            with _mce_tempfile.TemporaryDirectory() as out:
-                self._train(out, _mce_settings(**kw), trainset, max_its=1, log_every=1, log=lines.append)
-            line = next(l for l in lines if " it 1/" in l).split()
-            self.assertEqual({t for t in all_terms if t in line}, terms, kw)
-            for t in terms:
-                self.assertTrue(_mce_math.isfinite(float(line[line.index(t) + 1])), (kw, t))
+
+_MCE_CACHE = _mce_os.environ.get("VIREID_TEST_CACHE") or _mce_os.path.join(_mce_tempfile.gettempdir(),
+                                                                           "vireid-test-cache")
+_MCE_TERMS = ("L_CE", "L_v", "L_r", "L_a", "L_u", "L_MI", "L_GC")
 
 
 class TestMCESmoke(unittest.TestCase):
+    def _terms(self, out):
+        """The loss terms named on the last progress line of OUT/log.txt, checked to be finite."""
+        line = [l for l in open(f"{out}/log.txt") if l.startswith("[train] ep ")][-1].split()
+        terms = {t for t in _MCE_TERMS if t in line}
+        for t in terms:
+            self.assertTrue(_mce_math.isfinite(float(line[line.index(t) + 1])), (out, t))
+        return terms
+
     def test_reid_smoke(self):
-        for flags in ([], ["--objective", "W+MI", "--centroids", "dynamic", "--auxiliary", "false"]):
-            with _mce_tempfile.TemporaryDirectory() as out:
-                proc = _mce_subprocess.run([_mce_sys.executable, "reid.py", "--method", "mce", "--smoke",
-                                            "--out", out, *flags], capture_output=True, text=True)
-                self.assertEqual(proc.returncode, 0, proc.stderr[-2000:] + proc.stdout[-2000:])
-                self.assertIn("all-single", proc.stdout)
-                self.assertTrue(_mce_os.path.exists(f"{out}/results.json"))
+        """python reid.py --method mce --smoke, the paper's objective (Eq. 10) with three modalities."""
+        with _mce_tempfile.TemporaryDirectory() as out:
+            proc = _mce_subprocess.run([_mce_sys.executable, "reid.py", "--method", "mce", "--smoke", "--out", out,
+                                        "--cache-dir", _MCE_CACHE, "--log-every", "1"], capture_output=True, text=True)
+            self.assertEqual(proc.returncode, 0, proc.stderr[-2000:] + proc.stdout[-2000:])
+            self.assertIn("all-single", proc.stdout)
+            self.assertTrue(_mce_os.path.exists(f"{out}/results.json"))
+            self.assertEqual(self._terms(out), {"L_v", "L_r", "L_a", "L_u", "L_MI", "L_GC"})
+
+    def test_reid_ablations(self):
+        """Every value of every ablation switch (Table 3) through reid.main --smoke: the logged terms follow."""
+        import contextlib
+        import io
+
+        import reid
+        cases = [(["--objective", "CE", "--auxiliary", "false"], {"L_CE"}),
+                 (["--objective", "u"], {"L_u"}),
+                 (["--objective", "W", "--auxiliary", "false"], {"L_v", "L_r", "L_u"}),
+                 (["--objective", "W+MI", "--centroids", "dynamic"], {"L_v", "L_r", "L_a", "L_u", "L_MI"})]
+        for flags, terms in cases:
+            with _mce_tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
+                results = reid.main(["--method", "mce", "--smoke", "--out", out, "--cache-dir", _MCE_CACHE,
+                                     "--log-every", "1", *flags])
+                self.assertIn("all-single", results, flags)
+                self.assertEqual(self._terms(out), terms, flags)
 
 # ==== end mce ====
 
