@@ -377,7 +377,7 @@ def bench_mce():
           f"-> {mce_r['iteration'] / agw_r['iteration']:.2f}x the time, {mce_mem / max(agw_mem, 1):.2f}x the memory")
     rate = mce_r["pass_images_per_s"]
     print(f"  centroid pass: {rate:.0f} images/s (eval forward, batches of 128)")
-    for name, n_v, n_r in (("synthetic world", 2000, 1000), ("SYSU-MM01", 22258, 11909), ("RegDB", 2060, 2060)):
+    for name, n_v, n_r in (("synthetic world", 1474, 756), ("SYSU-MM01", 22258, 11909), ("RegDB", 2060, 2060)):
         its = max(n_v, n_r) // (P * K)
         train_s, pass_s = its * mce_r["iteration"], (2 * n_v + n_r) / rate
         print(f"  {name:15s}: {its} iterations ({train_s:.0f} s) + pass over {2 * n_v + n_r} images ({pass_s:.0f} s) "
