@@ -91,13 +91,18 @@ def add_settings_options(parser, settings_cls):
             group.add_argument(flag, type=type(f.default), help=f"default {f.default}")
 
 
-def resolve_settings(method, args, argv_given):
-    """Paper defaults, then the synthetic CPU recipe, then --smoke, then explicit flags."""
+def resolve_settings(method, args, argv_given, trained=None):
+    """Paper defaults, then the synthetic CPU recipe, then --smoke, then explicit flags. With --eval-only, the
+    checkpoint's settings (`trained`) take the place of the first three: explicit flags still win (a test-time
+    choice such as --ssft-test single-query; a flag that changes the network fails when the weights load)."""
     values = dataclasses.asdict(method.Settings())
-    if args.dataset == "synthetic":
-        values.update(method.SYNTHETIC)
-    if args.smoke:
-        values.update(method.SMOKE)
+    if trained is not None:
+        values.update(trained)
+    else:
+        if args.dataset == "synthetic":
+            values.update(method.SYNTHETIC)
+        if args.smoke:
+            values.update(method.SMOKE)
     for name in values:
         given = getattr(args, name)
         if given is not None and name in argv_given:
@@ -266,8 +271,8 @@ def main(argv=None):
     if checkpoint is not None:
         if checkpoint["method"] != args.method:
             raise UserError(f"{args.checkpoint} was trained with --method {checkpoint['method']}, not {args.method}")
-        settings = method.Settings(**{k: tuple(v) if isinstance(v, list) else v
-                                      for k, v in checkpoint["settings"].items()})
+        trained = {k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["settings"].items()}
+        settings = resolve_settings(method, args, given, trained)
     else:
         settings = resolve_settings(method, args, given)
 
@@ -290,6 +295,12 @@ def main(argv=None):
 
     log(f"method {args.method} | dataset {args.dataset} | device {device} | out {out}")
     log("settings " + json.dumps(dataclasses.asdict(settings)))
+    if checkpoint is not None:
+        at_training = json.loads(json.dumps(checkpoint["settings"]))    # through JSON: tuples become lists
+        now = json.loads(json.dumps(dataclasses.asdict(settings)))
+        changed = {k: v for k, v in now.items() if at_training.get(k) != v}
+        if changed:
+            log("evaluating with settings other than the training run's: " + json.dumps(changed))
     if checkpoint is None and settings.pretrained == "none":
         log("training from scratch (--pretrained none)" if args.dataset == "synthetic" else
             "WARNING: training from scratch on a real benchmark (--pretrained none); the papers start from ImageNet")

@@ -1151,6 +1151,27 @@ class TestCLIEndToEnd(unittest.TestCase):
             for k in full:
                 self.assertTrue(torch.equal(full[k], resumed[k]), k)
 
+    def test_diverged_loss_stops_training(self):
+        import torch
+        from methods import common
+
+        class OneBatch:  # the two things Run.batches asks of a loader
+            def __len__(self):
+                return 1
+
+            def epoch(self, epoch):
+                return iter([{"x_v": torch.zeros(2, 3, 4, 4)}])
+
+        lines = []
+        with tempfile.TemporaryDirectory() as tmp:
+            run = common.Run(tmp, "cpu", log=lines.append)
+            for it, _ in run.batches(OneBatch(), 0):
+                run.log(0, it, {"L_id": torch.tensor(1.5)}, lr=0.1)
+                with self.assertRaisesRegex(common.UserError, r"L_tri is not finite.*--lr, now 1\.00e-01"):
+                    run.log(0, it, {"L_id": torch.tensor(1.5), "L_tri": torch.tensor(float("nan"))}, lr=0.1)
+        self.assertEqual(len(lines), 1)
+        self.assertIn("L_id 1.5000", lines[0])
+
     def test_bad_input_is_one_line(self):
         with tempfile.TemporaryDirectory() as tmp:
             regdb_like = Path(tmp) / "regdb"
@@ -2235,24 +2256,31 @@ class TestSSFTTraining(unittest.TestCase):
 
 
 class TestSSFTSmoke(unittest.TestCase):
-    def run_smoke(self, *flags):
-        with _ss_tempfile.TemporaryDirectory() as out:
-            done = _ss_subprocess.run([_ss_sys.executable, "reid.py", "--method", "ssft", "--smoke", "--out", out,
-                                       *flags], capture_output=True, text=True, timeout=300,
-                                      cwd=_ss_os.path.dirname(_ss_os.path.abspath(__file__)))
-            self.assertEqual(done.returncode, 0, done.stdout[-2000:] + done.stderr[-2000:])
-            results = _ss_json.load(open(_ss_os.path.join(out, "results.json")))["results"]
-            self.assertIn("rank1", results["all-single"])
+    def reid(self, *flags):
+        done = _ss_subprocess.run([_ss_sys.executable, "reid.py", "--method", "ssft", "--smoke", *flags],
+                                  capture_output=True, text=True, timeout=300,
+                                  cwd=_ss_os.path.dirname(_ss_os.path.abspath(__file__)))
+        self.assertEqual(done.returncode, 0, done.stdout[-2000:] + done.stderr[-2000:])
+        return done.stdout
+
+    def test_transductive_then_single_query(self):
+        with _ss_tempfile.TemporaryDirectory() as tmp:
+            out = _ss_os.path.join(tmp, "train")
+            stdout = self.reid("--out", out)                                     # transductive test (default)
+            for term in ("L_max", "L(H)", "L(P)", "L(T)", "L_re", "L_ma", "L_pa"):
+                self.assertIn(f" {term} ", stdout)
             self.assertTrue(_ss_os.path.isfile(_ss_os.path.join(out, "reconstruction.png")))
-            return done.stdout
-
-    def test_transductive(self):
-        stdout = self.run_smoke()
-        for term in ("L_max", "L(H)", "L(P)", "L(T)", "L_re", "L_ma", "L_pa"):
-            self.assertIn(f" {term} ", stdout)
-
-    def test_single_query(self):
-        self.run_smoke("--ssft-test", "single-query")
+            # the same model through the single-query path (Eq. 22): a test-time flag given with --eval-only wins
+            # over the checkpoint's settings, and the log says so
+            sq = _ss_os.path.join(tmp, "single-query")
+            stdout = self.reid("--eval-only", "--checkpoint", _ss_os.path.join(out, "model.pt"),
+                               "--ssft-test", "single-query", "--out", sq)
+            self.assertIn('evaluating with settings other than the training run\'s: {"ssft_test": "single-query"}',
+                          stdout)
+            for run, mode in ((out, "transductive"), (sq, "single-query")):
+                saved = _ss_json.load(open(_ss_os.path.join(run, "results.json")))
+                self.assertEqual(saved["settings"]["ssft_test"], mode)
+                self.assertIn("rank1", saved["results"]["all-single"])
 
 
 # ==== end ssft ====

@@ -9,6 +9,7 @@
 Paper logic never lives here: a method file holds its paper's model, losses and loops.
 """
 import contextlib
+import math
 import os
 import random
 import time
@@ -233,7 +234,12 @@ class Run:
         done_its = it + 1
         left_its = (self._its - done_its) + (self._num_epochs - epoch - 1) * self._its
         eta = elapsed / done_its * left_its
-        terms = " ".join(f"{k} {float(v):.4f}" for k, v in losses.items())
+        values = {k: float(v) for k, v in losses.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:  # stop here rather than train on for hours and report chance-level numbers
+            raise UserError(f"[{self._phase}] epoch {epoch + 1} iteration {done_its}: {', '.join(bad)} is not finite, "
+                            f"training diverged; lower the learning rate (--lr, now {lr:.2e}) or a loss weight")
+        terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         self.print(f"[{self._phase}] ep {epoch + 1}/{self._num_epochs} it {done_its}/{self._its} {terms} "
                    f"lr {lr:.2e} | {timer['images'] / elapsed:.0f} img/s data-wait "
                    f"{100 * timer['wait'] / elapsed:.0f}% eta {int(eta // 60)}m{int(eta % 60):02d}s")
