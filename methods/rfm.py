@@ -29,8 +29,10 @@ Readings where the paper is ambiguous or silent:
   input's own maximum when that is below 1.
 - F_att of Sec. IV-A (the map that PCB cuts) is read as F^m (.) F_att^m, the stage-3 map weighted by Eq. (7).
 - Eq. (5)-(6) centres are the class (per modality) means of the mini-batch features, gradients flowing through
-  them; D is the Euclidean distance (Sec. IV-C); both losses are divided by the batch size N (Sec. V-D says
-  center and cross-center loss are normalised so). The hetero-center loss is the one of [33]: squared distance of
+  them; D is the Euclidean distance (Sec. IV-C), not its square; both losses are divided by the batch size N
+  (Sec. V-D says center and cross-center loss are normalised so). Seen here from scratch on the synthetic world:
+  with lambda = 3 the plain distance pulls the part features to a point (L_tri stays near K x margin), and the
+  squared distance of the center loss [32] diverges to NaN within ten iterations at the CPU recipe's lr. The hetero-center loss is the one of [33]: squared distance of
   the two modality centres, summed over the identities (its 'default' in Table IV; HC-Loss*(3.0) = --lam 3/N).
 - Each part is reduced by a fully connected layer Linear(C, part_dim); L_tri and the centre loss act on its output
   f_k ("we attach the constraints after a fully connected layer", Sec. IV-A). Test feature: the K BNNeck part
