@@ -32,8 +32,9 @@ Readings where the paper is ambiguous or silent:
   them; D is the Euclidean distance (Sec. IV-C), not its square; both losses are divided by the batch size N
   (Sec. V-D says center and cross-center loss are normalised so). Seen here from scratch on the synthetic world:
   with lambda = 3 the plain distance pulls the part features to a point (L_tri stays near K x margin), and the
-  squared distance of the center loss [32] diverges to NaN within ten iterations at the CPU recipe's lr. The hetero-center loss is the one of [33]: squared distance of
-  the two modality centres, summed over the identities (its 'default' in Table IV; HC-Loss*(3.0) = --lam 3/N).
+  squared distance of the center loss [32] diverges to NaN within ten iterations at the CPU recipe's lr. The
+  hetero-center loss is the one of [33]: squared distance of the two modality centres, summed over the
+  identities (its 'default' in Table IV; HC-Loss*(3.0) = --lam 3/N).
 - Each part is reduced by a fully connected layer Linear(C, part_dim); L_tri and the centre loss act on its output
   f_k ("we attach the constraints after a fully connected layer", Sec. IV-A). Test feature: the K BNNeck part
   features (below), each L2-normalised, concatenated and L2-normalised.
