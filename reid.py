@@ -53,9 +53,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"reid.py: error: {message} (see python reid.py --help)\n")
 
 
-def common_parser():
+def common_parser(add_help=True):
+    """The options every method shares. The first pass (add_help=False) only finds --method, so that --help,
+    answered by the second, full parser, lists the chosen method's settings too."""
     p = Parser(description="Visible-infrared person re-identification: train and evaluate.",
-                                allow_abbrev=False)
+               allow_abbrev=False, add_help=add_help)
     p.add_argument("--method", choices=METHODS, help="the paper to run")
     p.add_argument("--dataset", default="synthetic", choices=("synthetic", "sysu", "regdb"),
                    help="synthetic (default: a generated world in the SYSU-MM01 layout), sysu or regdb")
@@ -77,18 +79,26 @@ def common_parser():
     return p
 
 
-def add_settings_options(parser, settings_cls):
-    """One --field-name option per Settings field, default None so explicit flags can be told apart."""
-    group = parser.add_argument_group("method settings (defaults: the paper's recipe)")
+def add_settings_options(parser, settings_cls, synthetic=None):
+    """One --field-name option per Settings field, default None so explicit flags can be told apart. The help
+    shows the paper's default and, where it differs, the synthetic world's CPU recipe (`synthetic`)."""
+    group = parser.add_argument_group("method settings (defaults: the paper's recipe; in brackets: the "
+                                      "synthetic world's, used when no --dataset is given)")
+    def show(v):
+        return " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
     for f in dataclasses.fields(settings_cls):
         flag = "--" + f.name.replace("_", "-")
+        text = f"default {show(f.default)}"
+        if synthetic and f.name in synthetic and synthetic[f.name] != f.default:
+            text += f" [{show(synthetic[f.name])}]"
         if isinstance(f.default, bool):
-            group.add_argument(flag, type=str2bool, metavar="true|false", help=f"default {f.default}")
+            group.add_argument(flag, type=str2bool, metavar="true|false", help=text)
         elif isinstance(f.default, tuple):
             element = type(f.default[0]) if f.default else int
-            group.add_argument(flag, type=element, nargs="*", help=f"default {' '.join(map(str, f.default))}")
+            group.add_argument(flag, type=element, nargs="*", help=text)
         else:
-            group.add_argument(flag, type=type(f.default), help=f"default {f.default}")
+            group.add_argument(flag, type=type(f.default), help=text)
 
 
 def resolve_settings(method, args, argv_given, trained=None):
@@ -241,7 +251,7 @@ def prepare_out(args, method_name):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = common_parser()
+    parser = common_parser(add_help=False)
     first, _ = parser.parse_known_args(argv)
     given = flags_given(argv)
 
@@ -262,10 +272,13 @@ def main(argv=None):
             if key not in checkpoint:
                 raise UserError(f"{first.checkpoint} has no '{key}' entry: it is not a model.pt written by reid.py")
         first.method = first.method or checkpoint["method"]
+    if first.method is None and ("-h" in argv or "--help" in argv):
+        common_parser().parse_args(["--help"])  # prints the shared options and exits
     if first.method is None:
         raise UserError(f"--method is required; choose one of {', '.join(METHODS)}")
     method = importlib.import_module(f"methods.{first.method}")
-    add_settings_options(parser, method.Settings)
+    parser = common_parser()
+    add_settings_options(parser, method.Settings, method.SYNTHETIC)
     args = parser.parse_args(argv)
     args.method = first.method
     if checkpoint is not None:

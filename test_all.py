@@ -1048,6 +1048,18 @@ class TestCLIPlumbing(unittest.TestCase):
         s = reid.resolve_settings(agw, parser.parse_args(["--method", "agw", "--dataset", "sysu"]), {"method"})
         self.assertEqual(s, agw.Settings())  # a real benchmark gets the paper's recipe untouched
 
+    def test_help_lists_the_methods_settings(self):
+        # --help with --method shows that method's settings, the paper's default and the synthetic recipe's
+        import contextlib
+        import io
+        import reid
+        from methods import rfm
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text), self.assertRaises(SystemExit):
+            reid.main(["--method", "rfm", "--help"])
+        self.assertIn("--ltg true|false", text.getvalue())
+        self.assertIn(f"default {rfm.Settings().epochs} [{rfm.SYNTHETIC['epochs']}]", text.getvalue())
+
 
 class TestAGW(unittest.TestCase):
     def test_wrt_against_loop(self):
