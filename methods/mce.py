@@ -257,7 +257,7 @@ def L_W(f, y, W, tau):
 
 def log_P(f, C, tau):
     """Eq. (5), (6): log probability responses of features f (B, d) to the centroids C (N^p, d): (B, N^p)."""
-    return F.log_softmax(f @ C.t() / tau, dim=1)
+    return F.log_softmax(f @ C.t() / tau, dim=1)          # Eq. (5) (own modality's C), Eq. (6) (the other's)
 
 
 def KL(log_p, log_q):
