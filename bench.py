@@ -7,6 +7,22 @@ Figures are printed, never asserted: tests check correctness, this file measures
 """
 import sys
 
+
+def max_rss_kib():
+    """Peak resident memory of this process in KiB. On Linux VmHWM of /proc/self/status, which a new process starts
+    afresh; ru_maxrss does not (after fork + exec it starts at the parent's size, so a child process's growth would
+    read too small under a large parent)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 # ==== loader ====
 
 def bench_loader():
@@ -145,13 +161,12 @@ def bench_eval():
 
 def _ssft_child(job, queue):
     """Runs one ssft bench job in a fresh process; puts (result, peak RSS growth in MB) on `queue`."""
-    import resource
     import time
 
     import torch
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = max_rss_kib()
     result = job()
-    queue.put((result, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))
+    queue.put((result, (max_rss_kib() - base) / 1024))
 
 
 def _ssft_in_child(job):
@@ -266,21 +281,22 @@ def bench_ssft():
     print(f"  transductive (all queries + gallery, one pass): {transductive:6.2f} s")
     print(f"  single-query (Eq. 22): {single:6.2f} s for {n_single} queries -> {single * nq / n_single:6.1f} s "
           f"for all {nq} (extrapolated)")
-    print(f"  peak RSS growth of both: {test_mb:.0f} MB (a dense {nq + ng}^2 affinity alone would be "
-          f"{(nq + ng) ** 2 * 4 / 2 ** 20:.0f} MB)")
+    n = nq + ng
+    print(f"  peak RSS growth of both: {test_mb:.0f} MB; linear in N = {n}: no N x N matrix is formed (the inputs H, P "
+          f"take {2 * n * c * 4 / 2 ** 20:.0f} MB, Z = [H; P; 0] {n * 3 * c * 4 / 2 ** 20:.0f} MB, a dense affinity "
+          f"would take {n * n * 4 / 2 ** 20:.0f} MB)")
 
 
 def _mce_child(job, args, queue):
     """Runs job(*args) in a fresh process; puts (result, peak memory growth in MiB, what was measured) on `queue`."""
-    import resource
 
     import torch
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = max_rss_kib()
     result = job(*args)
     if torch.cuda.is_available():
         queue.put((result, torch.cuda.max_memory_allocated() / 2**20, "CUDA max_memory_allocated"))
     else:
-        queue.put((result, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, "ru_maxrss growth"))
+        queue.put((result, (max_rss_kib() - base) / 1024, "peak RSS growth"))
 
 
 def _mce_in_child(job, *args):
@@ -388,10 +404,9 @@ def bench_mce():
 
 def _cmnas_child(job, args, queue):
     """Runs job(*args) in a fresh process; puts (result, peak RSS growth in MiB) on `queue`."""
-    import resource
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = max_rss_kib()
     result = job(*args)
-    queue.put((result, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))
+    queue.put((result, (max_rss_kib() - base) / 1024))
 
 
 def _cmnas_in_child(job, *args):
@@ -486,15 +501,14 @@ def bench_cmnas():
 
 def _nfs_child(job, args, queue):
     """Runs job(*args) in a fresh process; puts (result, peak memory in MiB, what was measured) on `queue`."""
-    import resource
 
     import torch
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = max_rss_kib()
     result = job(*args)
     if torch.cuda.is_available():
         queue.put((result, torch.cuda.max_memory_allocated() / 2**20, "CUDA max_memory_allocated"))
     else:
-        queue.put((result, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, "RSS growth"))
+        queue.put((result, (max_rss_kib() - base) / 1024, "RSS growth"))
 
 
 def _nfs_in_child(job, *args):
@@ -591,26 +605,25 @@ def bench_nfs():
     base = None
     for kind, label in (("agw", "agw"), ("retrain", "nfs retrain (fixed gates)"),
                         ("first-order", "nfs search, first order"),
-                        ("finite-difference", "nfs search, second order (finite diff.)"),
-                        ("autograd", "nfs search, second order (autograd HVP)")):
+                        ("finite-difference", "nfs search, second order (DARTS finite diff.)"),
+                        ("autograd", "nfs search, second order (exact, the default)")):
         (seconds, agreement), memory, what = _nfs_in_child(_nfs_iteration, kind, iters, P, K, h, w)
         base = base or seconds
-        print(f"  {label:42s} {seconds:6.2f} s/it  {seconds / base:4.1f}x agw   {what} {memory:6.0f} MiB")
+        print(f"  {label:46s} {seconds:6.2f} s/it  {seconds / base:4.1f}x agw   {what} {memory:6.0f} MiB")
     print(f"  finite-difference vs exact second-order gate gradient (eps = 0.01 / ||v||): relative difference "
-          f"{agreement:.3f}")
+          f"{agreement:.3f} (the step crosses ReLU kinks; see the NFS docstring)")
 
 
 def _rfm_iteration(method, device, arch, height, width, P, K, iters):
     """Seconds per training iteration (forward, loss, backward, SGD step) of `method` ('agw' or 'rfm') on random
     images, and peak memory in MiB (CPU: growth of the process's max RSS; GPU: max allocated)."""
-    import resource
     import time
 
     import torch
     import torch.nn.functional as F
 
     from methods import agw, rfm
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = max_rss_kib()
     torch.manual_seed(0)
     module = agw if method == "agw" else rfm
     settings = module.Settings(arch=arch, pretrained="none", height=height, width=width, P=P, K=K,
@@ -643,7 +656,7 @@ def _rfm_iteration(method, device, arch, height, width, P, K, iters):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+        peak = (max_rss_kib() - rss0) / 1024
     return (time.perf_counter() - start) / iters, peak
 
 
