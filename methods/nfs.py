@@ -41,7 +41,7 @@ Choices where the paper is silent (marked `Choice:` in the code):
   (`--hessian finite-difference`, eps = 0.01 / ||xi grad_W' L_val||) is kept as an option: on a ResNet its step
   crosses ReLU kinks, and measured here (resnet18, random images; bench.py nfs) its gate gradient is off the exact
   one by about 9 times the exact one's norm. It converges only for steps (1e-6 in float64) that float32 cannot
-  resolve. The exact term costs about 1.3x the time and 2x the memory of the finite difference.
+  resolve. The exact term costs about 1.25x the time and 1.5x the memory of the finite difference.
 - Gate optimiser: Adam, lr 3e-4, betas (0.5, 0.999) (DARTS's architecture optimiser) without weight decay:
   the per-element gradients of the fields are far smaller than DARTS's 1e-3 decay term, which would otherwise
   drive every P to 0 regardless of the loss.
