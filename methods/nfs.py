@@ -14,9 +14,10 @@ No code of this paper was ever published; this file is the first implementation.
 - the bilevel search (Eq. 5, Alg. 1): an 80/20 random image split (line 1); alternating a weight step on
   D_train with L_train (line 3) and a gate step on D_val with L_val at the virtual weights
   W' = W - xi grad_W L_train (line 4, second order: the Hessian-vector product exactly by autograd, or by DARTS's
-  finite differences with `--hessian finite-difference`; `--first-order true` drops it); the binary gates derived from P~ (line 5) are saved to
-  OUT/gates.pt and the network is retrained from its initial weights on the whole training set with the gates
-  fixed (line 6); reid.py evaluates it (line 7). `--phase search|retrain|both`, `--gates FILE`;
+  finite differences with `--hessian finite-difference`; `--first-order true` drops it); the binary gates derived
+  from P~ (line 5) are saved to OUT/gates.pt and the network is retrained from its initial weights on the whole
+  training set with the gates fixed (line 6); reid.py evaluates it (line 7). `--phase search|retrain|both`,
+  `--gates FILE`;
 - the cross-modality contrastive loss (Eq. 10-13) and the total objective L = L_b + lambda L_c (Eq. 14), used
   as L_train, L_val (Eq. 5) and in the retraining;
 - ablation switches: Table 3 (B, B+N, B+C, B+N+C) = `--feature-search`, `--contrastive`; Table 4 =
