@@ -23,6 +23,33 @@ def max_rss_kib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _child(job, args, queue):
+    """Runs job(*args); puts (result, peak RSS growth in MiB, CUDA max_memory_allocated in MiB or None) on `queue`."""
+    import torch
+    base = max_rss_kib()
+    result = job(*args)
+    cuda = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
+    queue.put((result, (max_rss_kib() - base) / 1024, cuda))
+
+
+def in_child(job, *args):
+    """job(*args) in a fresh (spawned) process, so memory figures of different jobs compare:
+    (result, peak RSS growth in MiB, CUDA peak in MiB or None)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_child, args=(job, args, queue))
+    p.start()
+    result = queue.get()
+    p.join()
+    return result
+
+
+def peak_memory(rss_mib, cuda_mib):
+    """The figure to report: (MiB, what it is): the CUDA peak on a GPU, else the peak RSS growth."""
+    return (cuda_mib, "CUDA max_memory_allocated") if cuda_mib is not None else (rss_mib, "peak RSS growth")
+
+
 # ==== loader ====
 
 def bench_loader():
@@ -159,27 +186,6 @@ def bench_eval():
 
 # ==== methods ====
 
-def _ssft_child(job, queue):
-    """Runs one ssft bench job in a fresh process; puts (result, peak RSS growth in MB) on `queue`."""
-    import time
-
-    import torch
-    base = max_rss_kib()
-    result = job()
-    queue.put((result, (max_rss_kib() - base) / 1024))
-
-
-def _ssft_in_child(job):
-    import multiprocessing
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_ssft_child, args=(job, queue))
-    p.start()
-    result = queue.get()
-    p.join()
-    return result
-
-
 def _ssft_train_iteration(method_name, iters=2, P=8, K=4, h=128, w=64):
     """Seconds per training iteration (best of `iters` after a warm-up) of `method_name` on random images."""
     import time
@@ -264,9 +270,9 @@ def bench_ssft():
 
     import torch
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    (agw_s, agw_gpu), agw_mb = _ssft_in_child(functools.partial(_ssft_train_iteration, "agw"))
-    (ssft_s, ssft_gpu), ssft_mb = _ssft_in_child(functools.partial(_ssft_train_iteration, "ssft"))
-    (recipe_s, _), _ = _ssft_in_child(functools.partial(_ssft_train_iteration, "ssft", h=96, w=48))
+    (agw_s, agw_gpu), agw_mb, _ = in_child(functools.partial(_ssft_train_iteration, "agw"))
+    (ssft_s, ssft_gpu), ssft_mb, _ = in_child(functools.partial(_ssft_train_iteration, "ssft"))
+    (recipe_s, _), _, _ = in_child(functools.partial(_ssft_train_iteration, "ssft", h=96, w=48))
     print(f"training iteration, resnet18 from scratch, 128x64, P=8 K=4 (32 visible + 32 infrared), {device}:")
     print(f"  agw : {agw_s:6.2f} s/it   peak RSS growth {agw_mb:7.0f} MB"
           + (f"   CUDA peak {agw_gpu:7.0f} MB" if agw_gpu else ""))
@@ -275,7 +281,7 @@ def bench_ssft():
           + f"   ({ssft_s / agw_s:.1f}x agw's time)")
     print(f"  ssft at its SYNTHETIC size 96x48: {recipe_s:6.2f} s/it ({recipe_s / agw_s:.1f}x agw's 128x64 iteration)")
     nq, ng, c, n_single = 3803, 3010, 2048, 50
-    (transductive, single), test_mb = _ssft_in_child(functools.partial(_ssft_test_cost, nq, ng, c, n_single))
+    (transductive, single), test_mb, _ = in_child(functools.partial(_ssft_test_cost, nq, ng, c, n_single))
     print(f"test-time SSTN at SYSU-MM01 multi-shot size ({nq} queries + {ng} gallery, c={c} as ResNet-50, "
           f"random features, {device}):")
     print(f"  transductive (all queries + gallery, one pass): {transductive:6.2f} s")
@@ -285,29 +291,6 @@ def bench_ssft():
     print(f"  peak RSS growth of both: {test_mb:.0f} MB; linear in N = {n}: no N x N matrix is formed (the inputs H, P "
           f"take {2 * n * c * 4 / 2 ** 20:.0f} MB, Z = [H; P; 0] {n * 3 * c * 4 / 2 ** 20:.0f} MB, a dense affinity "
           f"would take {n * n * 4 / 2 ** 20:.0f} MB)")
-
-
-def _mce_child(job, args, queue):
-    """Runs job(*args) in a fresh process; puts (result, peak memory growth in MiB, what was measured) on `queue`."""
-
-    import torch
-    base = max_rss_kib()
-    result = job(*args)
-    if torch.cuda.is_available():
-        queue.put((result, torch.cuda.max_memory_allocated() / 2**20, "CUDA max_memory_allocated"))
-    else:
-        queue.put((result, (max_rss_kib() - base) / 1024, "peak RSS growth"))
-
-
-def _mce_in_child(job, *args):
-    import multiprocessing
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_mce_child, args=(job, args, queue))
-    p.start()
-    result = queue.get()
-    p.join()
-    return result
 
 
 def _mce_iteration(method_name, P, K, h, w, iters=3, num_classes=100):
@@ -388,8 +371,9 @@ def bench_mce():
     device = "GPU" if torch.cuda.is_available() else "CPU"
     print(f"resnet18 (the CPU recipe's backbone), {h}x{w}, P={P} K={K}, random images, on {device}; "
           f"each method in a fresh process")
-    mce_r, mce_mem, what = _mce_in_child(_mce_iteration, "mce", P, K, h, w)
-    agw_r, agw_mem, _ = _mce_in_child(_mce_iteration, "agw", P, K, h, w)
+    mce_r, *mce_peak = in_child(_mce_iteration, "mce", P, K, h, w)
+    agw_r, *agw_peak = in_child(_mce_iteration, "agw", P, K, h, w)
+    (mce_mem, what), (agw_mem, _) = peak_memory(*mce_peak), peak_memory(*agw_peak)
     print(f"  agw iteration ({2 * P * K} images):  {agw_r['iteration']:.3f} s, peak memory {agw_mem:.0f} MiB ({what})")
     print(f"  mce iteration ({3 * P * K} images):  {mce_r['iteration']:.3f} s, peak memory {mce_mem:.0f} MiB "
           f"-> {mce_r['iteration'] / agw_r['iteration']:.2f}x the time, {mce_mem / max(agw_mem, 1):.2f}x the memory")
@@ -400,24 +384,6 @@ def bench_mce():
         train_s, pass_s = its * mce_r["iteration"], (2 * n_v + n_r) / rate
         print(f"  {name:15s}: {its} iterations ({train_s:.0f} s) + pass over {2 * n_v + n_r} images ({pass_s:.0f} s) "
               f"per epoch -> the pass is {100 * pass_s / (train_s + pass_s):.0f} % of the epoch")
-
-
-def _cmnas_child(job, args, queue):
-    """Runs job(*args) in a fresh process; puts (result, peak RSS growth in MiB) on `queue`."""
-    base = max_rss_kib()
-    result = job(*args)
-    queue.put((result, (max_rss_kib() - base) / 1024))
-
-
-def _cmnas_in_child(job, *args):
-    import multiprocessing
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_cmnas_child, args=(job, args, queue))
-    p.start()
-    result = queue.get()
-    p.join()
-    return result
 
 
 def _cmnas_iteration(kind, arch="resnet18", h=128, w=64, P=8, K=4, iters=2):
@@ -493,33 +459,10 @@ def bench_cmnas():
           f"agw with its non-local blocks and GeM:")
     agw_s = None
     for kind in ("agw", "search", "retrain"):
-        (sec, cuda_mb), rss_mb = _cmnas_in_child(functools.partial(_cmnas_iteration, kind, arch, h, w))
+        (sec, cuda_mb), rss_mb, _ = in_child(functools.partial(_cmnas_iteration, kind, arch, h, w))
         agw_s = agw_s or sec
         print(f"  {kind:8s}: {sec:6.2f} s/it ({sec / agw_s:4.2f}x agw)   peak RSS growth {rss_mb:6.0f} MiB"
               + (f"   CUDA peak {cuda_mb:7.0f} MiB" if cuda_mb else ""))
-
-
-def _nfs_child(job, args, queue):
-    """Runs job(*args) in a fresh process; puts (result, peak memory in MiB, what was measured) on `queue`."""
-
-    import torch
-    base = max_rss_kib()
-    result = job(*args)
-    if torch.cuda.is_available():
-        queue.put((result, torch.cuda.max_memory_allocated() / 2**20, "CUDA max_memory_allocated"))
-    else:
-        queue.put((result, (max_rss_kib() - base) / 1024, "RSS growth"))
-
-
-def _nfs_in_child(job, *args):
-    import multiprocessing
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    p = ctx.Process(target=_nfs_child, args=(job, args, queue))
-    p.start()
-    result = queue.get()
-    p.join()
-    return result
 
 
 def _nfs_iteration(kind, iters, P, K, h, w):
@@ -607,7 +550,8 @@ def bench_nfs():
                         ("first-order", "nfs search, first order"),
                         ("finite-difference", "nfs search, second order (DARTS finite diff.)"),
                         ("autograd", "nfs search, second order (exact, the default)")):
-        (seconds, agreement), memory, what = _nfs_in_child(_nfs_iteration, kind, iters, P, K, h, w)
+        (seconds, agreement), *peak = in_child(_nfs_iteration, kind, iters, P, K, h, w)
+        memory, what = peak_memory(*peak)
         base = base or seconds
         print(f"  {label:46s} {seconds:6.2f} s/it  {seconds / base:4.1f}x agw   {what} {memory:6.0f} MiB")
     print(f"  finite-difference vs exact second-order gate gradient (eps = 0.01 / ||v||): relative difference "
