@@ -609,9 +609,6 @@ def bench_rfm():
     with and without it, and a training iteration's time and peak memory relative to an AGW iteration at the same
     batch and image size. CPU: resnet18 at 128x64, P=8 K=4 (the synthetic recipes), each model in a fresh
     process so max RSS compares; on a GPU also resnet50 at 288x144."""
-    import json
-    import os
-    import subprocess
     import time
 
     import numpy as np
@@ -650,16 +647,11 @@ def bench_rfm():
     finally:
         torch.set_num_threads(threads)
 
-    def child(method, arch, h, w):
-        code = f"import bench, json; print(json.dumps(bench._rfm_iteration({method!r}, 'cpu', {arch!r}, {h}, {w}, 8, 4, 3)))"
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)))
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
     runs = [("cpu", "resnet18", 128, 64)] + ([("cuda", "resnet50", 288, 144)] if torch.cuda.is_available() else [])
     for device, arch, h, w in runs:
         if device == "cpu":
-            (a_s, a_mem), (r_s, r_mem) = child("agw", arch, h, w), child("rfm", arch, h, w)
+            (a_s, a_mem), (r_s, r_mem) = (in_child(_rfm_iteration, m, device, arch, h, w, 8, 4, 3)[0]
+                                          for m in ("agw", "rfm"))
         else:
             (a_s, a_mem), (r_s, r_mem) = (_rfm_iteration(m, device, arch, h, w, 8, 4, 10) for m in ("agw", "rfm"))
         where = f"cpu, {torch.get_num_threads()} threads" if device == "cpu" else device
