@@ -234,18 +234,46 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+RUN_MARKER = ".reid-run"  # written into every output directory this program creates; --overwrite needs it
+
+
+def _inside(path, root):
+    """True when `path` is `root` or lies below it (both resolved)."""
+    return path == root or root in path.parents
+
+
+def protected_paths(args):
+    """Directories --overwrite must never remove, nor any directory above them: the working directory, this
+    repository, the data root, the cache and the checkpoint being evaluated."""
+    keep = [Path.cwd(), Path(__file__).resolve().parent, Path(args.cache_dir)]
+    keep += [Path(p) for p in (args.data_root, args.checkpoint) if p]
+    return [p.resolve() for p in keep]
+
+
 def prepare_out(args, method_name):
     suffix = ("-smoke" if args.smoke else "") + ("-eval" if args.eval_only else "")
     out = Path(args.resume or args.out or f"runs/{method_name}-{args.dataset}{suffix}")
     if args.resume:
         if not (out / "args.json").is_file():
             raise UserError(f"--resume {out}: no args.json there; give the output directory of a started run")
+    elif out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory; give a directory path")
     elif out.exists() and any(out.iterdir()):
+        ours = (out / RUN_MARKER).is_file()
+        if not ours:
+            raise UserError(f"output directory {out} is not empty and was not written by reid.py (no {RUN_MARKER} "
+                            f"in it); reid.py never deletes it: give an empty or new directory with --out")
         if not args.overwrite:
             raise UserError(f"output directory {out} already holds a run; pass --resume {out} to continue it, "
                             f"--overwrite to replace it, or --out for another directory")
+        target = out.resolve()
+        for kept in protected_paths(args):
+            if _inside(kept, target):
+                raise UserError(f"--overwrite refused: {out} is or holds {kept}, which reid.py must not delete; "
+                                f"give another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_MARKER).write_text("written by reid.py; --overwrite may replace this directory\n")
     return out
 
 
@@ -354,7 +382,8 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:
-        sys.exit(f"reid.py: error: {e}")
+    except UserError as e:  # exit status 2, as argparse's own errors
+        print(f"reid.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit("reid.py: interrupted; continue with --resume OUT")

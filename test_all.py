@@ -1192,6 +1192,7 @@ class TestCLIEndToEnd(unittest.TestCase):
             busy = Path(tmp) / "busy"
             busy.mkdir()
             (busy / "args.json").write_text("{}")
+            (busy / ".reid-run").write_text("")
             junk = Path(tmp) / "junk.pt"
             junk.write_bytes(b"not a checkpoint")
             cases = [
@@ -1213,9 +1214,72 @@ class TestCLIEndToEnd(unittest.TestCase):
                     if "--out" not in argv:  # never write into the repository
                         argv = argv + ["--out", str(Path(tmp) / "out")]
                     p = reid_cli(*argv)
-                    self.assertNotEqual(p.returncode, 0)
+                    self.assertEqual(p.returncode, 2)
                     self.assertNotIn("Traceback", p.stderr)
                     self.assertIn(expected, p.stderr)
+
+
+class TestOverwriteSafety(unittest.TestCase):
+    """--overwrite removes only a directory reid.py wrote (its .reid-run marker), never one that is or holds the
+    working directory, the repository, the data root, the cache or the checkpoint being evaluated."""
+
+    def run_in(self, cwd, *argv):
+        return subprocess.run([sys.executable, str(HERE / "reid.py"), *argv], capture_output=True, text=True,
+                              cwd=str(cwd), timeout=600)
+
+    def test_refusals_delete_nothing(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            user = tmp / "user"
+            user.mkdir()
+            (user / "thesis.tex").write_text("years of work")
+            ours = tmp / "ours"  # a directory with reid.py's marker, but also the data root / cwd / checkpoint's home
+            ours.mkdir()
+            (ours / ".reid-run").write_text("")
+            (ours / "model.pt").write_bytes(b"x")
+            smoke = ["--method", "agw", "--smoke", "--cache-dir", TEST_CACHE]
+            cases = [  # (cwd, argv, a word of the message, a word it must not contain)
+                (tmp, [*smoke, "--out", str(user), "--overwrite"], "not written by reid.py", "--overwrite"),
+                (tmp, [*smoke, "--out", str(user)], "never deletes", "holds a run"),
+                (user, [*smoke, "--out", ".", "--overwrite"], "not written by reid.py", "--overwrite to"),
+                (HERE, [*smoke, "--out", ".", "--overwrite"], "not written by reid.py", "--overwrite to"),
+                (ours, [*smoke, "--out", ".", "--overwrite"], "must not delete", None),
+                (ours / "..", [*smoke, "--out", str(tmp), "--overwrite"], "not written by reid.py", None),
+                (tmp, ["--method", "agw", "--smoke", "--cache-dir", str(ours), "--out", str(ours), "--overwrite"],
+                 "must not delete", None),
+                (tmp, [*smoke, "--dataset", "sysu", "--data-root", str(ours), "--out", str(ours), "--overwrite"],
+                 "must not delete", None),
+                (tmp, [*smoke, "--eval-only", "--checkpoint", str(ours / "model.pt"), "--out", str(ours),
+                       "--overwrite"], None, None),
+            ]
+            for cwd, argv, word, absent in cases:
+                with self.subTest(cwd=cwd, argv=argv):
+                    p = self.run_in(cwd, *argv)
+                    self.assertEqual(p.returncode, 2, p.stderr)
+                    self.assertNotIn("Traceback", p.stderr)
+                    self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+                    if word:
+                        self.assertIn(word, p.stderr)
+                    if absent:
+                        self.assertNotIn(absent, p.stderr)
+                    self.assertEqual((user / "thesis.tex").read_text(), "years of work")
+                    self.assertTrue((ours / "model.pt").is_file() and (ours / ".reid-run").is_file())
+            self.assertTrue((HERE / "reid.py").is_file() and (HERE / ".git").exists())
+
+    def test_overwrite_replaces_its_own_run(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "run"
+            smoke = ["--method", "agw", "--smoke", "--cache-dir", TEST_CACHE, "--out", str(out)]
+            self.assertEqual(reid_cli(*smoke).returncode, 0)
+            self.assertTrue((out / ".reid-run").is_file())
+            (out / "stale.txt").write_text("from the first run")
+            p = reid_cli(*smoke)
+            self.assertEqual(p.returncode, 2)
+            self.assertIn("already holds a run", p.stderr)
+            p = reid_cli(*smoke, "--overwrite")
+            self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+            self.assertFalse((out / "stale.txt").exists())
+            self.assertTrue((out / "results.json").is_file())
 
 # ==== end cli ====
 
