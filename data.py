@@ -327,26 +327,37 @@ def sysu_gallery(files, ids, mode, shot, trial):
     return out
 
 
-def load_sysu(root, height, width, cache_dir, log=print, expect_published=True):
+def load_sysu(root, height, width, cache_dir, log=print, expect_published=True, split="test"):
     """SYSU-MM01 -> (TrainSet, TestSet). Train = train + val ids relabelled 0..C-1 in sorted id order.
 
     Test pools: 'r' = all infrared test images (the queries), 'v' = all visible test images (cams 1, 2, 4, 5);
-    protocols all/indoor x single/multi with 10 community trials each (gallery = index subset of pool 'v')."""
+    protocols all/indoor x single/multi with 10 community trials each (gallery = index subset of pool 'v').
+    split='val' (recipe choices): train on exp/train_id.txt alone and evaluate the exp/val_id.txt identities
+    with the same query and gallery rules; the test identities are not read at all."""
     layout = "cam1..cam6/<4-digit id>/<n>.jpg and exp/{train,val,test}_id.txt"
     root = os.path.abspath(root)
     _check_root(root, "exp", "SYSU-MM01", layout)
     for cam in range(1, 7):
         if not os.path.isdir(os.path.join(root, f"cam{cam}")):
             raise DataError(f"{os.path.join(root, f'cam{cam}')} is missing; expected the SYSU-MM01 layout {layout}")
+    if split not in ("test", "val"):
+        raise DataError(f"split {split!r} is unknown; choose test or val")
     id_files = {name: _read_sysu_ids(root, name) for name in ("train_id.txt", "val_id.txt", "test_id.txt")}
     train_ids = sorted(id_files["train_id.txt"] + id_files["val_id.txt"])
     test_ids = sorted(id_files["test_id.txt"])
+    if split == "val":
+        val_overlap = sorted(set(id_files["val_id.txt"]) & set(test_ids))
+        if val_overlap:
+            raise DataError(f"identities {val_overlap[:10]} are in exp/val_id.txt and exp/test_id.txt; "
+                            f"--split val needs disjoint validation and test ids")
     if len(set(train_ids)) != len(train_ids):
         both = sorted(set(id_files["train_id.txt"]) & set(id_files["val_id.txt"]))
         raise DataError(f"identities {both[:10]} are in both exp/train_id.txt and exp/val_id.txt; each id belongs to one split")
     overlap = sorted(set(train_ids) & set(test_ids))
     if overlap:
         raise DataError(f"identities {overlap[:10]} are in exp/test_id.txt and in the training ids; the splits must be disjoint")
+    if split == "val":  # evaluate the validation identities as if they were the test split
+        train_ids, test_ids = sorted(id_files["train_id.txt"]), sorted(id_files["val_id.txt"])
 
     def scan(ids):
         files = {}
@@ -359,7 +370,7 @@ def load_sysu(root, height, width, cache_dir, log=print, expect_published=True):
                                 f"in {root}/cam1..cam6/{pid:04d}; restore its images or remove it from the list")
         return files
 
-    rt = _root_tag(root)
+    rt = _root_tag(root) + ("-val" if split == "val" else "")
     train_files = scan(train_ids)
     label = {pid: i for i, pid in enumerate(train_ids)}
     train = {}
@@ -387,7 +398,11 @@ def load_sysu(root, height, width, cache_dir, log=print, expect_published=True):
     counts = {"train ids": trainset.num_classes, "train visible images": len(trainset.v),
               "train infrared images": len(trainset.r), "test ids": len(test_ids),
               "test queries (infrared)": len(pools["r"]), "test visible images": len(pools["v"])}
-    _report(f"SYSU-MM01 {root}", counts, SYSU_PUBLISHED, expect_published, log)
+    if split == "val":
+        counts = {("val" + k[4:] if k.startswith("test") else k): v for k, v in counts.items()}
+        expect_published = False  # the published counts describe the test split
+    _report(f"SYSU-MM01 {root}" + (" (split val)" if split == "val" else ""), counts, SYSU_PUBLISHED,
+            expect_published, log)
     return trainset, TestSet(pools, protocols)
 
 
@@ -417,8 +432,25 @@ def _read_regdb_index(root, name):
     return entries
 
 
-def load_regdb(root, trial, height, width, cache_dir, log=print, expect_published=True):
+REGDB_VAL_FRACTION = 0.2  # --split val: this share of each trial's training identities becomes the validation set
+
+
+def regdb_val_labels(labels, trial):
+    """The validation identities of RegDB trial `trial` under --split val: a fixed 20 % of its training labels,
+    round(0.2 n) of them drawn by numpy's default_rng([trial, 20]) from the sorted labels."""
+    labels = sorted(labels)
+    n = int(round(REGDB_VAL_FRACTION * len(labels)))
+    if not 0 < n < len(labels):
+        raise DataError(f"RegDB trial {trial} has {len(labels)} training identities, too few to hold out "
+                        f"{REGDB_VAL_FRACTION:.0%} for --split val")
+    return sorted(int(x) for x in np.random.default_rng([trial, 20]).choice(labels, n, replace=False))
+
+
+def load_regdb(root, trial, height, width, cache_dir, log=print, expect_published=True, split="test"):
     """RegDB trial `trial` (1..10) -> (TrainSet, TestSet).
+
+    split='val' (recipe choices): the identities regdb_val_labels() picks from the trial's training lists are
+    evaluated instead of the test lists (same two protocols), the remaining 80 % are trained on.
 
     Train labels are relabelled 0..C-1 in sorted order of the index files' labels; test labels stay as given.
     Cams: 1 visible, 2 thermal. Protocols 'visible-to-infrared' (query pool 'v', gallery 'r') and
@@ -428,8 +460,16 @@ def load_regdb(root, trial, height, width, cache_dir, log=print, expect_publishe
         raise DataError(f"RegDB trial {trial!r} is invalid; choose an integer from 1 to 10")
     root = os.path.abspath(root)
     _check_root(root, "idx", "RegDB", layout)
-    lists = {(split, m): _read_regdb_index(root, f"{split}_{name}_{trial}.txt")
-             for split in ("train", "test") for m, name in (("v", "visible"), ("r", "thermal"))}
+    if split not in ("test", "val"):
+        raise DataError(f"split {split!r} is unknown; choose test or val")
+    lists = {(part, m): _read_regdb_index(root, f"{part}_{name}_{trial}.txt")
+             for part in ("train", "test") for m, name in (("v", "visible"), ("r", "thermal"))}
+    if split == "val":  # hold out validation identities from the training lists; the test lists are not used
+        held = set(regdb_val_labels({lab for m in "vr" for _, lab in lists[("train", m)]}, trial))
+        for m in "vr":
+            train = lists[("train", m)]
+            lists[("test", m)] = [e for e in train if e[1] in held]
+            lists[("train", m)] = [e for e in train if e[1] not in held]
     train_labels = sorted({lab for m in "vr" for _, lab in lists[("train", m)]})
     relabel = {lab: i for i, lab in enumerate(train_labels)}
     rt = _root_tag(root)
@@ -437,14 +477,14 @@ def load_regdb(root, trial, height, width, cache_dir, log=print, expect_publishe
     for m, cam in (("v", 1), ("r", 2)):
         # one cache per modality over the union of this trial's train and test images: on the real data the
         # union is the same for every trial, so the ten trials share it
-        union = sorted({f for split in ("train", "test") for f, _ in lists[(split, m)]})
+        union = sorted({f for part in ("train", "test") for f, _ in lists[(part, m)]})
         images = cached_images(union, height, width, cache_dir, f"regdb-{rt}-{m}", log)
         position = {f: i for i, f in enumerate(union)}
-        for split in ("train", "test"):
-            entries = lists[(split, m)]
-            s = _image_set([(f, relabel[lab] if split == "train" else lab, cam) for f, lab in entries])
+        for part in ("train", "test"):
+            entries = lists[(part, m)]
+            s = _image_set([(f, relabel[lab] if part == "train" else lab, cam) for f, lab in entries])
             s.images = images[np.array([position[f] for f, _ in entries], dtype=np.int64)]
-            sets[(split, m)] = s
+            sets[(part, m)] = s
     trainset = TrainSet(sets[("train", "v")], sets[("train", "r")], len(train_labels))
     pools = {"v": sets[("test", "v")], "r": sets[("test", "r")]}
     all_v, all_r = np.arange(len(pools["v"]), dtype=np.int64), np.arange(len(pools["r"]), dtype=np.int64)
@@ -454,7 +494,11 @@ def load_regdb(root, trial, height, width, cache_dir, log=print, expect_publishe
     counts = {"train ids": trainset.num_classes, "train visible images": len(trainset.v),
               "train thermal images": len(trainset.r), "test ids": len(test_ids),
               "test visible images": len(pools["v"]), "test thermal images": len(pools["r"])}
-    _report(f"RegDB {root} trial {trial}", counts, REGDB_PUBLISHED, expect_published, log)
+    if split == "val":
+        counts = {("val" + k[4:] if k.startswith("test") else k): v for k, v in counts.items()}
+        expect_published = False
+    _report(f"RegDB {root} trial {trial}" + (" (split val)" if split == "val" else ""), counts, REGDB_PUBLISHED,
+            expect_published, log)
     return trainset, TestSet(pools, protocols)
 
 

@@ -4,16 +4,29 @@
     python reid.py --method agw --dataset sysu --data-root DIR      # the paper's recipe on SYSU-MM01
     python reid.py --method agw --dataset regdb --data-root DIR --trial all
     python reid.py --method nfs --smoke                             # install check: well under a minute on a CPU
+    python reid.py --method rfm --recipe release                    # the authors' released code's values
+    python reid.py --method rfm --split val --seeds 0 1 2           # tune on validation ids, spread over seeds
     python reid.py --resume runs/agw-synthetic                      # continue a killed run
     python reid.py --eval-only --checkpoint runs/agw-synthetic/model.pt
+    python reid.py --report runs/*                                  # the README's results table, in Markdown
 
 Every field of the method's Settings dataclass is an option (--lr 0.01, --milestones 40 70, --non-local false).
+Where a setting's value comes from, lowest precedence first (args.json records the source of every value):
+
+    paper      the Settings defaults: the paper's recipe (where the paper is silent, the release's, cited)
+    release    the method's RELEASE dict, with --recipe release (RELEASE_REGDB on top of it for --dataset regdb)
+    synthetic  the method's SYNTHETIC dict, on the built-in synthetic world (the CPU budget; chosen on --split val)
+    smoke      the method's SMOKE dict, with --smoke
+    flag       an option written on the command line
+
 This file only dispatches: the method files hold every piece of paper logic.
 """
 import argparse
 import dataclasses
 import importlib
 import json
+import os
+import platform
 import random
 import shutil
 import sys
@@ -31,6 +44,8 @@ from methods import METHODS, common
 from methods.common import UserError
 
 KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
+RECIPES = ("paper", "release")
+FIT_MAX_QUERIES = 3000  # training fit: at most this many infrared training images query (evenly spaced)
 SMOKE_ITERS = 2  # iterations per epoch in --smoke runs
 SMOKE_WORLDS = {  # the tiny synthetic worlds of --smoke runs and of the tests
     "sysu": dict(num_ids=16, num_test=6, images_per_cam=2, height=64, width=32),
@@ -63,6 +78,14 @@ def common_parser(add_help=True):
                    help="synthetic (default: a generated world in the SYSU-MM01 layout), sysu or regdb")
     p.add_argument("--data-root", help="dataset directory (the one holding exp/ for SYSU-MM01, idx/ for RegDB)")
     p.add_argument("--trial", default="1", help="RegDB trial 1..10, or 'all' to train and test all ten in turn")
+    p.add_argument("--recipe", default="paper", choices=RECIPES,
+                   help="paper (default: the paper's values) or release (the authors' released code's values)")
+    p.add_argument("--split", default="test", choices=("test", "val"),
+                   help="test (default), or val: train without the validation ids and evaluate them (recipe choices)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                   help="train and evaluate once per seed (OUT/seed-S/), then report mean ± std over seeds")
+    p.add_argument("--report", nargs="+", metavar="PATH",
+                   help="print the Markdown results table of these run directories (or results.json files); no run")
     p.add_argument("--smoke", action="store_true", help="tiny world, small images, a few iterations: checks an install")
     p.add_argument("--out", help="output directory (default runs/<method>-<dataset>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -79,45 +102,71 @@ def common_parser(add_help=True):
     return p
 
 
-def add_settings_options(parser, settings_cls, synthetic=None):
+def recipe_layers(method, args):
+    """[(source, overrides), ...] above the paper defaults, lowest precedence first (see the module docstring)."""
+    layers = []
+    if args.recipe == "release":
+        if getattr(method, "RELEASE", None) is None:
+            raise UserError(f"--recipe release: no code was published for {method.__name__.split('.')[-1]}, so it "
+                            f"has no released recipe; use --recipe paper")
+        layers.append(("release", method.RELEASE))
+        per_dataset = getattr(method, f"RELEASE_{args.dataset.upper()}", None)
+        if per_dataset:
+            layers.append(("release", per_dataset))
+    if args.dataset == "synthetic":
+        layers.append(("synthetic", method.SYNTHETIC))
+    if args.smoke:
+        layers.append(("smoke", method.SMOKE))
+    return layers
+
+
+def add_settings_options(parser, method):
     """One --field-name option per Settings field, default None so explicit flags can be told apart. The help
-    shows the paper's default and, where it differs, the synthetic world's CPU recipe (`synthetic`)."""
-    group = parser.add_argument_group("method settings (defaults: the paper's recipe; in brackets: the "
-                                      "synthetic world's, used when no --dataset is given)")
+    shows the paper's value and, where they differ, the release's and the synthetic world's."""
+    group = parser.add_argument_group("method settings (paper: the default; release: with --recipe release; "
+                                      "synthetic: on the built-in synthetic world, when no --dataset is given)")
+    release = getattr(method, "RELEASE", None) or {}
+    choices = getattr(method, "CHOICES", {})
+
     def show(v):
         return " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
-    for f in dataclasses.fields(settings_cls):
+    for f in dataclasses.fields(method.Settings):
         flag = "--" + f.name.replace("_", "-")
-        text = f"default {show(f.default)}"
-        if synthetic and f.name in synthetic and synthetic[f.name] != f.default:
-            text += f" [{show(synthetic[f.name])}]"
+        text = f"paper {show(f.default)}"
+        for name, layer in (("release", release), ("synthetic", method.SYNTHETIC)):
+            if f.name in layer and layer[f.name] != f.default:
+                text += f"; {name} {show(layer[f.name])}"
         if isinstance(f.default, bool):
             group.add_argument(flag, type=str2bool, metavar="true|false", help=text)
         elif isinstance(f.default, tuple):
             element = type(f.default[0]) if f.default else int
             group.add_argument(flag, type=element, nargs="*", help=text)
         else:
-            group.add_argument(flag, type=type(f.default), help=text)
+            group.add_argument(flag, type=type(f.default), choices=choices.get(f.name), help=text)
 
 
 def resolve_settings(method, args, argv_given, trained=None):
-    """Paper defaults, then the synthetic CPU recipe, then --smoke, then explicit flags. With --eval-only, the
-    checkpoint's settings (`trained`) take the place of the first three: explicit flags still win (a test-time
-    choice such as --ssft-test single-query; a flag that changes the network fails when the weights load)."""
+    """(Settings, {field: source}): paper defaults < release < synthetic < smoke < explicit flags. With
+    --eval-only, the checkpoint's settings (`trained`) take the place of the first four: explicit flags still
+    win (a test-time choice such as --ssft-test single-query; a flag that changes the network fails when the
+    weights load)."""
     values = dataclasses.asdict(method.Settings())
-    if trained is not None:
-        values.update(trained)
-    else:
-        if args.dataset == "synthetic":
-            values.update(method.SYNTHETIC)
-        if args.smoke:
-            values.update(method.SMOKE)
+    sources = dict.fromkeys(values, "paper")
+    layers = [("checkpoint", trained)] if trained is not None else recipe_layers(method, args)
+    for source, layer in layers:
+        unknown = sorted(set(layer) - set(values))
+        if unknown:
+            raise UserError(f"{source} settings name {unknown[:5]}, which {method.__name__} does not have; "
+                            f"was the checkpoint written by another version of this code?")
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, source))
     for name in values:
         given = getattr(args, name)
         if given is not None and name in argv_given:
             values[name] = tuple(given) if isinstance(values[name], tuple) else given
-    return method.Settings(**values)
+            sources[name] = "flag"
+    return method.Settings(**values), sources
 
 
 def flags_given(argv):
@@ -158,26 +207,32 @@ def trials_of(args):
 
 
 def load_data(args, settings, trial, log):
-    """(TrainSet, TestSet) of the chosen dataset at the method's image size."""
+    """(TrainSet, TestSet) of the chosen dataset at the method's image size; with --split val the TestSet holds
+    the validation identities instead of the test ones."""
     cache = Path(args.cache_dir)
     if args.dataset == "synthetic":
         root = synthetic.ensure_world(cache, "sysu", **(SMOKE_WORLDS["sysu"] if args.smoke else {}), log=log)
-        return data.load_sysu(root, settings.height, settings.width, cache, log=log, expect_published=False)
+        return data.load_sysu(root, settings.height, settings.width, cache, log=log, expect_published=False,
+                              split=args.split)
     root = check_root(args.dataset, args.data_root)
     if args.dataset == "sysu":
-        return data.load_sysu(root, settings.height, settings.width, cache, log=log)
-    return data.load_regdb(root, trial, settings.height, settings.width, cache, log=log)
+        return data.load_sysu(root, settings.height, settings.width, cache, log=log, split=args.split)
+    return data.load_regdb(root, trial, settings.height, settings.width, cache, log=log, split=args.split)
 
 
 # ---------------------------------------------------------------- testing
 
 @torch.no_grad()
-def extract_pools(method, model, testset, device, batch_size=128):
-    """Test features of every pool image, extracted once: {'v': (Nv, d), 'r': (Nr, d)}."""
+def extract_images(method, model, images, modality, device, batch_size=128):
+    """(N, d) test features of uint8 images (N, H, W, 3)."""
     model.eval()
-    return {m: torch.cat([method.extract(model, x.to(device), m).float().cpu()
-                          for x in data.test_batches(pool.images, batch_size)])
-            for m, pool in testset.pools.items()}
+    return torch.cat([method.extract(model, x.to(device), modality).float().cpu()
+                      for x in data.test_batches(images, batch_size)])
+
+
+def extract_pools(method, model, testset, device):
+    """Test features of every pool image, extracted once: {'v': (Nv, d), 'r': (Nr, d)}."""
+    return {m: extract_images(method, model, pool.images, m, device) for m, pool in testset.pools.items()}
 
 
 def distance_fn(method, model, settings):
@@ -186,15 +241,29 @@ def distance_fn(method, model, settings):
     return lambda q, g: torch.cdist(F.normalize(q, dim=1), F.normalize(g, dim=1))
 
 
+def training_fit(method, model, settings, trainset, device):
+    """How well the final model fits its own training identities: infrared training images (at most
+    FIT_MAX_QUERIES, evenly spaced) query all visible training images, no camera rule, the test-time distance.
+    A model that learned an embedding scores far above chance (about 1 / num_classes); a collapsed one does not."""
+    q_idx = np.unique(np.linspace(0, len(trainset.r) - 1, min(len(trainset.r), FIT_MAX_QUERIES)).astype(np.int64))
+    q = trainset.r.subset(q_idx)
+    q_feat = extract_images(method, model, q.images, "r", device)
+    g_feat = extract_images(method, model, trainset.v.images, "v", device)
+    dist = distance_fn(method, model, settings)(q_feat.to(device), g_feat.to(device)).float().cpu()
+    r = evaluation.evaluate(dist, q.labels, trainset.v.labels, q.cams, trainset.v.cams, protocol="regdb",
+                            max_rank=1)
+    return {"rank1": 100 * float(r["cmc"][0]), "mAP": 100 * float(r["mAP"]), "queries": len(q),
+            "ids": int(trainset.num_classes), "chance_rank1": 100 / trainset.num_classes}
+
+
 def test(method, model, settings, testset, device, out, log):
-    t0 = time.time()
     features = extract_pools(method, model, testset, device)
     dist = distance_fn(method, model, settings)
     results = evaluation.run_protocol(features, testset, dist, device)
-    torch.save({"features": features,
-                "pids": {m: torch.from_numpy(p.labels) for m, p in testset.pools.items()},
-                "cams": {m: torch.from_numpy(p.cams) for m, p in testset.pools.items()},
-                "files": {m: p.files for m, p in testset.pools.items()}}, out / "features.pt")
+    common.save_atomic({"features": features,
+                        "pids": {m: torch.from_numpy(p.labels) for m, p in testset.pools.items()},
+                        "cams": {m: torch.from_numpy(p.cams) for m, p in testset.pools.items()},
+                        "files": {m: p.files for m, p in testset.pools.items()}}, out / "features.pt")
     for protocol in testset.protocols[:2]:
         q_idx, g_idx = protocol.trials[0]
         q, g = testset.pools[protocol.query].subset(q_idx), testset.pools[protocol.gallery].subset(g_idx)
@@ -202,7 +271,6 @@ def test(method, model, settings, testset, device, out, log):
         cams = dict(q_cams=q.cams, g_cams=g.cams) if protocol.kind == "sysu" else {}  # same-room rule
         evaluation.ranked_list_picture(out / f"ranked-{protocol.name}.png", q.images, g.images, d, q.labels,
                                        g.labels, **cams)
-    log(f"tested in {time.time() - t0:.1f}s")
     return results
 
 
@@ -219,10 +287,86 @@ def average_trials(per_trial):
     return out
 
 
+def mean_std(values):
+    """(mean, sample standard deviation with n - 1; 0 for one value) of a list of numbers."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def aggregate_seeds(per_seed):
+    """--seeds: {setting: {key: mean over seeds, key_std: sample std over seeds, 'per_seed': {key: [...]}}}
+    from the per-seed results (each per-seed value is already the mean over that seed's gallery trials)."""
+    out = {}
+    for name in per_seed[0]:
+        out[name] = {"per_seed": {}}
+        for key in KEYS:
+            values = [r[name][key] for r in per_seed]
+            out[name][key], out[name][key + "_std"] = mean_std(values)
+            out[name]["per_seed"][key] = values
+    return out
+
+
+def aggregate_fit(fits):
+    out = {"per_seed": fits}
+    for key in ("rank1", "mAP"):
+        out[key], out[key + "_std"] = mean_std([f[key] for f in fits])
+    out["chance_rank1"] = fits[0]["chance_rank1"]
+    return out
+
+
 def table(results):
     lines = [f"{'setting':<22}" + "".join(f"{k:>14}" for k in KEYS)]
     for name, r in results.items():
         lines.append(f"{name:<22}" + "".join(f"{r[k]:>8.2f} ±{r[k + '_std']:>4.1f}" for k in KEYS))
+    return "\n".join(lines)
+
+
+def machine(device):
+    if device.type == "cuda":
+        return {"gpu": torch.cuda.get_device_name(device), "threads": torch.get_num_threads()}
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+
+
+# ---------------------------------------------------------------- report
+
+def _cell(r, keys):
+    return " / ".join(f"{r[k]:.1f} ± {r[k + '_std']:.1f}" if k + "_std" in r else f"{r[k]:.1f}" for k in keys)
+
+
+def report(paths):
+    """The README's results table in Markdown, one row per results.json (a run directory or the file itself)."""
+    rows = []
+    for p in paths:
+        path = Path(p)
+        path = path / "results.json" if path.is_dir() else path
+        if path.name != "results.json" or not path.is_file():
+            raise UserError(f"--report {p}: no results.json there; give the output directory of a finished run")
+        try:
+            rows.append(json.loads(path.read_text()))
+        except ValueError:
+            raise UserError(f"--report {p}: {path} is not valid JSON; rerun that run or leave it out") from None
+    names = []
+    for r in rows:
+        names += [n for n in r["results"] if n not in names]
+    head = ["method", "recipe", "split", "seeds"] + [f"{n} R1 / mAP / mINP" for n in names] + \
+        ["training fit R1 / mAP", "time per seed (min)", "command"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        seeds = r.get("seeds") or [r["seed"]]
+        cells = [r["method"], r.get("recipe", "paper"), r.get("split", "test"), str(len(seeds))]
+        cells += [_cell(r["results"][n], ("rank1", "mAP", "mINP")) if n in r["results"] else "–" for n in names]
+        fit = r.get("fit")
+        cells.append(_cell(fit, ("rank1", "mAP")) if fit else "–")
+        t = r.get("time")
+        cells.append(f"{(t['train_s'] + t['test_s']) / 60 / len(seeds):.1f}" if t else "–")
+        cells.append(f"`{r.get('command', '')}`")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -250,9 +394,13 @@ def protected_paths(args):
     return [p.resolve() for p in keep]
 
 
-def prepare_out(args, method_name):
+def out_dir(args):
     suffix = ("-smoke" if args.smoke else "") + ("-eval" if args.eval_only else "")
-    out = Path(args.resume or args.out or f"runs/{method_name}-{args.dataset}{suffix}")
+    return Path(args.resume or args.out or f"runs/{args.method}-{args.dataset}{suffix}")
+
+
+def prepare_out(args, method_name):
+    out = out_dir(args)
     if args.resume:
         if not (out / "args.json").is_file():
             raise UserError(f"--resume {out}: no args.json there; give the output directory of a started run")
@@ -272,26 +420,139 @@ def prepare_out(args, method_name):
                 raise UserError(f"--overwrite refused: {out} is or holds {kept}, which reid.py must not delete; "
                                 f"give another --out")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_MARKER).write_text("written by reid.py; --overwrite may replace this directory\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_MARKER).write_text("written by reid.py; --overwrite may replace this directory\n")
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror}); give a writable directory") from None
     return out
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def write_json(path, obj):
+    """JSON written to a temporary file, then renamed: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({e.strerror}); free disk space or give another --out") from None
+
+
+RESUME_SAFE = ("workers", "log_every", "cache_dir")  # flags --resume accepts: they cannot change the results
+POSITIVE = ("height", "width", "epochs", "P", "K")    # settings that must be >= 1 (a method's LIMITS may add more)
+
+
+def check_values(args, method, settings):
+    """Values argparse cannot judge: one line naming the flag and its range."""
+    checks = [("--workers", args.workers, args.workers >= 0, ">= 0"),
+              ("--log-every", args.log_every, args.log_every >= 1, ">= 1"),
+              ("--seed", args.seed, args.seed >= 0, ">= 0")]
+    limits = {**dict.fromkeys(POSITIVE, 1), **getattr(method, "LIMITS", {})}
+    for f in dataclasses.fields(settings):
+        v = getattr(settings, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in limits:
+            checks.append((flag, v, v >= limits[f.name], f">= {limits[f.name]}"))
+        elif f.name.endswith("epochs"):
+            checks.append((flag, v, v >= 0, ">= 0"))
+        elif f.name == "lr" or f.name.endswith("_lr"):
+            checks.append((flag, v, v > 0 and np.isfinite(v), "> 0"))
+        elif "erasing" in f.name:
+            checks.append((flag, v, 0 <= v <= 1, "a probability in [0, 1]"))
+    if args.seeds is not None:
+        checks.append(("--seeds", " ".join(map(str, args.seeds)), len(set(args.seeds)) == len(args.seeds)
+                       and min(args.seeds) >= 0, "distinct seeds >= 0"))
+    for flag, value, ok, rule in checks:
+        if not ok:
+            raise UserError(f"{flag} {value}: must be {rule}")
+    if min(settings.height, settings.width) < 16:
+        raise UserError(f"--height {settings.height} --width {settings.width}: images must be at least 16 x 16 pixels")
+
+
+def command_of(argv):
+    """The command that reproduces a run, without the flags that only say where files go."""
+    words, skip = ["python", "reid.py"], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--out", "--cache-dir", "--resume"):
+            skip = True
+        elif a != "--overwrite" and not a.startswith(("--out=", "--cache-dir=", "--resume=")):
+            words.append(a)
+    return " ".join(words)
+
+
+def run_seed(args, method, settings, checkpoint, device, seed, out, log):
+    """Train (or load) and test one seed, every RegDB trial of it: {'results', 'fit', 'time'}."""
+    trials = trials_of(args)
+    per_trial, fits, train_s, test_s = [], [], 0.0, 0.0
+    for trial in trials:
+        trial_out = out if len(trials) == 1 else out / f"trial-{trial}"
+        trial_out.mkdir(exist_ok=True)
+        seed_everything(seed)
+        trainset, testset = load_data(args, settings, trial, log)
+        t0 = time.time()
+        if checkpoint is not None:
+            model = method.build(settings, checkpoint["num_classes"], checkpoint.get("meta"))
+            common.load_model_state(model, checkpoint["model"], args.checkpoint)
+            model = model.to(device)
+        else:
+            run = common.Run(trial_out, device, seed=seed, amp=args.amp, workers=args.workers,
+                             log_every=args.log_every, log=log, max_its=SMOKE_ITERS if args.smoke else None)
+            model = method.train(settings, trainset, run)
+            train_s += time.time() - t0
+            log(f"trained in {time.time() - t0:.1f}s")
+            common.save_atomic({"method": args.method, "dataset": args.dataset, "split": args.split,
+                                "settings": dataclasses.asdict(settings), "num_classes": trainset.num_classes,
+                                "meta": run.stored, "model": model.state_dict()}, trial_out / "model.pt")
+            fit = training_fit(method, model, settings, trainset, device)
+            fits.append(fit)
+            log(f"training fit (infrared training images query visible ones, {fit['ids']} ids, chance "
+                f"{fit['chance_rank1']:.1f}): rank-1 {fit['rank1']:.1f}, mAP {fit['mAP']:.1f}")
+        t0 = time.time()
+        per_trial.append(test(method, model, settings, testset, device, trial_out, log))
+        if hasattr(method, "figures"):
+            method.figures(model, settings, trainset, testset, trial_out)
+        test_s += time.time() - t0
+        log(f"tested in {time.time() - t0:.1f}s")
+    fit = None
+    if fits:
+        fit = {k: float(np.mean([f[k] for f in fits])) for k in ("rank1", "mAP", "chance_rank1")}
+    results = per_trial[0] if len(per_trial) == 1 else average_trials(per_trial)
+    return {"results": results, "fit": fit, "time": {"train_s": train_s, "test_s": test_s}}
+
+
+def parse(argv):
+    """argv -> (args, method module, settings, setting sources, checkpoint or None, the argv in force)."""
     parser = common_parser(add_help=False)
     first, _ = parser.parse_known_args(argv)
     given = flags_given(argv)
-
     if first.resume:  # a resumed run takes its method, dataset and settings from its args.json
-        saved = json.loads((Path(first.resume) / "args.json").read_text()) \
-            if (Path(first.resume) / "args.json").is_file() else None
-        if saved is None:
-            raise UserError(f"--resume {first.resume}: no args.json there; give the output directory of a started run")
-        argv = saved["argv"] + ["--resume", first.resume]
+        path = Path(first.resume) / "args.json"
+        try:
+            saved = json.loads(path.read_text())
+            saved_argv = [str(a) for a in saved["argv"]]
+        except FileNotFoundError:
+            raise UserError(f"--resume {first.resume}: no args.json there; give the output directory of a "
+                            f"started run") from None
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"--resume {first.resume}: {path} is damaged or incomplete; start the run again "
+                            f"with --out (or --overwrite)") from None
+        changing = sorted(given - {"resume"} - set(RESUME_SAFE))
+        if changing:
+            raise UserError(f"--resume takes every setting from {path}; "
+                            f"{', '.join('--' + c.replace('_', '-') for c in changing)} would change the run: "
+                            f"leave {'it' if len(changing) == 1 else 'them'} out, or start a new run with --out")
+        argv = saved_argv + argv  # the later flags (--resume OUT and the safe ones) win
         first, _ = parser.parse_known_args(argv)
         given = flags_given(argv)
     checkpoint = None
+    if first.checkpoint and not first.eval_only:
+        raise UserError("--checkpoint is only read with --eval-only; add --eval-only, or leave --checkpoint out")
     if first.eval_only:
         if not first.checkpoint:
             raise UserError("--eval-only needs --checkpoint FILE (the model.pt of a finished run)")
@@ -299,6 +560,9 @@ def main(argv=None):
         for key in ("method", "settings", "model", "num_classes"):
             if key not in checkpoint:
                 raise UserError(f"{first.checkpoint} has no '{key}' entry: it is not a model.pt written by reid.py")
+        if checkpoint["method"] not in METHODS:
+            raise UserError(f"{first.checkpoint} names method {checkpoint['method']!r}, which is none of "
+                            f"{', '.join(METHODS)}: it was not written by this code")
         first.method = first.method or checkpoint["method"]
     if first.method is None and ("-h" in argv or "--help" in argv):
         common_parser().parse_args(["--help"])  # prints the shared options and exits
@@ -306,27 +570,58 @@ def main(argv=None):
         raise UserError(f"--method is required; choose one of {', '.join(METHODS)}")
     method = importlib.import_module(f"methods.{first.method}")
     parser = common_parser()
-    add_settings_options(parser, method.Settings, method.SYNTHETIC)
+    add_settings_options(parser, method)
     args = parser.parse_args(argv)
-    args.method = first.method
+    if args.trial != "1" and args.dataset != "regdb":
+        raise UserError(f"--trial {args.trial}: trials exist only for --dataset regdb; leave --trial out")
     if checkpoint is not None:
         if checkpoint["method"] != args.method:
             raise UserError(f"{args.checkpoint} was trained with --method {checkpoint['method']}, not {args.method}")
+        trained_on = checkpoint.get("dataset", "synthetic")
+        if "dataset" not in given and trained_on != "synthetic":
+            raise UserError(f"{args.checkpoint} was trained on {trained_on}; pass --dataset {trained_on} --data-root "
+                            f"DIR to evaluate it there (or --dataset synthetic for the built-in world)")
         trained = {k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["settings"].items()}
-        settings = resolve_settings(method, args, given, trained)
+        settings, sources = resolve_settings(method, args, given, trained)
     else:
-        settings = resolve_settings(method, args, given)
+        settings, sources = resolve_settings(method, args, given)
+    check_values(args, method, settings)
+    return args, method, settings, sources, checkpoint, argv
 
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    first, _ = common_parser(add_help=False).parse_known_args(argv)
+    if first.report:
+        text = report(first.report)
+        print(text)
+        return text
+    args, method, settings, sources, checkpoint, argv = parse(argv)
     device = pick_device(args.device)
-    trials = trials_of(args)
+    trials_of(args)
     if args.dataset != "synthetic":
         check_root(args.dataset, args.data_root)
-    out = prepare_out(args, args.method)
+    existed = out_dir(args).is_dir()
+    out = prepare_out(args, args.method)  # refuses a non-empty directory unless it is a run to resume or replace
+    try:
+        return _run(args, method, settings, sources, checkpoint, argv, device, out)
+    except UserError:
+        # a run that failed before it wrote any checkpoint leaves nothing behind (the directory was empty or new)
+        if not args.resume and not any(out.rglob("*.pt")):
+            shutil.rmtree(out, ignore_errors=True)
+            if existed:
+                out.mkdir(exist_ok=True)
+        raise
+
+
+def _run(args, method, settings, sources, checkpoint, argv, device, out):
+    command = command_of(argv)
     if not args.resume:
-        (out / "args.json").write_text(json.dumps({"argv": [a for a in argv if a != "--overwrite"],
-                                                   "method": args.method, "dataset": args.dataset,
-                                                   "settings": dataclasses.asdict(settings), "seed": args.seed,
-                                                   "device": str(device)}, indent=1))
+        write_json(out / "args.json", {"argv": [a for a in argv if a != "--overwrite"], "command": command,
+                                       "method": args.method, "dataset": args.dataset, "recipe": args.recipe,
+                                       "split": args.split, "settings": dataclasses.asdict(settings),
+                                       "setting_sources": sources, "seed": args.seed, "seeds": args.seeds,
+                                       "device": str(device)})
     log_file = open(out / "log.txt", "a")
 
     def log(line):
@@ -334,8 +629,14 @@ def main(argv=None):
         log_file.write(line + "\n")
         log_file.flush()
 
-    log(f"method {args.method} | dataset {args.dataset} | device {device} | out {out}")
+    log(f"method {args.method} | dataset {args.dataset} | recipe {args.recipe} | split {args.split} | "
+        f"device {device} | out {out}")
     log("settings " + json.dumps(dataclasses.asdict(settings)))
+    moved = {k: v for k, v in sources.items() if v != "paper"}
+    if moved:
+        log("not the paper's value (setting: source): " + json.dumps(moved))
+    if args.amp and device.type != "cuda":
+        log("note: --amp has no effect on the CPU (bf16 autocast runs on CUDA only); training in float32")
     if checkpoint is not None:
         at_training = json.loads(json.dumps(checkpoint["settings"]))    # through JSON: tuples become lists
         now = json.loads(json.dumps(dataclasses.asdict(settings)))
@@ -346,37 +647,41 @@ def main(argv=None):
         log("training from scratch (--pretrained none)" if args.dataset == "synthetic" else
             "WARNING: training from scratch on a real benchmark (--pretrained none); the papers start from ImageNet")
 
-    per_trial = []
-    for trial in trials:
-        trial_out = out if len(trials) == 1 else out / f"trial-{trial}"
-        trial_out.mkdir(exist_ok=True)
-        seed_everything(args.seed)
-        trainset, testset = load_data(args, settings, trial, log)
-        if checkpoint is not None:
-            model = method.build(settings, checkpoint["num_classes"], checkpoint.get("meta"))
-            common.load_model_state(model, checkpoint["model"], args.checkpoint)
-            model = model.to(device)
-        else:
-            run = common.Run(trial_out, device, seed=args.seed, amp=args.amp, workers=args.workers,
-                             log_every=args.log_every, log=log, max_its=SMOKE_ITERS if args.smoke else None)
-            t0 = time.time()
-            model = method.train(settings, trainset, run)
-            log(f"trained in {time.time() - t0:.1f}s")
-            common.save_atomic({"method": args.method, "settings": dataclasses.asdict(settings),
-                                "num_classes": trainset.num_classes, "meta": run.stored,
-                                "model": model.state_dict()}, trial_out / "model.pt")
-        per_trial.append(test(method, model, settings, testset, device, trial_out, log))
-        if hasattr(method, "figures"):
-            method.figures(model, settings, trainset, testset, trial_out)
-    results = per_trial[0] if len(per_trial) == 1 else average_trials(per_trial)
-    (out / "results.json").write_text(json.dumps({
-        "method": args.method, "dataset": args.dataset, "trial": args.trial if args.dataset == "regdb" else None,
-        "settings": dataclasses.asdict(settings), "seed": args.seed, "smoke": args.smoke,
-        "model": "final epoch (no selection on the test set)", "results": results}, indent=1))
-    log(f"\n{args.method} on {args.dataset} (final-epoch model; mean ± std over trials, in %)\n{table(results)}")
+    summary = {"method": args.method, "dataset": args.dataset,
+               "trial": args.trial if args.dataset == "regdb" else None, "recipe": args.recipe,
+               "split": args.split, "command": command, "settings": dataclasses.asdict(settings),
+               "setting_sources": sources, "smoke": args.smoke, "machine": machine(device),
+               "model": "final epoch (no selection on the test set)"}
+    seeds = args.seeds or [args.seed]
+    per_seed = []
+    for seed in seeds:
+        seed_out = out if args.seeds is None else out / f"seed-{seed}"
+        if args.seeds is not None:
+            seed_out.mkdir(exist_ok=True)
+            (seed_out / RUN_MARKER).write_text("written by reid.py\n")
+            log(f"---- seed {seed} ({seeds.index(seed) + 1}/{len(seeds)}) -> {seed_out}")
+        one = run_seed(args, method, settings, checkpoint, device, seed, seed_out, log)
+        per_seed.append(one)
+        if args.seeds is not None:
+            write_json(seed_out / "results.json", {**summary, "seed": seed, **one})
+    if args.seeds is None:
+        summary.update(seed=args.seed, **per_seed[0])
+        head = "mean ± std over trials"
+    else:
+        fits = [p["fit"] for p in per_seed if p["fit"]]
+        summary.update(seed=None, seeds=seeds, results=aggregate_seeds([p["results"] for p in per_seed]),
+                       fit=aggregate_fit(fits) if fits else None,
+                       time={k: sum(p["time"][k] for p in per_seed) for k in ("train_s", "test_s")})
+        head = f"mean ± std over {len(seeds)} seeds"
+    write_json(out / "results.json", summary)
+    split = " on the validation identities (--split val)" if args.split == "val" else ""
+    log(f"\n{args.method} on {args.dataset}{split} (final-epoch model; {head}, in %)\n{table(summary['results'])}")
+    fit = summary["fit"]
+    if fit:
+        log(f"training fit: rank-1 {fit['rank1']:.1f}, mAP {fit['mAP']:.1f} (chance {fit['chance_rank1']:.1f})")
     log(f"results: {out / 'results.json'}")
     log_file.close()
-    return results
+    return summary["results"]
 
 
 if __name__ == "__main__":

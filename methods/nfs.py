@@ -104,7 +104,7 @@ class Settings:
     search_stages: tuple = (1, 2, 3)     # Table 4 row 11: search cells after stages 1, 2, 3 (layer1-3)
     phase: str = "both"                  # Alg. 1: search (lines 1-5), retrain (6-7) from --gates, or both
     gates: str = ""                      # gates.pt of a finished search, for --phase retrain
-    split: float = 0.8                   # Sec. 4.1: 80 % search-train / 20 % search-validation images
+    search_split: float = 0.8            # Sec. 4.1: 80 % search-train / 20 % search-validation images
     search_epochs: int = 80              # Choice: not given; the training recipe of Sec. 4.1
     gate_lr: float = 3e-4                # Choice: not given; DARTS [28]'s Adam lr for architecture parameters
     gate_init: tuple = (0.0, 1.0)        # Sec. 3.2: "uniform distribution"; Choice: range U(0, 1)
@@ -479,7 +479,7 @@ def search(settings, trainset, run):
 
     Eq. (5): the gates (fields P) are the upper-level variables, optimised on L_val; the weights W the lower-level
     ones, optimised on L_train; Eq. (2)'s selection of a feature subset y in Y is the derived gates."""
-    d_train, d_val = trainset.split_images(settings.split, run.seed)               # Alg. 1 line 1
+    d_train, d_val = trainset.split_images(settings.search_split, run.seed)               # Alg. 1 line 1
     model = initial_model(settings, trainset.num_classes, "search", run.seed).to(run.device)
     augment = data.Augment(settings.height, settings.width, erasing=settings.erasing)
     loader = data.train_loader(d_train, settings.P, settings.K, run.seed, augment, workers=run.workers)
