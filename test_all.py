@@ -1039,13 +1039,13 @@ class TestCLIPlumbing(unittest.TestCase):
         import reid
         from methods import agw
         parser = reid.common_parser()
-        reid.add_settings_options(parser, agw.Settings)
+        reid.add_settings_options(parser, agw)
         argv = ["--method", "agw", "--smoke", "--lr", "0.5", "--milestones", "3", "4", "--non-local", "false"]
         args = parser.parse_args(argv)
-        s = reid.resolve_settings(agw, args, reid.flags_given(argv))
+        s, _ = reid.resolve_settings(agw, args, reid.flags_given(argv))
         self.assertEqual((s.lr, s.milestones, s.non_local), (0.5, (3, 4), False))
         self.assertEqual((s.height, s.arch, s.pretrained), (agw.SMOKE["height"], "resnet18", "none"))
-        s = reid.resolve_settings(agw, parser.parse_args(["--method", "agw", "--dataset", "sysu"]), {"method"})
+        s, _ = reid.resolve_settings(agw, parser.parse_args(["--method", "agw", "--dataset", "sysu"]), {"method"})
         self.assertEqual(s, agw.Settings())  # a real benchmark gets the paper's recipe untouched
 
     def test_help_lists_the_methods_settings(self):
@@ -1058,7 +1058,207 @@ class TestCLIPlumbing(unittest.TestCase):
         with contextlib.redirect_stdout(text), self.assertRaises(SystemExit):
             reid.main(["--method", "rfm", "--help"])
         self.assertIn("--ltg true|false", text.getvalue())
-        self.assertIn(f"default {rfm.Settings().epochs} [{rfm.SYNTHETIC['epochs']}]", text.getvalue())
+        self.assertIn(f"paper {rfm.Settings().epochs}", text.getvalue())
+        self.assertIn(f"synthetic {rfm.SYNTHETIC['epochs']}", text.getvalue())
+
+    def test_every_method_parser_builds(self):
+        # no Settings field may collide with a shared option (argparse refuses the duplicate at --help time),
+        # and every RELEASE / SYNTHETIC / SMOKE key names a field
+        import importlib
+        import dataclasses
+        import reid
+        from methods import METHODS
+        for name in METHODS:
+            with self.subTest(method=name):
+                method = importlib.import_module(f"methods.{name}")
+                reid.add_settings_options(reid.common_parser(), method)
+                fields = {f.name for f in dataclasses.fields(method.Settings)}
+                for layer in ("RELEASE", "RELEASE_REGDB", "SYNTHETIC", "SMOKE"):
+                    self.assertLessEqual(set(getattr(method, layer, None) or {}), fields, layer)
+
+
+class TestRecipes(_DTTree):
+    """--recipe, --split val, --seeds, --report (issue: recipes a researcher can trust)."""
+
+    def fake_method(self):
+        import types
+        from dataclasses import dataclass
+
+        @dataclass
+        class Settings:
+            height: int = 288
+            width: int = 144
+            lr: float = 0.1
+            t_min: float = 1e-6
+            cc: str = "euclidean"
+            epochs: int = 80
+        return types.SimpleNamespace(
+            __name__="methods.fake", Settings=Settings, CHOICES={"cc": ("euclidean", "squared-unit")},
+            RELEASE=dict(lr=0.01, t_min=1e-2, cc="squared-unit", epochs=101), RELEASE_REGDB=dict(epochs=61),
+            SYNTHETIC=dict(height=128, width=64, epochs=10), SMOKE=dict(height=64, epochs=1))
+
+    def resolve(self, method, *argv):
+        import reid
+        parser = reid.common_parser()
+        reid.add_settings_options(parser, method)
+        argv = ["--method", "agw", *argv]
+        return reid.resolve_settings(method, parser.parse_args(argv), reid.flags_given(argv))
+
+    def test_precedence_one_layer_at_a_time(self):
+        m = self.fake_method()
+        s, src = self.resolve(m, "--dataset", "sysu")                                  # paper
+        self.assertEqual((s.lr, s.t_min, s.cc, s.epochs, s.height), (0.1, 1e-6, "euclidean", 80, 288))
+        self.assertEqual(set(src.values()), {"paper"})
+        s, src = self.resolve(m, "--dataset", "sysu", "--recipe", "release")           # release over paper
+        self.assertEqual((s.lr, s.t_min, s.cc, s.epochs, s.height), (0.01, 1e-2, "squared-unit", 101, 288))
+        self.assertEqual((src["lr"], src["height"]), ("release", "paper"))
+        s, src = self.resolve(m, "--dataset", "regdb", "--recipe", "release")          # the per-dataset release
+        self.assertEqual((s.epochs, s.lr, src["epochs"]), (61, 0.01, "release"))
+        s, src = self.resolve(m, "--recipe", "release")                                # synthetic over release
+        self.assertEqual((s.epochs, s.lr, s.height, src["epochs"], src["lr"]), (10, 0.01, 128, "synthetic", "release"))
+        s, src = self.resolve(m, "--recipe", "release", "--smoke")                     # smoke over synthetic
+        self.assertEqual((s.epochs, s.height, s.width, src["height"], src["width"]), (1, 64, 64, "smoke", "synthetic"))
+        s, src = self.resolve(m, "--recipe", "release", "--smoke", "--epochs", "3", "--cc", "euclidean")  # flags
+        self.assertEqual((s.epochs, s.cc, src["epochs"], src["cc"]), (3, "euclidean", "flag", "flag"))
+
+    def test_choices_and_no_release(self):
+        import reid
+        from methods.common import UserError
+        m = self.fake_method()
+        with self.assertRaises(SystemExit):
+            self.resolve(m, "--cc", "manhattan")
+        m.RELEASE = None
+        with self.assertRaisesRegex(UserError, "no code was published for fake"):
+            self.resolve(m, "--recipe", "release")
+        self.assertEqual(reid.RECIPES, ("paper", "release"))
+
+    def test_val_split_holds_no_test_id_and_trains_on_no_val_id(self):
+        val_ids, test_ids, train_ids = set(_DT_SYSU_VAL), set(_DT_SYSU_TEST), set(_DT_SYSU_TRAIN)
+        trainset, valset = self.load_sysu(split="val")
+        _, testset = self.load_sysu()
+        self.assertEqual(trainset.num_classes, len(train_ids))
+        trained_files = set(trainset.v.files) | set(trainset.r.files)
+        self.assertFalse(any(f"{pid:04d}" in Path(f).parts for f in trained_files for pid in val_ids | test_ids))
+        pool_ids = set(valset.pools["v"].labels) | set(valset.pools["r"].labels)
+        self.assertEqual(pool_ids, val_ids)
+        self.assertEqual(set(testset.pools["v"].labels) | set(testset.pools["r"].labels), test_ids)
+        # RegDB: round(0.2 n) held-out training identities, disjoint from what is trained, test lists unused
+        import data
+        train, val = data.load_regdb(self.regdb, 1, _DT_H, _DT_W, self.cache, log=lambda m: None, split="val")
+        self.assertEqual(train.num_classes + len(set(val.pools["v"].labels)), 3)
+        self.assertEqual(len(set(val.pools["v"].labels)), 1)  # round(0.2 * 3)
+        self.assertFalse(set(train.v.files) & set(val.pools["v"].files))
+        self.assertTrue(set(val.pools["v"].labels) <= {40, 3, 17})
+        self.assertEqual(data.regdb_val_labels(range(206), 1), data.regdb_val_labels(list(reversed(range(206))), 1))
+        self.assertEqual(len(data.regdb_val_labels(range(206), 1)), 41)
+
+    def test_seed_aggregation_by_hand(self):
+        import reid
+        per_seed = [{"all-single": {k: v for k in reid.KEYS}} for v in (10.0, 20.0, 36.0)]
+        agg = reid.aggregate_seeds(per_seed)["all-single"]
+        # mean (10 + 20 + 36) / 3 = 22; sample variance ((12^2 + 2^2 + 14^2) / 2) = 172
+        self.assertAlmostEqual(agg["rank1"], 22.0)
+        self.assertAlmostEqual(agg["rank1_std"], 172 ** 0.5)
+        self.assertEqual(agg["per_seed"]["mAP"], [10.0, 20.0, 36.0])
+        self.assertEqual(reid.mean_std([5.0]), (5.0, 0.0))
+
+    def test_report_of_two_results_files(self):
+        import contextlib
+        import io
+        import reid
+        a = {"method": "agw", "recipe": "paper", "split": "val", "seeds": [0, 1, 2], "seed": None,
+             "command": "python reid.py --method agw --seeds 0 1 2",
+             "results": {"all-single": {"rank1": 16.04, "rank1_std": 1.26, "mAP": 21.9, "mAP_std": 0.75,
+                                        "mINP": 14.0, "mINP_std": 0.5}},
+             "fit": {"rank1": 27.44, "rank1_std": 2.0, "mAP": 30.0, "mAP_std": 1.04},
+             "time": {"train_s": 1500.0, "test_s": 300.0}}
+        b = {"method": "rfm", "recipe": "release", "split": "test", "seed": 0, "command": "python reid.py --method rfm",
+             "results": {"indoor-single": {"rank1": 9.0, "rank1_std": 0.0, "mAP": 8.0, "mAP_std": 0.0,
+                                           "mINP": 7.0, "mINP_std": 0.0}}}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, r in (("a", a), ("b", b)):
+                (Path(tmp) / name).mkdir()
+                (Path(tmp) / name / "results.json").write_text(json.dumps(r))
+            with contextlib.redirect_stdout(io.StringIO()):
+                text = reid.main(["--report", str(Path(tmp) / "a"), str(Path(tmp) / "b" / "results.json")])
+        lines = text.splitlines()
+        self.assertEqual(lines[0], "| method | recipe | split | seeds | all-single R1 / mAP / mINP | indoor-single R1 / "
+                                   "mAP / mINP | training fit R1 / mAP | time per seed (min) | command |")
+        self.assertEqual(lines[2], "| agw | paper | val | 3 | 16.0 ± 1.3 / 21.9 ± 0.8 / 14.0 ± 0.5 | – | 27.4 ± 2.0 / "
+                                   "30.0 ± 1.0 | 10.0 | `python reid.py --method agw --seeds 0 1 2` |")
+        self.assertEqual(lines[3], "| rfm | release | test | 1 | – | 9.0 ± 0.0 / 8.0 ± 0.0 / 7.0 ± 0.0 | – | – | "
+                                   "`python reid.py --method rfm` |")
+
+    def test_bad_input_writes_nothing(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            no_val = tmp / "no-val"
+            _dt_shutil.copytree(self.sysu, no_val)
+            (no_val / "exp" / "val_id.txt").unlink()
+            empty_val = tmp / "empty-val"
+            _dt_shutil.copytree(self.sysu, empty_val)
+            (empty_val / "exp" / "val_id.txt").write_text("\n")
+            val_test = tmp / "val-test"
+            _dt_shutil.copytree(self.sysu, val_test)
+            (val_test / "exp" / "val_id.txt").write_text("7,12\n")
+            val_train = tmp / "val-train"
+            _dt_shutil.copytree(self.sysu, val_train)
+            (val_train / "exp" / "val_id.txt").write_text("7,1\n")
+            (tmp / "nothing").mkdir()
+            smoke = ["--method", "agw", "--smoke", "--cache-dir", str(tmp / "cache")]
+            sysu = smoke + ["--dataset", "sysu", "--split", "val", "--data-root"]
+            cases = [
+                (["--method", "nfs", "--recipe", "release", "--smoke"], "no code was published"),
+                (["--method", "agw", "--recipe", "author"], "invalid choice: 'author'"),
+                (sysu + [str(no_val)], "val_id.txt is missing"),
+                (sysu + [str(empty_val)], "val_id.txt is empty"),
+                (sysu + [str(val_test)], "val_id.txt and exp/test_id.txt"),
+                (sysu + [str(val_train)], "both exp/train_id.txt and exp/val_id.txt"),
+                (smoke + ["--seeds", "0", "1", "0"], "distinct seeds"),
+                (smoke + ["--seeds", "-1"], "distinct seeds"),
+                (["--report", str(tmp / "nothing")], "no results.json"),
+            ]
+            for argv, word in cases:
+                with self.subTest(argv=argv):
+                    out = tmp / "out"
+                    p = reid_cli(*argv, "--out", str(out)) if "--report" not in argv else reid_cli(*argv)
+                    self.assertEqual(p.returncode, 2, p.stderr[-2000:])
+                    self.assertNotIn("Traceback", p.stderr)
+                    self.assertIn(word, p.stderr)
+                    self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+                    self.assertFalse(out.exists(), "a refused run left its output directory behind")
+
+
+class TestRecipesEndToEnd(unittest.TestCase):
+    def test_seeds_and_val_write_complete_results(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "seeds"
+            smoke = ["--method", "agw", "--smoke", "--cache-dir", TEST_CACHE]
+            p = reid_cli(*smoke, "--seeds", "0", "1", "--out", str(out))
+            self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+            top = json.loads((out / "results.json").read_text())
+            per = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+            self.assertEqual(top["seeds"], [0, 1])
+            for name, r in top["results"].items():
+                values = [q["results"][name]["rank1"] for q in per]
+                self.assertEqual(r["per_seed"]["rank1"], values)
+                self.assertAlmostEqual(r["rank1"], sum(values) / 2)
+                self.assertAlmostEqual(r["rank1_std"], abs(values[0] - values[1]) / 2 ** 0.5)
+            self.assertIn("mean ± std over 2 seeds", p.stdout)
+            for key in ("fit", "time", "machine", "setting_sources", "command"):
+                self.assertIn(key, top)
+            self.assertEqual(top["command"], "python reid.py --method agw --smoke --seeds 0 1")
+            args = json.loads((out / "args.json").read_text())
+            self.assertEqual(args["setting_sources"]["height"], "smoke")
+            self.assertEqual(args["setting_sources"]["momentum"], "paper")
+            out = Path(tmp) / "val"
+            p = reid_cli(*smoke, "--split", "val", "--out", str(out))
+            self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+            r = json.loads((out / "results.json").read_text())
+            self.assertEqual(r["split"], "val")
+            self.assertIn("validation identities", p.stdout)
+            self.assertEqual(set(r["results"]), {"all-single", "all-multi", "indoor-single", "indoor-multi"})
+            self.assertGreater(r["fit"]["rank1"], 0)
 
 
 class TestAGW(unittest.TestCase):
