@@ -503,9 +503,15 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
         else:
             run = common.Run(trial_out, device, seed=seed, amp=args.amp, workers=args.workers,
                              log_every=args.log_every, log=log, max_its=SMOKE_ITERS if args.smoke else None)
+            if args.resume and not [p for p in trial_out.glob("*.pt") if p.name not in ("model.pt", "features.pt")]:
+                log(f"--resume: {trial_out} holds no checkpoint yet; training starts at epoch 1")
             model = method.train(settings, trainset, run)
             train_s += time.time() - t0
             log(f"trained in {time.time() - t0:.1f}s")
+            broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if broken:  # the last steps diverged after the last logged (finite) loss; keep no such model.pt
+                raise UserError(f"training diverged: the final weights are not finite ({broken[0]}, ...); lower "
+                                f"the learning rate (--lr) and start again")
             common.save_atomic({"method": args.method, "dataset": args.dataset, "split": args.split,
                                 "settings": dataclasses.asdict(settings), "num_classes": trainset.num_classes,
                                 "meta": run.stored, "model": model.state_dict()}, trial_out / "model.pt")
@@ -572,7 +578,14 @@ def parse(argv):
     parser = common_parser()
     add_settings_options(parser, method)
     args = parser.parse_args(argv)
-    if args.trial != "1" and args.dataset != "regdb":
+    args.method = first.method  # with --eval-only it may come from the checkpoint
+    if args.data_root and "dataset" not in given:
+        found = "sysu" if (Path(args.data_root) / "exp").is_dir() else \
+            "regdb" if (Path(args.data_root) / "idx").is_dir() else None
+        raise UserError(f"--data-root {args.data_root} without --dataset: "
+                        + (f"pass --dataset {found} to run on it" if found else
+                           "pass --dataset sysu or regdb (without both, the built-in synthetic world is used)"))
+    if "trial" in given and args.dataset != "regdb":
         raise UserError(f"--trial {args.trial}: trials exist only for --dataset regdb; leave --trial out")
     if checkpoint is not None:
         if checkpoint["method"] != args.method:
@@ -599,6 +612,15 @@ def main(argv=None):
     args, method, settings, sources, checkpoint, argv = parse(argv)
     device = pick_device(args.device)
     trials_of(args)
+    cache = Path(args.cache_dir)
+    if cache.exists() and not cache.is_dir():
+        raise UserError(f"--cache-dir {cache} is a file, not a directory; give a directory for the image caches")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--cache-dir {cache}: cannot create it ({e.strerror}); give a writable directory") from None
+    if not os.access(cache, os.W_OK):
+        raise UserError(f"--cache-dir {cache} is not writable; give a writable directory for the image caches")
     if args.dataset != "synthetic":
         check_root(args.dataset, args.data_root)
     existed = out_dir(args).is_dir()

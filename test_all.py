@@ -1229,6 +1229,134 @@ class TestRecipes(_DTTree):
                     self.assertFalse(out.exists(), "a refused run left its output directory behind")
 
 
+def reid_outcome(argv, cwd=None):
+    """(exit status, message) of reid.main(argv) in this process, as the command line would give them: 0; 2 and
+    the UserError's text; or argparse's status and its stderr line."""
+    import contextlib
+    import io
+    import reid
+    from methods.common import UserError
+    err, old = io.StringIO(), os.getcwd()
+    try:
+        if cwd:
+            os.chdir(cwd)
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            reid.main(argv)
+        return 0, ""
+    except UserError as e:
+        return 2, str(e)
+    except SystemExit as e:
+        return e.code, err.getvalue()
+    finally:
+        os.chdir(old)
+
+
+class TestReliabilityCLI(_DTTree):
+    """One row per bad input or fault of the reliability review that reid.py itself must catch: the exit status,
+    a word the one-line message must hold, and the files that must still exist afterwards."""
+
+    def test_table(self):
+        import dataclasses
+        import torch
+        from methods import agw
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            smoke = ["--method", "agw", "--smoke", "--cache-dir", TEST_CACHE]
+            settings = dataclasses.asdict(agw.Settings(**agw.SMOKE))
+            ckpt = lambda name, **kw: torch.save({"method": "agw", "settings": settings, "model": {},  # noqa: E731
+                                                  "num_classes": 3, **kw}, tmp / name) or str(tmp / name)
+            run = tmp / "run"   # a started run to resume: its args.json and marker
+            run.mkdir()
+            (run / ".reid-run").write_text("")
+            (run / "args.json").write_text(json.dumps({"argv": smoke + ["--out", str(run)]}))
+            for name, text in (("corrupt", '{"argv": ["--meth'), ("no-argv", '{"method": "agw"}')):
+                (tmp / name).mkdir()
+                (tmp / name / "args.json").write_text(text)
+            (tmp / "a-file").write_text("not a directory")
+            (tmp / "text.pth").write_text("hello")
+            torch.save([1, 2, 3], tmp / "list.pth")
+            rows = [  # (case, argv, exit status, a word of the message)
+                ("D15f", smoke + ["--data-root", self.sysu], 2, "pass --dataset sysu"),
+                ("R04", smoke + ["--eval-only", "--checkpoint", ckpt("sysu.pt", dataset="sysu")], 2,
+                 "was trained on sysu"),
+                ("R10", ["--resume", str(run), "--lr", "0.5", "--epochs", "8"], 2, "--epochs, --lr would change"),
+                ("R01c", ["--resume", str(run), "--data-root", self.sysu], 2, "--data-root would change"),
+                ("R02d", ["--resume", str(run), "--method", "nfs"], 2, "--method would change"),
+                ("R05d", ["--resume", str(tmp / "corrupt")], 2, "damaged or incomplete"),
+                ("R05e", ["--resume", str(tmp / "no-argv")], 2, "damaged or incomplete"),
+                ("F02", smoke + ["--epochs", "-1"], 2, "--epochs -1: must be >= 1"),
+                ("F02b", smoke + ["--epochs", "0"], 2, "--epochs 0: must be >= 1"),
+                ("F12e", ["--method", "cmnas", "--smoke", "--epochs", "0", "--search-epochs", "0"], 2, "--epochs 0"),
+                ("F10i", smoke + ["--erasing", "2"], 2, "probability"),
+                ("D14f", smoke + ["--trial", "5"], 2, "only for --dataset regdb"),
+                ("R08d", smoke + ["--checkpoint", ckpt("plain.pt")], 2, "only read with --eval-only"),
+                ("F04", smoke + ["--height", "7"], 2, "at least 16"),
+                ("F04b", smoke + ["--height", "0"], 2, "--height 0: must be >= 1"),
+                ("F04c", smoke + ["--width=-5"], 2, "--width -5: must be >= 1"),
+                ("F05", smoke + ["--workers", "-1"], 2, "--workers -1: must be >= 0"),
+                ("F10", smoke + ["--log-every", "0"], 2, "--log-every 0: must be >= 1"),
+                ("F10f", smoke + ["--seed=-1"], 2, "--seed -1: must be >= 0"),
+                ("F10e", smoke + ["--lr=-1"], 2, "--lr -1.0: must be > 0"),
+                ("F03c", smoke + ["--K", "0"], 2, "--K 0: must be >= 1"),
+                ("F08b", smoke + ["--pretrained", str(tmp / "text.pth")], 2, "cannot be read"),
+                ("F08d", smoke + ["--pretrained", str(tmp / "list.pth")], 2, "holds a list"),
+                ("R09", ["--eval-only", "--checkpoint", ckpt("common.pt", method="common") and
+                         str(torch.save({"method": "common", "settings": {}, "model": {}, "num_classes": 1},
+                                        tmp / "common.pt") or tmp / "common.pt")], 2, "none of agw"),
+                ("R09e", ["--eval-only", "--checkpoint", str(torch.save(
+                    {"method": "agw", "settings": {**settings, "bogus": 1}, "model": {}, "num_classes": 3},
+                    tmp / "bogus.pt") or tmp / "bogus.pt")], 2, "['bogus']"),
+                ("O01", smoke + ["--out", str(tmp / "a-file")], 2, "is a file"),
+                ("O01b", smoke + ["--out", str(tmp / "a-file"), "--overwrite"], 2, "is a file"),
+                ("O01c", smoke + ["--out", str(tmp / "a-file" / "sub")], 2, "cannot write there"),
+                ("F11", ["--method", "agw", "--smoke", "--cache-dir", str(tmp / "a-file")], 2, "is a file"),
+                ("F10d", smoke + ["--lr", "1e6", "--backbone-lr", "1e6"], 2, "diverged"),
+            ]
+            for case, argv, status, word in rows:
+                with self.subTest(case=case):
+                    if "--out" not in argv and "--resume" not in argv:
+                        argv = argv + ["--out", str(tmp / "out" / case)]
+                    got, message = reid_outcome(argv)
+                    self.assertEqual(got, status, message)
+                    self.assertIn(word, message)
+                    self.assertEqual(len(message.strip().splitlines()), 1, message)
+                    if case == "F10d":  # diverged after epoch 1's checkpoint: no model.pt of NaN weights
+                        self.assertFalse((tmp / "out" / case / "model.pt").exists())
+                    else:
+                        self.assertFalse((tmp / "out" / case).exists(), "a refused run left files behind")
+                    self.assertEqual((tmp / "a-file").read_text(), "not a directory")
+                    self.assertTrue((run / "args.json").is_file())
+
+    def test_notes_and_disk_full(self):
+        import resource
+        import signal
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "amp"
+            p = reid_cli("--method", "agw", "--smoke", "--cache-dir", TEST_CACHE, "--amp", "--out", str(out))
+            self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+            self.assertIn("--amp has no effect on the CPU", p.stdout)              # F07
+            # a finished run whose train.pt is gone: --resume says it starts over (R05c)
+            (out / "train.pt").unlink()
+            (out / "model.pt").unlink()
+            p = reid_cli("--resume", str(out), "--workers", "0")
+            self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+            self.assertIn("holds no checkpoint yet; training starts at epoch 1", p.stdout)
+
+            def small_disk():  # files above 1 MB cannot be written: the per-epoch train.pt fails (O05, O07)
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+            out = Path(tmp) / "full"
+            p = subprocess.run([sys.executable, str(HERE / "reid.py"), "--method", "agw", "--smoke", "--cache-dir",
+                                TEST_CACHE, "--out", str(out)], capture_output=True, text=True, timeout=600,
+                               preexec_fn=small_disk)
+            self.assertEqual(p.returncode, 2, p.stderr[-2000:])
+            self.assertIn("cannot write", p.stderr)
+            self.assertIn("free disk space", p.stderr)
+            self.assertNotIn("Traceback", p.stderr)
+            self.assertFalse(out.exists() and list(out.rglob("*.tmp")), "a temporary file was left behind")
+
+
 class TestRecipesEndToEnd(unittest.TestCase):
     def test_seeds_and_val_write_complete_results(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -51,8 +51,16 @@ def resnet(arch, pretrained="none", last_stride=1):
     elif pretrained != "none":
         if not os.path.isfile(pretrained):
             raise UserError(f"--pretrained {pretrained!r}: no such file; give 'imagenet', 'none' or a .pth of {arch}")
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        load_model_state(net, state.get("state_dict", state), pretrained)
+        try:
+            state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"--pretrained {pretrained!r} cannot be read as a PyTorch file ({type(e).__name__}); "
+                            f"give a .pth state dict of {arch}") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserError(f"--pretrained {pretrained!r} holds a {type(state).__name__}, not a state dict of "
+                            f"tensors; give a .pth state dict of {arch}")
+        load_model_state(net, state, pretrained)
     if last_stride == 1:  # keep the layer4 resolution: (H/16, W/16) instead of (H/32, W/32)
         block = net.layer4[0]
         (block.conv2 if hasattr(block, "conv3") else block.conv1).stride = (1, 1)
@@ -121,8 +129,13 @@ def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a killed run never leaves a half-written checkpoint."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk surfaces from torch.save as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({type(e).__name__}: {str(e).splitlines()[0][:80]}); free disk "
+                        f"space or give another --out") from None
 
 
 def load_checkpoint(path):
