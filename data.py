@@ -23,10 +23,17 @@ Choices and deviations from the community pipeline:
 - Deviation: an epoch has at least one batch, also when max(#v, #r) < P K.
 - Files whose name starts with '.' (e.g. .DS_Store) inside an identity directory are ignored.
 """
+import collections
+import errno
 import hashlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import random
+import shutil
+import signal
+import stat
+import sys
 import time
 from dataclasses import dataclass
 
@@ -53,8 +60,12 @@ ERASE_ASPECT = 0.3              # aspect ratio uniform in [0.3, 1 / 0.3]
 ERASE_TRIES = 100
 CACHE_VERSION = "uint8-rgb-bilinear-1"   # part of the cache key: bump when the decoding changes
 DECODE_PROCESSES = 2
-POOL_MIN_IMAGES = 512           # below this, decoding in-process is faster than starting a pool
+POOL_MIN_IMAGES = 512           # below this, decoding in-process is faster than starting worker processes
 PROGRESS_SECONDS = 5.0
+DECODE_STALL_SECONDS = 120.0    # a decode process silent this long is stuck: stop and name its image
+CONTENT_WINDOW = 16 * 1024      # cache key: bytes hashed at each end of a file (the whole file up to twice this)
+BAD_IMAGES_SHOWN = 10           # unreadable images named in the error; the rest are counted
+CACHE_SPARE_BYTES = 64 * 2 ** 20  # free space left over after the image cache is written
 
 
 class DataError(UserError):
@@ -149,68 +160,256 @@ class TestSet:
 
 # ---------------------------------------------------------------- image cache
 
-def _decode(job):
-    """(path, height, width) -> (height, width, 3) uint8 RGB."""
-    path, height, width = job
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _reason(exc):
+    """'ErrorType: message' of one failed read, short enough for a one-line error."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"{type(exc).__name__}: {text}"[:160]
+
+
+def _decode(path, height, width):
+    """One file -> ((height, width, 3) uint8 RGB, None), or (None, reason) when it is not a readable image."""
     try:
         with Image.open(path) as im:
             im = im.convert("RGB").resize((width, height), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+            return np.asarray(im, dtype=np.uint8), None
     except Exception as exc:   # PIL raises many types for broken files; every one means the same to the user
-        raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or re-extract the file") from None
+        return None, _reason(exc)
+
+
+def _bad_images_error(bad):
+    """[(path, reason), ...] -> one DataError: every unreadable file up to BAD_IMAGES_SHOWN named, the rest counted,
+    and the fix for the kinds of failure seen."""
+    fixes = []
+    if any(r.startswith("PermissionError") for _, r in bad):
+        fixes.append("make them readable (chmod a+r)")
+    if any(not p.lower().endswith(IMAGE_SUFFIXES) for p, _ in bad):
+        fixes.append("remove files that are not images (such as Thumbs.db) from the identity folders")
+    if len(fixes) < len({r.split(":")[0] for _, r in bad}) or not fixes:
+        fixes.append("replace or re-extract the broken files")
+    if len(bad) == 1:
+        return DataError(f"cannot read image {bad[0][0]} ({bad[0][1]}); " + ", ".join(fixes))
+    shown = "; ".join(f"{p} ({r})" for p, r in bad[:BAD_IMAGES_SHOWN])
+    more = f"; and {len(bad) - BAD_IMAGES_SHOWN} more" if len(bad) > BAD_IMAGES_SHOWN else ""
+    return DataError(f"cannot read {len(bad)} images: {shown}{more}; " + ", ".join(fixes))
 
 
 def _cache_key(files, height, width):
-    h = hashlib.sha256(f"{CACHE_VERSION}\n{height}x{width}\n".encode())
+    """-> (hex key, [(path, reason), ...] of the files that cannot be opened).
+
+    The key hashes CACHE_VERSION, (H, W) and, per file, its path, size and its first and last CONTENT_WINDOW bytes
+    (the whole file when it is at most twice that long, as every RegDB .bmp and most SYSU .jpg are). Modification
+    times are not used, so an image edited in place with its size and mtime restored still changes the key; an edit
+    confined to the middle of a file longer than 2 CONTENT_WINDOW, leaving both ends alone, does not."""
+    h = hashlib.blake2b(f"{CACHE_VERSION}\n{height}x{width}\n".encode(), digest_size=32)
+    bad = []
     for f in files:
         try:
-            st = os.stat(f)
+            with open(f, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                content = fh.read(CONTENT_WINDOW if size > 2 * CONTENT_WINDOW else size)
+                if size > 2 * CONTENT_WINDOW:
+                    fh.seek(size - CONTENT_WINDOW)
+                    content += fh.read(CONTENT_WINDOW)
         except OSError as exc:
-            raise DataError(f"image {f} is missing or unreadable ({exc.strerror}); check the dataset tree") from None
-        h.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+            bad.append((f, _reason(exc)))
+            continue
+        h.update(os.fsencode(f) + f"\t{size}\t{len(content)}\n".encode())
+        h.update(content)
+    return h.hexdigest(), bad
+
+
+def _decode_worker(conn, out, jobs, height, width):
+    """Forked child: decode [(index, path), ...] into the shared memmap `out`, sending (index, reason or None) after
+    each image. It never raises on a bad file, so the parent hears about every image."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's; it stops the children
+    try:
+        for i, path in jobs:
+            img, reason = _decode(path, height, width)
+            if img is not None:
+                out[i] = img
+            conn.send((i, reason))
+    except (BrokenPipeError, EOFError):              # the parent is gone
+        pass
+    finally:
+        conn.close()
+
+
+def _decode_forked(out, files, height, width, tag, log):
+    """_decode_into over DECODE_PROCESSES forked children, each with an interleaved share of the files, its own pipe
+    and no shared lock. The parent waits on the pipes with a timeout, so it cannot hang: a child that dies (signal
+    or exit) or stays silent for DECODE_STALL_SECONDS is a DataError naming the image it was on, and every child is
+    killed on the way out. (multiprocessing.Pool, used before, could hang when a worker raised: Pool.terminate
+    takes the result queue's lock, which a worker still writing a large result holds; D18.)"""
+    ctx = multiprocessing.get_context("fork")
+    Image.init()                                     # import every PIL plugin before forking: a file PIL cannot
+    sys.stdout.flush()                               # identify makes it try them all; and a forked child must not
+    sys.stderr.flush()                               # write out the parent's buffered output a second time
+    n = min(DECODE_PROCESSES, len(files))
+    procs, conns, pending, bad = [], [], [], []
+    start = last = time.time()
+    done = 0
+    try:
+        for w in range(n):
+            jobs = [(i, files[i]) for i in range(w, len(files), n)]
+            recv, send = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_decode_worker, args=(send, out, jobs, height, width), daemon=True)
+            p.start()
+            send.close()
+            procs.append(p)
+            conns.append(recv)
+            pending.append(collections.deque(i for i, _ in jobs))
+        live = dict(zip(conns, range(n)))
+        while live:
+            ready = multiprocessing.connection.wait(list(live), timeout=DECODE_STALL_SECONDS)
+            if not ready:
+                stuck = ", ".join(files[pending[w][0]] for w in live.values() if pending[w])
+                raise DataError(f"decoding {tag} stalled: no image finished in {DECODE_STALL_SECONDS:.0f} s, the "
+                                f"decoder is stuck on {stuck}; replace or remove that file and rerun")
+            for c in ready:
+                w = live[c]
+                try:
+                    i, reason = c.recv()
+                except EOFError:                     # the child exited: finished, or died on pending[w][0]
+                    del live[c]
+                    procs[w].join()
+                    if pending[w]:
+                        code = procs[w].exitcode
+                        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                        hint = ("; the disk holding the cache may be full: free space or choose another cache "
+                                "directory" if code == -signal.SIGBUS else "; replace or remove that file and rerun")
+                        raise DataError(f"the decode process for {tag} died ({how}) while reading "
+                                        f"{files[pending[w][0]]}{hint}")
+                    continue
+                pending[w].popleft()
+                done += 1
+                if reason is not None:
+                    bad.append((i, files[i], reason))
+                if time.time() - last > PROGRESS_SECONDS:
+                    last = time.time()
+                    log(f"  {tag}: {done}/{len(files)} images, {done / (last - start):.0f} images/s")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        for c in conns:
+            c.close()
+    return [(f, r) for _, f, r in sorted(bad)]
 
 
 def _decode_into(out, files, height, width, tag, log):
-    """Decode `files` into the (N, H, W, 3) uint8 array `out`; a pool of processes for large lists."""
-    jobs = [(f, height, width) for f in files]
-    if len(jobs) < POOL_MIN_IMAGES:
-        for i, job in enumerate(jobs):
-            out[i] = _decode(job)
-        return
-    start = last = time.time()
-    with multiprocessing.Pool(DECODE_PROCESSES) as pool:
-        for i, img in enumerate(pool.imap(_decode, jobs, chunksize=32)):
+    """Decode `files` into the (N, H, W, 3) uint8 array `out` -> [(path, reason), ...] of the files that are not
+    readable images; every file is tried. Large lists go to forked processes (_decode_forked)."""
+    if len(files) >= POOL_MIN_IMAGES and DECODE_PROCESSES > 1 and "fork" in multiprocessing.get_all_start_methods():
+        return _decode_forked(out, files, height, width, tag, log)
+    bad = []
+    for i, f in enumerate(files):
+        img, reason = _decode(f, height, width)
+        if img is None:
+            bad.append((f, reason))
+        else:
             out[i] = img
-            if time.time() - last > PROGRESS_SECONDS:
-                last = time.time()
-                log(f"  {tag}: {i + 1}/{len(jobs)} images, {(i + 1) / (last - start):.0f} images/s")
+    return bad
+
+
+def check_cache_dir(cache_dir):
+    """Create `cache_dir` if needed; a DataError naming it when it is a file, lies under a file or is not writable."""
+    cache_dir = os.fspath(cache_dir)
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise DataError(f"cache directory {cache_dir} is a file, not a directory; choose a directory for the image "
+                        f"cache (--cache-dir)")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the cache directory {cache_dir} ({exc.strerror or exc}); choose a writable "
+                        f"directory (--cache-dir)") from None
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        raise DataError(f"cache directory {cache_dir} is not writable; choose a writable directory (--cache-dir)")
+
+
+def _pid_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _remove_orphans(cache_dir, prefix):
+    """Remove `<prefix>*.npy.tmp<pid>` files left by a process that was killed (its pid no longer runs)."""
+    for name in os.listdir(cache_dir):
+        pid = name.rsplit(".npy.tmp", 1)[1] if name.startswith(prefix) and ".npy.tmp" in name else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_running(int(pid)):
+            try:
+                os.remove(os.path.join(cache_dir, name))
+            except OSError:
+                pass
+
+
+def _reserve(path):
+    """Allocate the blocks of `path` now, so that a full disk is an OSError here, not a SIGBUS in the memmap later."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in _FULL_DISK:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _mb(n):
+    return f"{n / 2 ** 20:.1f} MB"
 
 
 def cached_images(files, height, width, cache_dir, tag, log=print):
     """Decode `files` once into `cache_dir/<tag>-<H>x<W>-<key>.npy`; return it as a read-only memmap (N, H, W, 3) uint8.
 
-    The key hashes the paths, sizes and mtimes of the files and (H, W): any change gives a new key and a rebuild
-    (the stale file of the same tag and size is removed). Built into a temporary file, then renamed (atomic)."""
+    The key (_cache_key) hashes (H, W) and each file's path, size and first and last bytes: any change gives a new
+    key and a rebuild (the stale file of the same tag and size is removed). Every file is opened before anything is
+    written and every image is decoded before any error is raised, so one DataError lists all unreadable files
+    (BAD_IMAGES_SHOWN named, the rest counted). The free space is checked and the file's blocks reserved before
+    decoding; the array is built in a temporary file, renamed into place when complete (atomic), and removed on any
+    failure; temporary files of killed runs are removed."""
     if not files:
         return np.zeros((0, height, width, 3), dtype=np.uint8)
-    key = _cache_key(files, height, width)
+    key, bad = _cache_key(files, height, width)
+    if bad:
+        raise _bad_images_error(bad)
+    cache_dir = os.fspath(cache_dir)
     prefix = f"{tag}-{height}x{width}-"
     path = os.path.join(cache_dir, f"{prefix}{key[:24]}.npy")
+    shape = (len(files), height, width, 3)
     if os.path.exists(path):
         try:
             arr = np.load(path, mmap_mode="r")
-            if arr.shape == (len(files), height, width, 3) and arr.dtype == np.uint8:
+            if arr.shape == shape and arr.dtype == np.uint8:
                 return arr
         except (OSError, ValueError):
             pass    # a damaged cache file is rebuilt below
+    check_cache_dir(cache_dir)
+    _remove_orphans(cache_dir, prefix)
+    need, free = int(np.prod(shape)) + CACHE_SPARE_BYTES, shutil.disk_usage(cache_dir).free
+    if need > free:
+        raise DataError(f"the image cache {path} needs {_mb(need)} but {cache_dir} has {_mb(free)} free; free disk "
+                        f"space or choose another cache directory (--cache-dir)")
     log(f"caching {len(files)} images ({tag}) at {height}x{width} into {path} (once)")
     start = time.time()
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        os.makedirs(cache_dir, exist_ok=True)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), height, width, 3))
-        _decode_into(out, files, height, width, tag, log)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        _reserve(tmp)
+        bad = _decode_into(out, files, height, width, tag, log)
+        if bad:
+            raise _bad_images_error(bad)
         out.flush()
         del out
         os.replace(tmp, path)
@@ -218,8 +417,9 @@ def cached_images(files, height, width, cache_dir, tag, log=print):
             if name.startswith(prefix) and name.endswith(".npy") and name != os.path.basename(path):
                 os.remove(os.path.join(cache_dir, name))
     except OSError as exc:
-        raise DataError(f"cannot write the image cache {path} ({exc}); free disk space or choose another cache "
-                        f"directory") from None
+        fix = ("free disk space or choose another cache directory" if exc.errno in _FULL_DISK
+               else "choose a writable cache directory")
+        raise DataError(f"cannot write the image cache {path} ({exc.strerror or exc}); {fix} (--cache-dir)") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -233,13 +433,48 @@ def _root_tag(root):
 
 # ---------------------------------------------------------------- checks shared by both readers
 
+def _kind(path, what):
+    """'dir', 'file' or None (missing) for `path`; a DataError naming it when it cannot be examined (permissions):
+    os.path.isdir/isfile would answer False there and silently drop the path."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise DataError(f"cannot read the {what} {path} ({exc.strerror or exc}); make it and its parent directories "
+                        f"readable (chmod a+rX)") from None
+    return "dir" if stat.S_ISDIR(st.st_mode) else "file"
+
+
+def _listdir(path, what):
+    """os.listdir(path); a DataError naming `path` when it cannot be read, never an empty answer."""
+    try:
+        return os.listdir(path)
+    except OSError as exc:
+        raise DataError(f"cannot read the {what} {path} ({exc.strerror or exc}); make it readable "
+                        f"(chmod -R a+rX {path})") from None
+
+
+def _read_lines(path, layout):
+    """The lines of a text file (a UTF-8 byte-order mark is dropped); a DataError naming it when unreadable."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read().split("\n")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; expected {layout}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror or exc}); make it readable (chmod a+r)") from None
+
+
 def _check_root(root, marker, name, layout):
     """`root` must be a directory holding `marker`; otherwise say what is wrong and suggest a child that has it."""
-    if not os.path.exists(root):
+    kind = _kind(root, f"{name} root")
+    if kind is None:
         raise DataError(f"{name} root {root} does not exist; pass the directory that holds {layout}")
-    if not os.path.isdir(root):
+    if kind != "dir":
         raise DataError(f"{name} root {root} is not a directory; pass the directory that holds {layout}")
-    if os.path.isdir(os.path.join(root, marker)):
+    _listdir(root, f"{name} root")
+    if _kind(os.path.join(root, marker), f"{name} directory") == "dir":
         return
     found = []
     for dirpath, dirnames, _ in os.walk(root):
@@ -269,10 +504,9 @@ def _report(name, counts, published, expect_published, log):
 def _read_sysu_ids(root, name):
     path = os.path.join(root, "exp", name)
     layout = "one line of comma-separated identity numbers, e.g. 1,2,4,5"
-    if not os.path.isfile(path):
+    if _kind(path, "identity list") != "file":
         raise DataError(f"{path} is missing; expected {layout} (SYSU-MM01 ships exp/train_id.txt, val_id.txt, test_id.txt)")
-    with open(path) as f:
-        lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    lines = [(n, line.strip()) for n, line in enumerate(_read_lines(path, layout), 1) if line.strip()]
     if not lines:
         raise DataError(f"{path} is empty; expected {layout}")
     if len(lines) > 1:
@@ -292,12 +526,13 @@ def _read_sysu_ids(root, name):
     return ids
 
 
-def _sysu_files(root, pid, cam):
-    """Sorted files of one (identity, camera); [] when the directory does not exist."""
+def _sysu_files(root, pid, cam, present):
+    """Sorted files of one (identity, camera); [] when cam<cam>/ has no folder for it. present: {cam: set of the
+    names in cam<cam>/}. An identity folder that cannot be read is a DataError, not an empty camera."""
     d = os.path.join(root, f"cam{cam}", f"{pid:04d}")
-    if not os.path.isdir(d):
+    if f"{pid:04d}" not in present[cam] or _kind(d, "identity folder") != "dir":
         return []
-    return sorted(os.path.join(d, f) for f in os.listdir(d) if not f.startswith("."))
+    return sorted(os.path.join(d, f) for f in _listdir(d, "identity folder") if not f.startswith("."))
 
 
 def _image_set(entries):
@@ -337,9 +572,12 @@ def load_sysu(root, height, width, cache_dir, log=print, expect_published=True, 
     layout = "cam1..cam6/<4-digit id>/<n>.jpg and exp/{train,val,test}_id.txt"
     root = os.path.abspath(root)
     _check_root(root, "exp", "SYSU-MM01", layout)
+    present = {}
     for cam in range(1, 7):
-        if not os.path.isdir(os.path.join(root, f"cam{cam}")):
-            raise DataError(f"{os.path.join(root, f'cam{cam}')} is missing; expected the SYSU-MM01 layout {layout}")
+        cam_dir = os.path.join(root, f"cam{cam}")
+        if _kind(cam_dir, "camera directory") != "dir":
+            raise DataError(f"{cam_dir} is missing; expected the SYSU-MM01 layout {layout}")
+        present[cam] = set(_listdir(cam_dir, "camera directory"))   # unreadable: an error, never an empty camera
     if split not in ("test", "val"):
         raise DataError(f"split {split!r} is unknown; choose test or val")
     id_files = {name: _read_sysu_ids(root, name) for name in ("train_id.txt", "val_id.txt", "test_id.txt")}
@@ -363,7 +601,7 @@ def load_sysu(root, height, width, cache_dir, log=print, expect_published=True, 
         files = {}
         for pid in ids:
             for cam in range(1, 7):
-                files[(pid, cam)] = _sysu_files(root, pid, cam)
+                files[(pid, cam)] = _sysu_files(root, pid, cam, present)
             if not any(files[(pid, cam)] for cam in range(1, 7)):
                 listed = next(name for name, listed in id_files.items() if pid in listed)
                 raise DataError(f"identity {pid} listed in {os.path.join(root, 'exp', listed)} has no images "
@@ -409,27 +647,52 @@ def load_sysu(root, height, width, cache_dir, log=print, expect_published=True, 
 # ---------------------------------------------------------------- RegDB
 
 def _read_regdb_index(root, name):
-    """idx/<name> -> [(absolute path, label), ...]."""
+    """idx/<name> -> [(absolute path, label), ...]: every non-blank line holds exactly two fields, a relative image
+    path and a non-negative integer label, and names an existing image not listed on an earlier line."""
     path = os.path.join(root, "idx", name)
     layout = "lines '<relative image path> <label>', e.g. 'Visible/1/male_front_v_00007_1.bmp 0'"
-    if not os.path.isfile(path):
+    if _kind(path, "RegDB index") != "file":
         raise DataError(f"{path} is missing; expected {layout}")
-    entries = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise DataError(f"{path} line {n}: {line[:60]!r} is malformed; expected {layout}")
-            img = os.path.join(root, parts[0])
-            if not os.path.isfile(img):
-                raise DataError(f"{path} line {n}: image {img} does not exist; check the dataset tree")
-            entries.append((img, int(parts[1])))
+    entries, seen = [], {}
+    for n, line in enumerate(_read_lines(path, layout), 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise DataError(f"{path} line {n}: {line[:60]!r} is malformed ({len(parts)} fields, not 2); "
+                            f"expected {layout}")
+        if not (parts[1].isascii() and parts[1].isdigit()):
+            raise DataError(f"{path} line {n}: {line[:60]!r} is malformed (label {parts[1][:20]!r} is not a "
+                            f"non-negative integer); expected {layout}")
+        img = os.path.normpath(os.path.join(root, parts[0]))
+        if img in seen:
+            raise DataError(f"{path} line {n}: image {parts[0]} is already listed on line {seen[img]}; each image "
+                            f"once: remove the duplicate line")
+        seen[img] = n
+        if _kind(img, "image") != "file":
+            raise DataError(f"{path} line {n}: image {img} does not exist; check the dataset tree")
+        entries.append((img, int(parts[1])))
     if not entries:
         raise DataError(f"{path} lists no images; expected {layout}")
     return entries
+
+
+def _check_regdb_disjoint(lists, trial):
+    """The train and test lists of a trial share no image and no identity. The identity of an image is its folder
+    (Visible/<id>/, Thermal/<id>/: the same person in both), not its label: the lists may number labels per split."""
+    for m, name in (("v", "visible"), ("r", "thermal")):
+        shared = sorted({f for f, _ in lists[("train", m)]} & {f for f, _ in lists[("test", m)]})
+        if shared:
+            raise DataError(f"idx/train_{name}_{trial}.txt and idx/test_{name}_{trial}.txt share {len(shared)} images "
+                            f"(e.g. {shared[0]}); train and test must be disjoint: restore the original index files")
+    folders = {part: {os.path.basename(os.path.dirname(f)) for m in "vr" for f, _ in lists[(part, m)]}
+               for part in ("train", "test")}
+    shared = sorted(folders["train"] & folders["test"], key=lambda s: (len(s), s))
+    if shared:
+        raise DataError(f"RegDB trial {trial}: identity folders {shared[:10]} are in both idx/train_*_{trial}.txt "
+                        f"and idx/test_*_{trial}.txt; train and test identities must be disjoint: restore the original "
+                        f"index files")
 
 
 REGDB_VAL_FRACTION = 0.2  # --split val: this share of each trial's training identities becomes the validation set
@@ -441,8 +704,8 @@ def regdb_val_labels(labels, trial):
     labels = sorted(labels)
     n = int(round(REGDB_VAL_FRACTION * len(labels)))
     if not 0 < n < len(labels):
-        raise DataError(f"RegDB trial {trial} has {len(labels)} training identities, too few to hold out "
-                        f"{REGDB_VAL_FRACTION:.0%} for --split val")
+        raise DataError(f"{len(labels)} training identities are too few to hold out {REGDB_VAL_FRACTION:.0%} "
+                        f"of them for --split val")
     return sorted(int(x) for x in np.random.default_rng([trial, 20]).choice(labels, n, replace=False))
 
 
@@ -464,6 +727,7 @@ def load_regdb(root, trial, height, width, cache_dir, log=print, expect_publishe
         raise DataError(f"split {split!r} is unknown; choose test or val")
     lists = {(part, m): _read_regdb_index(root, f"{part}_{name}_{trial}.txt")
              for part in ("train", "test") for m, name in (("v", "visible"), ("r", "thermal"))}
+    _check_regdb_disjoint(lists, trial)
     if split == "val":  # hold out validation identities from the training lists; the test lists are not used
         held = set(regdb_val_labels({lab for m in "vr" for _, lab in lists[("train", m)]}, trial))
         for m in "vr":
@@ -499,6 +763,191 @@ def load_regdb(root, trial, height, width, cache_dir, log=print, expect_publishe
         expect_published = False
     _report(f"RegDB {root} trial {trial}" + (" (split val)" if split == "val" else ""), counts, REGDB_PUBLISHED,
             expect_published, log)
+    return trainset, TestSet(pools, protocols)
+
+
+# ---------------------------------------------------------------- LLCM
+
+LLCM_VISIBLE_CAMS = tuple(range(1, 10))       # test_vis/cam1..cam9
+LLCM_INFRARED_CAMS = (1, 2, 4, 5, 6, 7, 8, 9)  # test_nir/: there is no infrared camera 3
+LLCM_TRIALS = 10
+LLCM_PUBLISHED = {"ids": 1064, "images": 46767}  # Zhang and Wang, CVPR 2023: the dataset's totals
+
+
+def _llcm_cam(rel):
+    """Camera number of an LLCM path: the digit after its 'cam' directory (test_vis/cam3/0012/... -> 3)."""
+    for part in rel.replace("\\", "/").split("/"):
+        if len(part) == 4 and part.startswith("cam") and part[3].isdigit():
+            return int(part[3])
+    return 0
+
+
+def _read_llcm_index(root, name):
+    """idx/<name> -> [(absolute path, label, camera), ...]; camera 0 where the path names none."""
+    path = os.path.join(root, "idx", name)
+    layout = "lines '<image path relative to the LLCM root> <label>', labels 0..N-1"
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is missing; expected {layout} (LLCM ships idx/train_vis.txt and idx/train_nir.txt)")
+    entries, seen = [], set()
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise DataError(f"{path} line {n}: {line[:60]!r} is malformed; expected {layout}")
+        if parts[0] in seen:
+            raise DataError(f"{path} line {n}: {parts[0]} is listed twice; list each image once")
+        seen.add(parts[0])
+        img = os.path.join(root, parts[0])
+        if not os.path.isfile(img):
+            raise DataError(f"{path} line {n}: image {img} does not exist; check the dataset tree")
+        entries.append((img, int(parts[1]), _llcm_cam(parts[0])))
+    if not entries:
+        raise DataError(f"{path} lists no images; expected {layout}")
+    return entries
+
+
+def _read_llcm_ids(path):
+    """idx/test_id.txt: one line of comma-separated identity numbers -> [id, ...]."""
+    layout = "one line of comma-separated identity numbers, e.g. 1,2,4,5"
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is missing; expected {layout}")
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    if len(lines) != 1:
+        raise DataError(f"{path} holds {len(lines)} non-empty lines; expected {layout}")
+    toks = [t.strip() for t in lines[0].split(",") if t.strip()]
+    bad = [t for t in toks if not t.isdigit()]
+    if bad or not toks:
+        raise DataError(f"{path} line 1: {(bad or [''])[0][:40]!r} is not an identity number; expected {layout}")
+    ids = [int(t) for t in toks]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path} line 1: identities listed twice: {sorted({i for i in ids if ids.count(i) > 1})[:10]}")
+    return ids
+
+
+def _llcm_test_files(root, folder, cams, ids):
+    """{(id, cam): sorted paths} of test_vis or test_nir; an absent (id, cam) directory gives no entry."""
+    files = {}
+    for pid in ids:
+        for cam in cams:
+            d = os.path.join(root, folder, f"cam{cam}", f"{pid:04d}")
+            if os.path.isdir(d):
+                try:
+                    names = os.listdir(d)
+                except OSError as e:
+                    raise DataError(f"cannot read {d} ({e.strerror}); check its permissions") from None
+                fs = sorted(os.path.join(d, f) for f in names if not f.startswith("."))
+                if fs:
+                    files[(pid, cam)] = fs
+    return files
+
+
+def llcm_sample(files, ids, cams, trial):
+    """One image per (identity, camera) of one trial: for id in sorted ids, for cam in `cams` with images,
+    `random.choice` over the sorted files after `random.seed(trial)` (ZYK100/LLCM DEEN/data_manager.py,
+    process_gallery_llcm; a private random.Random(trial) draws the same numbers)."""
+    rng = random.Random(trial)
+    return [rng.choice(files[(pid, cam)]) for pid in sorted(ids) for cam in cams if (pid, cam) in files]
+
+
+def load_llcm(root, height, width, cache_dir, log=print, expect_published=True, split="test"):
+    """LLCM (Zhang and Wang, CVPR 2023) as it ships -> (TrainSet, TestSet).
+
+    Train: idx/train_vis.txt and idx/train_nir.txt, labels relabelled 0..C-1 in sorted order. Test: the ids of
+    idx/test_id.txt, images test_vis/cam1..cam9/<id>/ and test_nir/cam{1,2,4..9}/<id>/; pools 'v' = every
+    test_vis image, 'r' = every test_nir image, in (sorted id, camera, sorted file) order. Protocols, ten trials
+    each, as ZYK100/LLCM DEEN/test.py evaluates them:
+    - infrared-to-visible: every infrared image queries, per trial, one visible image per (identity, camera);
+    - visible-to-infrared: the released code samples one infrared image per (identity, camera) per trial and
+      passes that sampled set to the metric as the queries, against every visible image as the gallery
+      (test.py builds the matrix sampled x full in that branch); this function does the same, so the
+      "visible-to-infrared" numbers are those of the literature: sampled infrared queries, full visible gallery.
+    The metric (protocol 'llcm') drops, per query, the gallery images of its identity under its camera number.
+    split='val': a fixed 20 % of the training identities (regdb_val_labels with trial 0) are evaluated instead,
+    with the same two protocols; their cameras are read from the training paths."""
+    layout = "idx/train_vis.txt, idx/train_nir.txt, idx/test_id.txt, test_vis/cam1..cam9/ and test_nir/cam*/"
+    if split not in ("test", "val"):
+        raise DataError(f"split {split!r} is unknown; choose test or val")
+    root = os.path.abspath(root)
+    _check_root(root, "idx", "LLCM", layout)
+    train_lists = {"v": _read_llcm_index(root, "train_vis.txt"), "r": _read_llcm_index(root, "train_nir.txt")}
+    id_path = os.path.join(root, "idx", "test_id.txt")
+    test_ids = _read_llcm_ids(id_path)
+    for folder in ("test_vis", "test_nir"):
+        if not os.path.isdir(os.path.join(root, folder)):
+            raise DataError(f"{os.path.join(root, folder)} is missing; expected the LLCM layout {layout}")
+    labels = sorted({lab for m in "vr" for _, lab, _ in train_lists[m]})
+    rt = _root_tag(root) + ("-val" if split == "val" else "")
+    if split == "val":
+        held = set(regdb_val_labels(labels, 0))
+        if any(cam == 0 for m in "vr" for _, lab, cam in train_lists[m] if lab in held):
+            raise DataError(f"--split val on LLCM reads each validation image's camera from its path (a "
+                            f"'camN' directory), and {root}/idx/train_*.txt has paths without one")
+        files = {m: {} for m in "vr"}
+        for m in "vr":
+            for f, lab, cam in train_lists[m]:
+                if lab in held:
+                    files[m].setdefault((lab, cam), []).append(f)
+            files[m] = {k: sorted(v) for k, v in files[m].items()}
+            train_lists[m] = [e for e in train_lists[m] if e[1] not in held]
+        labels, test_ids = sorted(set(labels) - held), sorted(held)
+    else:
+        files = {"v": _llcm_test_files(root, "test_vis", LLCM_VISIBLE_CAMS, test_ids),
+                 "r": _llcm_test_files(root, "test_nir", LLCM_INFRARED_CAMS, test_ids)}
+        listed = {f for m in "vr" for f, _, _ in train_lists[m]}
+        shared = sorted(f for m in "vr" for fs in files[m].values() for f in fs if f in listed)
+        if shared:
+            raise DataError(f"{shared[0]} is a test image and is listed in {root}/idx/train_*.txt "
+                            f"({len(shared)} such images); training and test images must be disjoint")
+        missing = [pid for pid in test_ids if not any((pid, c) in files["v"] or (pid, c) in files["r"]
+                                                         for c in LLCM_VISIBLE_CAMS)]
+        if missing:
+            raise DataError(f"identity {missing[0]} listed in {id_path} has no images under test_vis/ or test_nir/ "
+                            f"({len(missing)} such ids); restore its images or remove it from the list")
+    relabel = {lab: i for i, lab in enumerate(labels)}
+    train = {}
+    for m in "vr":
+        s = _image_set([(f, relabel[lab], cam) for f, lab, cam in train_lists[m]])
+        s.images = cached_images(s.files, height, width, cache_dir, f"llcm-{rt}-train-{m}", log)
+        train[m] = s
+    trainset = TrainSet(train["v"], train["r"], len(labels))
+    cams = {"v": LLCM_VISIBLE_CAMS, "r": LLCM_INFRARED_CAMS}
+    pools = {}
+    for m in "vr":
+        s = _image_set([(f, pid, cam) for pid in sorted(test_ids) for cam in cams[m]
+                        for f in files[m].get((pid, cam), [])])
+        s.images = cached_images(s.files, height, width, cache_dir, f"llcm-{rt}-test-{m}", log)
+        pools[m] = s
+    position = {m: {f: i for i, f in enumerate(pools[m].files)} for m in "vr"}
+    full = {m: np.arange(len(pools[m]), dtype=np.int64) for m in "vr"}
+
+    def sampled(m, t):
+        return np.array([position[m][f] for f in llcm_sample(files[m], test_ids, cams[m], t)], dtype=np.int64)
+
+    protocols = [Protocol("infrared-to-visible", "r", "v", "llcm",
+                          [(full["r"], sampled("v", t)) for t in range(LLCM_TRIALS)]),
+                 Protocol("visible-to-infrared", "r", "v", "llcm",   # as released: sampled infrared queries
+                          [(sampled("r", t), full["v"]) for t in range(LLCM_TRIALS)])]
+    counts = {"train ids": trainset.num_classes, "train visible images": len(trainset.v),
+              "train infrared images": len(trainset.r), "test ids": len(test_ids),
+              "test visible images": len(pools["v"]), "test infrared images": len(pools["r"])}
+    if split == "val":
+        counts = {("val" + k[4:] if k.startswith("test") else k): v for k, v in counts.items()}
+    _report(f"LLCM {root}" + (" (split val)" if split == "val" else ""), counts, {}, False, log)
+    totals = {"ids": counts["train ids"] + len(test_ids), "images": sum(v for k, v in counts.items() if "images" in k)}
+    if expect_published and split == "test" and totals != LLCM_PUBLISHED:
+        log(f"WARNING: LLCM {root} has {totals['ids']} identities and {totals['images']} images, the published "
+            f"dataset {LLCM_PUBLISHED['ids']} and {LLCM_PUBLISHED['images']}; check that it is complete and unmodified")
     return trainset, TestSet(pools, protocols)
 
 

@@ -5,10 +5,12 @@ numbers of all five papers come from), re-stated here step by step. For each que
 
 1. rank: sort the gallery by distance, smaller = more similar.
 2. remove same-room camera (SYSU-MM01 only): for a query from camera 3, drop every gallery image from
-   camera 2 (both cameras are in the same room), whatever its identity. RegDB removes nothing.
+   camera 2 (both cameras are in the same room), whatever its identity. RegDB removes nothing. LLCM
+   (`eval_llcm` in ZYK100/LLCM DEEN/eval_metrics.py) drops the gallery images of the query's identity
+   taken under the query's camera number.
 3. matches: gallery entries of the kept list with the query's identity. A query without any match is
    skipped; the result counts the skipped queries. If every query is skipped that is an error.
-4. de-duplicate identities (SYSU-MM01 only, the dataset authors' MATLAB rule): keep only the first
+4. de-duplicate identities (SYSU-MM01 and LLCM, the SYSU-MM01 authors' MATLAB rule): keep only the first
    occurrence of each identity in the kept list, then cumulate the matches of that shorter list and
    truncate at `max_rank`: `cmc`. RegDB's `cmc` and every protocol's `cmc_standard` cumulate the
    matches of the full kept list (clipped at 1). A list shorter than `max_rank` is padded with its last
@@ -80,6 +82,8 @@ def _evaluate_chunk(distmat, q_pids, g_pids, q_cams, g_cams, g_ids, num_ids, pro
     order = rank_gallery(distmat)                                          # (C, Ng)
     if protocol == "sysu":
         keep = remove_same_room(order, q_cams, g_cams)                     # (C, Ng) bool
+    elif protocol == "llcm":                                               # same identity under the same camera
+        keep = ~((g_pids[order] == q_pids[:, None]) & (g_cams[order] == q_cams[:, None]))
     else:
         keep = np.ones(order.shape, dtype=bool)
     matches = (g_pids[order] == q_pids[:, None]) & keep                    # (C, Ng) bool
@@ -114,13 +118,14 @@ def _evaluate_chunk(distmat, q_pids, g_pids, q_cams, g_cams, g_ids, num_ids, pro
 def evaluate(distmat, q_pids, g_pids, q_cams, g_cams, protocol="sysu", max_rank=20):
     """Community CMC / mAP / mINP of a (Nq, Ng) distance matrix (numpy arrays or torch tensors).
 
-    protocol: 'sysu' (remove same-room camera, de-duplicated CMC) or 'regdb' (standard CMC).
+    protocol: 'sysu' (remove same-room camera, de-duplicated CMC), 'llcm' (remove the query's identity under
+    its camera, de-duplicated CMC) or 'regdb' (standard CMC).
     Returns {'cmc': (max_rank,) fractions, cmc[k-1] = rank-k accuracy; 'cmc_standard': the same without
     identity de-duplication (equal to 'cmc' for RegDB); 'mAP', 'mINP': fractions;
     'num_valid': queries with a match, 'num_skipped': queries without}.
     """
-    if protocol not in ("sysu", "regdb"):
-        raise ValueError(f"unknown protocol {protocol!r}; use 'sysu' or 'regdb'")
+    if protocol not in ("sysu", "regdb", "llcm"):
+        raise ValueError(f"unknown protocol {protocol!r}; use 'sysu', 'regdb' or 'llcm'")
     distmat, q_pids, g_pids, q_cams, g_cams = map(_numpy, (distmat, q_pids, g_pids, q_cams, g_cams))
     num_q, num_g = distmat.shape
     if (len(q_pids), len(q_cams), len(g_pids), len(g_cams)) != (num_q, num_q, num_g, num_g):
@@ -138,7 +143,7 @@ def evaluate(distmat, q_pids, g_pids, q_cams, g_cams, protocol="sysu", max_rank=
 
     ranks = np.arange(1, max_rank + 1)
     cmc_standard = (first_rank[valid, None] <= ranks).mean(axis=0)
-    cmc = (dedup_rank[valid, None] <= ranks).mean(axis=0) if protocol == "sysu" else cmc_standard
+    cmc = (dedup_rank[valid, None] <= ranks).mean(axis=0) if protocol in ("sysu", "llcm") else cmc_standard
     return {"cmc": cmc, "cmc_standard": cmc_standard, "mAP": float(ap[valid].mean()),
             "mINP": float(inp[valid].mean()), "num_valid": int(valid.sum()), "num_skipped": int((~valid).sum())}
 

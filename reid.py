@@ -50,7 +50,10 @@ SMOKE_ITERS = 2  # iterations per epoch in --smoke runs
 SMOKE_WORLDS = {  # the tiny synthetic worlds of --smoke runs and of the tests
     "sysu": dict(num_ids=16, num_test=6, images_per_cam=2, height=64, width=32),
     "regdb": dict(num_ids=12, images_per_id=3, height=64, width=32),
+    "llcm": dict(num_ids=16, num_test=6, images_per_cam=2, height=64, width=32),
 }
+LAYOUTS = {"sysu": "exp/ and cam1..cam6/", "regdb": "idx/, Visible/ and Thermal/",
+           "llcm": "idx/, test_vis/ and test_nir/"}
 
 
 # ---------------------------------------------------------------- command line
@@ -74,9 +77,11 @@ def common_parser(add_help=True):
     p = Parser(description="Visible-infrared person re-identification: train and evaluate.",
                allow_abbrev=False, add_help=add_help)
     p.add_argument("--method", choices=METHODS, help="the paper to run")
-    p.add_argument("--dataset", default="synthetic", choices=("synthetic", "sysu", "regdb"),
-                   help="synthetic (default: a generated world in the SYSU-MM01 layout), sysu or regdb")
-    p.add_argument("--data-root", help="dataset directory (the one holding exp/ for SYSU-MM01, idx/ for RegDB)")
+    p.add_argument("--dataset", default="synthetic", choices=("synthetic", "sysu", "regdb", "llcm"),
+                   help="synthetic (default: a generated world in the SYSU-MM01 layout), sysu, regdb or llcm")
+    p.add_argument("--data-root", help="dataset directory (the one holding exp/ for SYSU-MM01, idx/ for RegDB "
+                                       "and LLCM); with --smoke and no --data-root, a tiny synthetic world in "
+                                       "the dataset's layout")
     p.add_argument("--trial", default="1", help="RegDB trial 1..10, or 'all' to train and test all ten in turn")
     p.add_argument("--recipe", default="paper", choices=RECIPES,
                    help="paper (default: the paper's values) or release (the authors' released code's values)")
@@ -184,16 +189,27 @@ def pick_device(name):
     return torch.device(name)
 
 
-def check_root(dataset, root):
-    if not root:
-        raise UserError(f"--dataset {dataset} needs --data-root DIR (the directory holding "
-                        f"{'exp/ and cam1..cam6/' if dataset == 'sysu' else 'idx/, Visible/ and Thermal/'})")
+def layout_of(root):
+    """The dataset whose layout `root` holds, or None."""
     root = Path(root)
-    if dataset == "sysu" and (root / "idx").is_dir() and (root / "Thermal").is_dir():
-        raise UserError(f"--data-root {root} holds RegDB (idx/, Thermal/), not SYSU-MM01; use --dataset regdb")
-    if dataset == "regdb" and (root / "exp").is_dir() and (root / "cam3").is_dir():
-        raise UserError(f"--data-root {root} holds SYSU-MM01 (exp/, cam3/), not RegDB; use --dataset sysu")
-    return root
+    if (root / "exp").is_dir() and (root / "cam3").is_dir():
+        return "sysu"
+    if (root / "idx").is_dir() and (root / "test_vis").is_dir():
+        return "llcm"
+    if (root / "idx").is_dir() and (root / "Thermal").is_dir():
+        return "regdb"
+    return None
+
+
+def check_root(dataset, root, smoke=False):
+    if not root:
+        if smoke:
+            return None  # --smoke without data: the synthetic world in this layout
+        raise UserError(f"--dataset {dataset} needs --data-root DIR (the directory holding {LAYOUTS[dataset]})")
+    found = layout_of(root)
+    if found and found != dataset:
+        raise UserError(f"--data-root {root} holds {found} ({LAYOUTS[found]}), not {dataset}; use --dataset {found}")
+    return Path(root)
 
 
 def trials_of(args):
@@ -214,10 +230,17 @@ def load_data(args, settings, trial, log):
         root = synthetic.ensure_world(cache, "sysu", **(SMOKE_WORLDS["sysu"] if args.smoke else {}), log=log)
         return data.load_sysu(root, settings.height, settings.width, cache, log=log, expect_published=False,
                               split=args.split)
-    root = check_root(args.dataset, args.data_root)
+    root = check_root(args.dataset, args.data_root, args.smoke)
+    published = root is not None
+    if root is None:
+        log(f"--smoke without --data-root: a tiny synthetic world in the {args.dataset} layout")
+        root = synthetic.ensure_world(cache, args.dataset, **SMOKE_WORLDS[args.dataset], log=log)
+    size = settings.height, settings.width
     if args.dataset == "sysu":
-        return data.load_sysu(root, settings.height, settings.width, cache, log=log, split=args.split)
-    return data.load_regdb(root, trial, settings.height, settings.width, cache, log=log, split=args.split)
+        return data.load_sysu(root, *size, cache, log=log, split=args.split, expect_published=published)
+    if args.dataset == "llcm":
+        return data.load_llcm(root, *size, cache, log=log, split=args.split, expect_published=published)
+    return data.load_regdb(root, trial, *size, cache, log=log, split=args.split, expect_published=published)
 
 
 # ---------------------------------------------------------------- testing
@@ -580,11 +603,10 @@ def parse(argv):
     args = parser.parse_args(argv)
     args.method = first.method  # with --eval-only it may come from the checkpoint
     if args.data_root and "dataset" not in given:
-        found = "sysu" if (Path(args.data_root) / "exp").is_dir() else \
-            "regdb" if (Path(args.data_root) / "idx").is_dir() else None
+        found = layout_of(args.data_root)
         raise UserError(f"--data-root {args.data_root} without --dataset: "
                         + (f"pass --dataset {found} to run on it" if found else
-                           "pass --dataset sysu or regdb (without both, the built-in synthetic world is used)"))
+                           "pass --dataset sysu, regdb or llcm (without both, the built-in synthetic world is used)"))
     if "trial" in given and args.dataset != "regdb":
         raise UserError(f"--trial {args.trial}: trials exist only for --dataset regdb; leave --trial out")
     if checkpoint is not None:
@@ -622,7 +644,7 @@ def main(argv=None):
     if not os.access(cache, os.W_OK):
         raise UserError(f"--cache-dir {cache} is not writable; give a writable directory for the image caches")
     if args.dataset != "synthetic":
-        check_root(args.dataset, args.data_root)
+        check_root(args.dataset, args.data_root, args.smoke)
     existed = out_dir(args).is_dir()
     out = prepare_out(args, args.method)  # refuses a non-empty directory unless it is a run to resume or replace
     try:

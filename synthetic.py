@@ -19,6 +19,7 @@ default run and the tests use a generated world. It is built to pose the real pr
   form a tracklet (one walking direction, advancing gait phase, occasional turn) with scale and position
   jitter, partial occlusion (poles, railings, other pedestrians) and sensor noise. Infrared images are one
   intensity replicated to three channels (camera 6 is written as single-channel grayscale JPEG files).
+- LLCM-like: nine places, each a low-light visible camera and (but place 3) a near-infrared one.
 - RegDB-like pairs: one dual camera (visible + thermal) captures the same walk; thermal pixels show
   emission (skin warm, clothing by material, background cool) rather than reflection.
 
@@ -31,7 +32,11 @@ Every world is written into a temporary directory and renamed into place when co
 `synthetic.json` (kind, version, parameters, counts) as the completion marker; `ensure_world` reuses a
 finished world with the same parameters. Everything is deterministic in the seed.
 
-    python synthetic.py --out DIR [--regdb] [--num-ids N] [--seed S] ...
+    LLCM:  root/test_vis/cam1..cam9/<4-digit id>/*.jpg, root/test_nir/cam{1,2,4..9}/..., root/idx/test_id.txt,
+           root/train_vis/cam<k>/<id>/*.jpg, root/train_nir/..., root/idx/train_{vis,nir}.txt ("<path> <label>");
+           visible images are dark, noisy and low in contrast and colour (night-time cameras).
+
+    python synthetic.py --out DIR [--regdb | --llcm] [--num-ids N] [--seed S] ...
 
 Simplifications (this is a model of the datasets, not a paper method):
 - Figures are 2-D layered shapes (ellipses, tapered limbs, trapezoids) with analytic shading, not 3-D models.
@@ -130,6 +135,24 @@ SYSU_CAMERAS = {
 }
 SYSU_VISIBLE = (1, 2, 4, 5)
 SYSU_INFRARED = (3, 6)
+LLCM_VISIBLE = tuple(range(1, 10))       # LLCM: nine cameras film in visible light at night ...
+LLCM_INFRARED = (1, 2, 4, 5, 6, 7, 8, 9)  # ... and eight of them in near infrared (no infrared camera 3)
+
+
+def llcm_cameras():
+    """LLCM-like cameras: each place k has a low-light visible camera 'v<k>' (dark, noisy, low contrast and
+    colour) and, except place 3, a near-infrared one 'r<k>' (active illumination)."""
+    cams = {}
+    for k in LLCM_VISIBLE:
+        indoor = k in (1, 2, 3)
+        cams[f"v{k}"] = dict(band="rgb", indoor=indoor, light=(1.0, 0.92, 0.78), gain=0.28 + 0.03 * (k % 3),
+                             gamma=1.8, saturation=0.45, background=1.0, vignette=0.15, size=1.0, blur=1.0,
+                             noise=0.045, quality=80, gray=False, place=k)
+        if k in LLCM_INFRARED:
+            cams[f"r{k}"] = dict(band="nir", indoor=indoor, light=(1.0,), gain=0.9, gamma=2.0, saturation=1.0,
+                                 background=0.45, vignette=0.35, size=1.0, blur=0.9, noise=0.02, quality=85,
+                                 gray=False, place=k)
+    return cams
 REGDB_CAMERAS = {
     "v": dict(band="rgb", indoor=False, light=(1.0, 0.96, 0.86), gain=0.85, gamma=2.2, saturation=0.8,
               background=1.0, vignette=0.0, size=1.0, blur=0.7, noise=0.020, quality=None, gray=False),
@@ -882,7 +905,68 @@ def make_regdb(root, num_ids=160, images_per_id=10, height=128, width=64, seed=0
     return Path(root)
 
 
-MAKERS = {"sysu": make_sysu, "regdb": make_regdb}
+def make_llcm(root, num_ids=60, num_test=20, images_per_cam=3, height=128, width=64, seed=0, log=print):
+    """Write a synthetic world in the LLCM layout to `root` (which must not exist); returns Path(root).
+
+    num_ids identities, num_test of them in the test split; each walks past a random subset of the nine
+    places (at least one visible and one infrared camera), images_per_cam +- images_per_cam // 2 images per
+    camera. Test images: test_vis/cam<k>/<4-digit id>/<n>.jpg, test_nir/cam<k>/...; idx/test_id.txt. Training
+    images: train_vis/cam<k>/<4-digit id>/<n>.jpg and train_nir/..., listed in idx/train_vis.txt and
+    idx/train_nir.txt as '<relative path> <label>', labels 0..N-1 in id order (the released lists' form; the
+    training folder names are this world's choice, the real dataset's lists name their own paths).
+    """
+    params = dict(num_ids=num_ids, num_test=num_test, images_per_cam=images_per_cam, height=height,
+                  width=width, seed=seed)
+    for name, low in (("num_ids", 3), ("num_test", 1), ("images_per_cam", 1), ("height", 32), ("width", 16),
+                      ("seed", 0)):
+        _check(name, params[name], low)
+    if num_ids - num_test < 2:
+        raise UserError(f"synthetic llcm: num_ids={num_ids} leaves fewer than 2 training ids after "
+                        f"num_test={num_test}; raise num_ids or lower num_test")
+    rng = np.random.default_rng([seed, 8])
+    ids = np.sort(rng.choice(np.arange(1, 2 * num_ids + 1), num_ids, replace=False))
+    test = set(int(i) for i in rng.choice(ids, num_test, replace=False))
+    train = [int(i) for i in ids if i not in test]
+    label = {pid: i for i, pid in enumerate(train)}
+    cameras = llcm_cameras()
+    world = World(ids, seed, cameras, height, width)
+    marker = dict(kind="llcm", version=VERSION, params=params)
+    atomic = _Atomic(root, marker)
+    lists = {"v": [], "r": []}
+    images, start = 0, time.time()
+    log(f"synthetic llcm: generating {num_ids} identities into {root}")
+    with atomic as tmp:
+        for done, pid in enumerate(ids, 1):
+            pid = int(pid)
+            prng = np.random.default_rng([seed, 9, pid])
+            visible = [k for k in LLCM_VISIBLE if prng.random() < 0.5] or [int(prng.choice(LLCM_VISIBLE))]
+            infrared = [k for k in LLCM_INFRARED if prng.random() < 0.5] or [int(prng.choice(LLCM_INFRARED))]
+            part = "test" if pid in test else "train"
+            for m, folder, places in (("v", "vis", visible), ("r", "nir", infrared)):
+                for k in places:
+                    trng = np.random.default_rng([seed, 10, pid, k, m == "r"])
+                    n = max(1, images_per_cam + int(trng.integers(-(images_per_cam // 2), images_per_cam // 2 + 1)))
+                    rel = Path(f"{part}_{folder}") / f"cam{k}" / f"{pid:04d}"
+                    (tmp / rel).mkdir(parents=True)
+                    cam = cameras[f"{m}{k}"]
+                    for j, shot in enumerate(make_track(trng, n, height, width, cam["size"]), 1):
+                        img = world.render(pid, f"{m}{k}", shot, trng)
+                        Image.fromarray(img if img.ndim == 3 else np.repeat(img[..., None], 3, 2)) \
+                            .save(tmp / rel / f"{j:04d}.jpg", quality=cam["quality"])
+                        if part == "train":
+                            lists[m].append(f"{rel.as_posix()}/{j:04d}.jpg {label[pid]}")
+                    images += n
+            _progress(log, "llcm", done, num_ids, images, start)
+        (tmp / "idx").mkdir()
+        (tmp / "idx" / "train_vis.txt").write_text("\n".join(lists["v"]) + "\n")
+        (tmp / "idx" / "train_nir.txt").write_text("\n".join(lists["r"]) + "\n")
+        (tmp / "idx" / "test_id.txt").write_text(",".join(str(i) for i in sorted(test)) + "\n")
+        marker["counts"] = {"images": images, "train ids": len(train), "test ids": num_test}
+    log(f"synthetic llcm: {images} images in {time.time() - start:.1f}s")
+    return Path(root)
+
+
+MAKERS = {"sysu": make_sysu, "regdb": make_regdb, "llcm": make_llcm}
 
 
 def world_params(kind, **params):
@@ -929,6 +1013,7 @@ def main(argv=None):
                                              "or RegDB layout.")
     ap.add_argument("--out", required=True, help="directory to create (must not exist)")
     ap.add_argument("--regdb", action="store_true", help="RegDB layout instead of SYSU-MM01")
+    ap.add_argument("--llcm", action="store_true", help="LLCM layout (low-light visible, 9 cameras)")
     ap.add_argument("--num-ids", type=int, help="identities (default: sysu 140, regdb 160)")
     ap.add_argument("--num-test", type=int, help="sysu: test identities (default 40)")
     ap.add_argument("--images-per-cam", type=int, help="sysu: mean images per (identity, camera) (default 5)")
@@ -937,8 +1022,8 @@ def main(argv=None):
     ap.add_argument("--width", type=int, help="image width (default 64)")
     ap.add_argument("--seed", type=int, help="seed (default 0)")
     args = ap.parse_args(argv)
-    kind = "regdb" if args.regdb else "sysu"
-    given = {k: v for k, v in vars(args).items() if k not in ("out", "regdb") and v is not None}
+    kind = "regdb" if args.regdb else "llcm" if args.llcm else "sysu"
+    given = {k: v for k, v in vars(args).items() if k not in ("out", "regdb", "llcm") and v is not None}
     try:
         MAKERS[kind](args.out, **world_params(kind, **given))
     except UserError as e:

@@ -676,13 +676,13 @@ class TestDataCache(_DTTree):
         self.assertIsInstance(train.v.images, _dt_np.memmap)
         f = train.v.files[2]
         st = _dt_os.stat(f)
-        _dt_os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))        # touch
+        _dt_os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))        # touch: same content, no rebuild
         _, _, built = load()
-        self.assertEqual(len(built), 1)
-        self.assertIn("train-v", built[0])
+        self.assertEqual(built, [])
         _dt_Image.new("RGB", (13, 29), (255, 0, 0)).save(f)                 # new content
         train, _, built = load()
         self.assertEqual(len(built), 1)
+        self.assertIn("train-v", built[0])
         _dt_np.testing.assert_array_equal(train.v.images[2], _dt_decode(f))
         self.assertTrue((train.v.images[2, ..., 0] > 250).all() and (train.v.images[2, ..., 1:] < 5).all())
         self.assertEqual(len(_dt_os.listdir(cache)), 4)                     # stale files removed
@@ -691,6 +691,33 @@ class TestDataCache(_DTTree):
         self.assertEqual(train.v.images.shape[1:], (20, 10, 3))
         self.assertFalse([n for n in _dt_os.listdir(cache) if ".tmp" in n])
 
+    def test_edit_with_size_and_mtime_restored_is_redecoded(self):
+        """D16: thermal .bmp pixels changed in place, size and mtime put back: the content key sees it."""
+        root = self.copy(self.regdb, "regdb-d16")
+        cache = _dt_os.path.join(self.tmp, "cache-d16")
+
+        def load():
+            logs = []
+            train, _ = _dt_data.load_regdb(root, 1, _DT_H, _DT_W, cache, log=logs.append)
+            return train, [m for m in logs if m.startswith("caching")]
+        train, built = load()
+        self.assertEqual(len(built), 2)
+        f = train.r.files[4]
+        before, st = train.r.images[4].copy(), _dt_os.stat(f)
+        with open(f, "rb") as fh:
+            raw = bytearray(fh.read())
+        mid = (int.from_bytes(raw[10:14], "little") + len(raw)) // 2   # middle of the pixel array (BMP bfOffBits)
+        raw[mid:mid + 40] = bytes(255 - b for b in raw[mid:mid + 40])
+        with open(f, "wb") as fh:
+            fh.write(raw)
+        _dt_os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+        self.assertEqual((_dt_os.stat(f).st_size, _dt_os.stat(f).st_mtime_ns), (st.st_size, st.st_mtime_ns))
+        train, built = load()
+        self.assertEqual(len(built), 1)
+        self.assertIn("-r-", built[0])
+        _dt_np.testing.assert_array_equal(train.r.images[4], _dt_decode(f))
+        self.assertFalse((train.r.images[4] == before).all())
+        self.assertEqual(load()[1], [])                       # and then cached again
 
     def test_decode_pool_matches_in_process(self):
         from unittest import mock
@@ -1608,6 +1635,154 @@ class TestOverwriteSafety(unittest.TestCase):
             self.assertEqual(p.returncode, 0, p.stderr[-2000:])
             self.assertFalse((out / "stale.txt").exists())
             self.assertTrue((out / "results.json").is_file())
+
+# ---- LLCM: data.load_llcm, eval protocol 'llcm', synthetic.make_llcm ----
+
+# hand-made LLCM tree: test ids {id: {modality folder: {camera: images}}}; large ids, ids missing from cameras
+_LLCM_TEST = {3: {"test_vis": {1: 2, 5: 1}, "test_nir": {2: 2}},
+              1234: {"test_vis": {9: 3, 3: 1}, "test_nir": {1: 1, 9: 2}},
+              77: {"test_vis": {3: 2}, "test_nir": {4: 1, 8: 1}}}
+_LLCM_TRAIN = {"train_vis.txt": [("nir_and_vis/vis/cam1/0010", 0, 2), ("nir_and_vis/vis/cam4/0020", 1, 2)],
+               "train_nir.txt": [("nir_and_vis/nir/cam2/0010", 0, 1), ("nir_and_vis/nir/cam6/0020", 1, 3)]}
+
+
+def _llcm_make(root, seed=0):
+    rng = _dt_np.random.default_rng(seed)
+    for pid, folders in _LLCM_TEST.items():
+        for folder, cams in folders.items():
+            for cam, n in cams.items():
+                for k in range(n):
+                    _dt_write_image(os.path.join(root, folder, f"cam{cam}", f"{pid:04d}", f"{k + 1:04d}.jpg"), rng,
+                                    gray=folder == "test_nir")
+    os.makedirs(os.path.join(root, "idx"))
+    for name, dirs in _LLCM_TRAIN.items():
+        lines = []
+        for d, label, n in dirs:
+            for k in range(n):
+                _dt_write_image(os.path.join(root, d, f"{k + 1:04d}.jpg"), rng)
+                lines.append(f"{d}/{k + 1:04d}.jpg {label}")
+        with open(os.path.join(root, "idx", name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    with open(os.path.join(root, "idx", "test_id.txt"), "w") as f:
+        f.write("1234,3,77\n")
+
+
+class TestLLCM(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.root = os.path.join(cls._tmp.name, "LLCM")
+        _llcm_make(cls.root)
+        cls.cache = os.path.join(cls._tmp.name, "cache")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+
+    def load(self, root=None, **kw):
+        import data
+        return data.load_llcm(root or self.root, 16, 8, self.cache, log=lambda m: None, **kw)
+
+    def test_layout_reader(self):
+        trainset, testset = self.load(expect_published=False)
+        self.assertEqual((trainset.num_classes, len(trainset.v), len(trainset.r)), (2, 4, 4))
+        self.assertEqual(list(trainset.v.cams), [1, 1, 4, 4])
+        v, r = testset.pools["v"], testset.pools["r"]
+        # (sorted id, camera, sorted file) order; every test_vis / test_nir image once
+        self.assertEqual(list(zip(v.labels, v.cams)), [(3, 1), (3, 1), (3, 5), (77, 3), (77, 3), (1234, 3),
+                                                       (1234, 9), (1234, 9), (1234, 9)])
+        self.assertEqual(list(zip(r.labels, r.cams)), [(3, 2), (3, 2), (77, 4), (77, 8), (1234, 1), (1234, 9),
+                                                       (1234, 9)])
+        self.assertEqual(v.images.shape, (9, 16, 8, 3))
+        self.assertEqual([p.name for p in testset.protocols], ["infrared-to-visible", "visible-to-infrared"])
+
+    def test_gallery_draws_restated(self):
+        import random
+        _, testset = self.load(expect_published=False)
+
+        def draw(folder, cams, trial):  # the release's rule, restated: seed, then one random.choice per dir
+            random.seed(trial)
+            out = []
+            for pid in sorted(_LLCM_TEST):
+                for cam in cams:
+                    d = os.path.join(self.root, folder, f"cam{cam}", f"{pid:04d}")
+                    if os.path.isdir(d):
+                        out.append(random.choice(sorted(os.path.join(d, f) for f in os.listdir(d))))
+            return out
+        i2v, v2i = testset.protocols
+        pools = testset.pools
+        for t in range(10):
+            q, g = i2v.trials[t]
+            self.assertEqual([pools["r"].files[i] for i in q], pools["r"].files)                # every infrared
+            self.assertEqual([pools["v"].files[i] for i in g], draw("test_vis", range(1, 10), t))
+            q, g = v2i.trials[t]   # as released: the sampled infrared set queries the full visible set
+            self.assertEqual([pools["r"].files[i] for i in q], draw("test_nir", (1, 2, 4, 5, 6, 7, 8, 9), t))
+            self.assertEqual([pools["v"].files[i] for i in g], pools["v"].files)
+
+    def test_same_camera_removal_by_hand(self):
+        import eval as evaluation
+        import numpy as np
+        # gallery: pid 5 cam 2, pid 7 cam 1, pid 5 cam 4, pid 7 cam 2
+        g_pids, g_cams = np.array([5, 7, 5, 7]), np.array([2, 1, 4, 2])
+        q_pids, q_cams = np.array([5, 7]), np.array([2, 3])
+        d = np.array([[0.1, 0.2, 0.3, 0.4],     # q0: g0 removed (its id, its camera): kept 7, 5, 7 -> match at 2
+                      [0.1, 0.4, 0.2, 0.3]])    # q1: nothing removed: 5, 5, 7, 7 -> match at 3, de-duplicated 2
+        r = evaluation.evaluate(d, q_pids, g_pids, q_cams, g_cams, protocol="llcm", max_rank=4)
+        self.assertEqual(list(r["cmc"]), [0.0, 1.0, 1.0, 1.0])
+        self.assertEqual(list(r["cmc_standard"]), [0.0, 0.5, 1.0, 1.0])
+        self.assertAlmostEqual(r["mAP"], (1 / 2 + (1 / 3 + 2 / 4) / 2) / 2)   # AP q0 1/2, q1 (1/3 + 2/4) / 2
+        self.assertAlmostEqual(r["mINP"], (1 / 2 + 2 / 4) / 2)
+
+    def test_val_split(self):
+        import data
+        import reid
+        import synthetic
+        with self.assertRaisesRegex(data.DataError, "2 training identities are too few"):
+            self.load(split="val")                   # round(0.2 * 2) = 0 held out
+        root = synthetic.ensure_world(Path(TEST_CACHE), "llcm", **reid.SMOKE_WORLDS["llcm"], log=lambda s: None)
+        full, test = self.load(root, expect_published=False)
+        train, val = self.load(root, split="val")
+        self.assertEqual(train.num_classes + 2, full.num_classes)  # round(0.2 * 10) identities held out
+        self.assertFalse(set(train.v.files) & set(val.pools["v"].files))
+        self.assertFalse(set(val.pools["v"].files) & set(test.pools["v"].files))
+        self.assertEqual(len(set(val.pools["r"].labels)), 2)
+
+    def test_bad_input(self):
+        import data
+        cases = [  # (what to break, a word of the message)
+            (lambda r: os.remove(os.path.join(r, "idx", "train_nir.txt")), "train_nir.txt is missing"),
+            (lambda r: open(os.path.join(r, "idx", "train_vis.txt"), "a").write("x.jpg 0 7\n"), "malformed"),
+            (lambda r: open(os.path.join(r, "idx", "train_vis.txt"), "a").write("x.jpg --1\n"), "malformed"),
+            (lambda r: open(os.path.join(r, "idx", "train_vis.txt"), "a").write(
+                "nir_and_vis/vis/cam1/0010/0001.jpg 0\n"), "listed twice"),
+            (lambda r: open(os.path.join(r, "idx", "test_id.txt"), "w").write("1234,3,77,555\n"), "identity 555"),
+            (lambda r: open(os.path.join(r, "idx", "test_id.txt"), "w").write("1234;3\n"), "not an identity"),
+            (lambda r: os.remove(os.path.join(r, "idx", "test_id.txt")), "test_id.txt is missing"),
+            (lambda r: _dt_shutil.rmtree(os.path.join(r, "idx")), "no idx/ directory"),
+        ]
+        for k, (breaking, word) in enumerate(cases):
+            with self.subTest(word=word):
+                root = os.path.join(self._tmp.name, f"bad{k}")
+                _dt_shutil.copytree(self.root, root)
+                breaking(root)
+                with self.assertRaises(data.DataError) as cm:
+                    self.load(root)
+                self.assertIn(word, str(cm.exception))
+                self.assertEqual(len(str(cm.exception).splitlines()), 1)
+
+    def test_smoke_run_on_an_llcm_tree(self):
+        import reid
+        import synthetic
+        root = synthetic.ensure_world(Path(TEST_CACHE), "llcm", **reid.SMOKE_WORLDS["llcm"], log=lambda s: None)
+        _, testset = self.load(root, expect_published=False)
+        self.assertEqual(len(testset.pools["v"]), len(list(Path(root, "test_vis").rglob("*.jpg"))))
+        with tempfile.TemporaryDirectory() as tmp:
+            results = reid_smoke("agw", Path(tmp) / "llcm", "--dataset", "llcm", "--data-root", str(root))
+        self.assertEqual(set(results["results"]), {"infrared-to-visible", "visible-to-infrared"})
+        self.assertEqual(results["dataset"], "llcm")
+        for r in results["results"].values():
+            self.assertEqual(len(r["trials"]), 10)
+
 
 # ==== end cli ====
 
