@@ -419,7 +419,8 @@ def _cmnas_iteration(kind, arch="resnet18", h=128, w=64, P=8, K=4, iters=2):
             opt.step()
     else:
         s = cmnas.Settings(arch=arch, pretrained="none")
-        run = common.Run(tempfile.mkdtemp(), device)
+        scratch = tempfile.TemporaryDirectory(prefix="bench-cmnas-")  # removed when this function returns
+        run = common.Run(scratch.name, device)
         genotype = None if kind == "search" else (cmnas.PAPER_GENOTYPES["paper-sysu"] if arch == "resnet50"
                                                   else "0 | 00 01 | 001 11 | 111 11 | 111 11")
         model = cmnas.CMNASNet(s, 100, genotype).to(device).train()

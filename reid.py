@@ -489,6 +489,9 @@ def check_values(args, method, settings):
     if args.seeds is not None:
         checks.append(("--seeds", " ".join(map(str, args.seeds)), len(set(args.seeds)) == len(args.seeds)
                        and min(args.seeds) >= 0, "distinct seeds >= 0"))
+        if args.eval_only:
+            raise UserError("--seeds trains one model per seed; with --eval-only, evaluate each seed's "
+                            "OUT/seed-<s>/model.pt on its own")
     for flag, value, ok, rule in checks:
         if not ok:
             raise UserError(f"{flag} {value}: must be {rule}")

@@ -1,14 +1,20 @@
 """The method interface. Each file in this package implements one paper and provides, in this order:
 
-    '''<paper, venue>; the equations and algorithms it implements; a `Deviations:` list.'''
+    '''<paper, venue>; Implements / Readings and choices / Deviations / Released code differs.'''
 
     @dataclass
     class Settings:                 # the paper's recipe; each field commented with its source (# Sec. 4.1)
         arch: str = "resnet50"      # fields every method has: arch, pretrained, height, width, epochs, P, K
         ...                         # reid.py turns every field into a --field-name option
 
-    SYNTHETIC = dict(...)           # overrides for the CPU recipe on the built-in synthetic world
+    RELEASE = dict(...)             # --recipe release: the authors' released code's values, each with file:line
+                                    # (None or absent: no code was published, and --recipe release refuses)
+    RELEASE_REGDB = dict(...)       # optional: release values that differ on RegDB (on top of RELEASE)
+    SYNTHETIC = dict(...)           # overrides for the CPU recipe on the built-in synthetic world (chosen on
+                                    # --split val; each override's val evidence in its comment)
     SMOKE = dict(...)               # overrides for --smoke (train + evaluate well under a minute on 2 CPU cores)
+    CHOICES = {"field": ("a", "b")} # optional: the values a str setting accepts (reid.py checks them)
+    LIMITS = {"field": 1}           # optional: minimum values of numeric settings beyond reid.py's own checks
 
     def build(settings, num_classes, meta=None) -> nn.Module
         # the model; `meta` holds what train() stored with run.meta(...) (a genotype, searched gates)
