@@ -12,16 +12,22 @@ visible cameras (all: 1, 2, 4, 5; indoor: 1, 2) whose directory exists, over the
 `random.choice(files)` for single shot and `random.sample(files, 10)` for multi shot. 10 trials, t = 0..9.
 
 Choices and deviations from the community pipeline:
-- Deviation: multi shot with fewer than 10 images in a camera draws `random.sample(files, len(files))`
-  (all of them); the community code raises there (never happens on the real data, where the rule is the same).
+- The AGW community baseline has no multi-shot test; the multi-shot rule (`random.sample(files, 10)` after
+  `random.seed(trial)`) is the one of the CM-NAS and MCE released code (JDAI-CV/CM-NAS datasets/sysu_dataset.py
+  and IDLNL/MCE data_manager.py, process_gallery_sysu). Deviation: with fewer than 10 images in a camera it draws
+  `random.sample(files, len(files))` (all of them); that code raises there (never on the real data).
 - Deviation: images are resized with PIL bilinear (antialiased when shrinking); the community
   pre-processing uses LANCZOS (`Image.ANTIALIAS`).
 - Deviation: augmentation runs per batch with torch ops on the uint8 cache instead of per image with PIL;
-  the operations and their parameters are the community ones: zero pad 10 + random crop, horizontal flip
-  p=0.5, ImageNet normalisation, random erasing (Zhong et al.) p=0.5, area 0.02-0.4, aspect uniform in
-  0.3-3.33, up to 100 tries, erased pixels set to 0 after normalisation (the ImageNet mean colour).
+  zero pad 10 + random crop, horizontal flip p=0.5 and ImageNet normalisation are the community AGW ones
+  (Cross-Modal-Re-ID-baseline train.py:114-121, which has no erasing); random erasing (Zhong et al.) is an option
+  (each method's `erasing` probability; CAJ's `--rande`, default off, ICCV21_CAJ/train_ext.py:67): area 0.02-0.4,
+  aspect uniform in 0.3-3.33, up to 100 tries, erased pixels set to 0 after normalisation (the ImageNet mean
+  colour; CAJ and MCE fill the CIFAR means 0.4914, 0.4822, 0.4465 after normalisation, ChannelAug.py:107).
 - Deviation: an epoch has at least one batch, also when max(#v, #r) < P K.
-- Files whose name starts with '.' (e.g. .DS_Store) inside an identity directory are ignored.
+- Files whose name starts with '.' (e.g. .DS_Store) inside an identity directory are ignored; any other file
+  that is not a readable image (Thumbs.db, a truncated .jpg) is an error, all of them named in one message.
+- A directory or list that cannot be read is an error naming it, never an empty camera or identity.
 """
 import collections
 import errno
@@ -55,7 +61,7 @@ REGDB_PUBLISHED = {"train ids": 206, "train visible images": 2060, "train therma
                    "test ids": 206, "test visible images": 2060, "test thermal images": 2060}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ERASE_AREA = (0.02, 0.4)        # random erasing, Zhong et al. (AAAI 2020), as in the community pipeline
+ERASE_AREA = (0.02, 0.4)        # random erasing, Zhong et al. (AAAI 2020), as in CAJ's and MCE's pipelines
 ERASE_ASPECT = 0.3              # aspect ratio uniform in [0.3, 1 / 0.3]
 ERASE_TRIES = 100
 CACHE_VERSION = "uint8-rgb-bilinear-1"   # part of the cache key: bump when the decoding changes
@@ -65,7 +71,7 @@ PROGRESS_SECONDS = 5.0
 DECODE_STALL_SECONDS = 120.0    # a decode process silent this long is stuck: stop and name its image
 CONTENT_WINDOW = 16 * 1024      # cache key: bytes hashed at each end of a file (the whole file up to twice this)
 BAD_IMAGES_SHOWN = 10           # unreadable images named in the error; the rest are counted
-CACHE_SPARE_BYTES = 64 * 2 ** 20  # free space left over after the image cache is written
+CACHE_SPARE_BYTES = 16 * 2 ** 20  # free space that must remain after the image cache is written
 
 
 class DataError(UserError):
@@ -164,9 +170,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".we
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _reason(exc):
-    """'ErrorType: message' of one failed read, short enough for a one-line error."""
+def _reason(exc, path):
+    """'ErrorType: message' of one failed read of `path` (the path itself left out), short enough for one line."""
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    text = text.replace(f" {path!r}", "").replace(path, "").strip()
     return f"{type(exc).__name__}: {text}"[:160]
 
 
@@ -177,19 +184,17 @@ def _decode(path, height, width):
             im = im.convert("RGB").resize((width, height), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8), None
     except Exception as exc:   # PIL raises many types for broken files; every one means the same to the user
-        return None, _reason(exc)
+        return None, _reason(exc, path)
 
 
 def _bad_images_error(bad):
     """[(path, reason), ...] -> one DataError: every unreadable file up to BAD_IMAGES_SHOWN named, the rest counted,
-    and the fix for the kinds of failure seen."""
-    fixes = []
-    if any(r.startswith("PermissionError") for _, r in bad):
-        fixes.append("make them readable (chmod a+r)")
-    if any(not p.lower().endswith(IMAGE_SUFFIXES) for p, _ in bad):
-        fixes.append("remove files that are not images (such as Thumbs.db) from the identity folders")
-    if len(fixes) < len({r.split(":")[0] for _, r in bad}) or not fixes:
-        fixes.append("replace or re-extract the broken files")
+    and the fix for each kind of failure seen."""
+    denied = [r.startswith("PermissionError") for _, r in bad]
+    stray = [not p.lower().endswith(IMAGE_SUFFIXES) for p, _ in bad]
+    fixes = (["make the files readable (chmod a+r)"] * any(denied)
+             + ["remove the files that are not images (such as Thumbs.db) from the identity folders"] * any(stray)
+             + ["replace or re-extract the broken images"] * any(not d and not s for d, s in zip(denied, stray)))
     if len(bad) == 1:
         return DataError(f"cannot read image {bad[0][0]} ({bad[0][1]}); " + ", ".join(fixes))
     shown = "; ".join(f"{p} ({r})" for p, r in bad[:BAD_IMAGES_SHOWN])
@@ -215,7 +220,7 @@ def _cache_key(files, height, width):
                     fh.seek(size - CONTENT_WINDOW)
                     content += fh.read(CONTENT_WINDOW)
         except OSError as exc:
-            bad.append((f, _reason(exc)))
+            bad.append((f, _reason(exc, f)))
             continue
         h.update(os.fsencode(f) + f"\t{size}\t{len(content)}\n".encode())
         h.update(content)
@@ -367,7 +372,7 @@ def _reserve(path):
 
 
 def _mb(n):
-    return f"{n / 2 ** 20:.1f} MB"
+    return f"{n / 2 ** 20:.1f} MB" if n >= 2 ** 20 else f"{n / 1024:.0f} KB"
 
 
 def cached_images(files, height, width, cache_dir, tag, log=print):
@@ -397,10 +402,11 @@ def cached_images(files, height, width, cache_dir, tag, log=print):
             pass    # a damaged cache file is rebuilt below
     check_cache_dir(cache_dir)
     _remove_orphans(cache_dir, prefix)
-    need, free = int(np.prod(shape)) + CACHE_SPARE_BYTES, shutil.disk_usage(cache_dir).free
-    if need > free:
-        raise DataError(f"the image cache {path} needs {_mb(need)} but {cache_dir} has {_mb(free)} free; free disk "
-                        f"space or choose another cache directory (--cache-dir)")
+    need, free = int(np.prod(shape)), shutil.disk_usage(cache_dir).free
+    if need + CACHE_SPARE_BYTES > free:
+        raise DataError(f"the image cache {path} needs {_mb(need)} (and {_mb(CACHE_SPARE_BYTES)} to spare) but "
+                        f"{cache_dir} has {_mb(free)} free; free disk space or choose another cache directory "
+                        f"(--cache-dir)")
     log(f"caching {len(files)} images ({tag}) at {height}x{width} into {path} (once)")
     start = time.time()
     tmp = f"{path}.tmp{os.getpid()}"
@@ -786,7 +792,7 @@ def _read_llcm_index(root, name):
     """idx/<name> -> [(absolute path, label, camera), ...]; camera 0 where the path names none."""
     path = os.path.join(root, "idx", name)
     layout = "lines '<image path relative to the LLCM root> <label>', labels 0..N-1"
-    if not os.path.isfile(path):
+    if _kind(path, "LLCM index") != "file":
         raise DataError(f"{path} is missing; expected {layout} (LLCM ships idx/train_vis.txt and idx/train_nir.txt)")
     entries, seen = [], set()
     try:
@@ -805,7 +811,7 @@ def _read_llcm_index(root, name):
             raise DataError(f"{path} line {n}: {parts[0]} is listed twice; list each image once")
         seen.add(parts[0])
         img = os.path.join(root, parts[0])
-        if not os.path.isfile(img):
+        if _kind(img, "image") != "file":
             raise DataError(f"{path} line {n}: image {img} does not exist; check the dataset tree")
         entries.append((img, int(parts[1]), _llcm_cam(parts[0])))
     if not entries:
@@ -816,7 +822,7 @@ def _read_llcm_index(root, name):
 def _read_llcm_ids(path):
     """idx/test_id.txt: one line of comma-separated identity numbers -> [id, ...]."""
     layout = "one line of comma-separated identity numbers, e.g. 1,2,4,5"
-    if not os.path.isfile(path):
+    if _kind(path, "identity list") != "file":
         raise DataError(f"{path} is missing; expected {layout}")
     try:
         with open(path) as f:
@@ -841,7 +847,7 @@ def _llcm_test_files(root, folder, cams, ids):
     for pid in ids:
         for cam in cams:
             d = os.path.join(root, folder, f"cam{cam}", f"{pid:04d}")
-            if os.path.isdir(d):
+            if _kind(d, "identity folder") == "dir":   # an unreadable camera is an error, not a missing folder
                 try:
                     names = os.listdir(d)
                 except OSError as e:
@@ -884,7 +890,7 @@ def load_llcm(root, height, width, cache_dir, log=print, expect_published=True, 
     id_path = os.path.join(root, "idx", "test_id.txt")
     test_ids = _read_llcm_ids(id_path)
     for folder in ("test_vis", "test_nir"):
-        if not os.path.isdir(os.path.join(root, folder)):
+        if _kind(os.path.join(root, folder), "LLCM directory") != "dir":
             raise DataError(f"{os.path.join(root, folder)} is missing; expected the LLCM layout {layout}")
     labels = sorted({lab for m in "vr" for _, lab, _ in train_lists[m]})
     rt = _root_tag(root) + ("-val" if split == "val" else "")
@@ -953,15 +959,25 @@ def load_llcm(root, height, width, cache_dir, log=print, expect_published=True, 
 
 # ---------------------------------------------------------------- sampler
 
+SAMPLERS = ("without-replacement", "community")
+
+
 class CrossModalitySampler:
-    """P identities x (K visible + K infrared) per batch, identities drawn without replacement.
+    """P identities x (K visible + K infrared) per batch, identities drawn without replacement in a batch.
 
-    Only identities with images in both modalities are drawn. Images of an identity are drawn without
-    replacement, with replacement only when it has fewer than K in that modality."""
+    Only identities with images in both modalities are drawn. `mode`:
+    - "without-replacement" (the project default, so that no batch repeats an image): an identity's K images are
+      drawn without replacement (with replacement only when it has fewer than K in that modality), and an epoch
+      has max(#v, #r) // (P K) batches;
+    - "community": an identity's K images are drawn with replacement and an epoch has int(max(#v, #r) / (P K)) + 1
+      batches, as mangye16/Cross-Modal-Re-ID-baseline utils.py:73-78 (IdentitySampler; 696 batches on SYSU, 65 on
+      RegDB; IDLNL/MCE utils.py:62-91 is the same sampler)."""
 
-    def __init__(self, labels_v, labels_r, P, K, seed):
+    def __init__(self, labels_v, labels_r, P, K, seed, mode="without-replacement"):
         labels_v, labels_r = np.asarray(labels_v), np.asarray(labels_r)
         self.ids = np.intersect1d(labels_v, labels_r)
+        if mode not in SAMPLERS:
+            raise DataError(f"sampler {mode!r} is not one of {', '.join(SAMPLERS)}")
         if P < 1 or K < 1:
             raise DataError(f"sampler needs P >= 1 and K >= 1, got P={P}, K={K}")
         if P > len(self.ids):
@@ -969,8 +985,8 @@ class CrossModalitySampler:
                             f"both visible and infrared training images; lower P to at most {len(self.ids)}")
         self.pos_v = {i: np.flatnonzero(labels_v == i) for i in self.ids}
         self.pos_r = {i: np.flatnonzero(labels_r == i) for i in self.ids}
-        self.P, self.K, self.seed = P, K, seed
-        self.num_batches = max(len(labels_v), len(labels_r)) // (P * K)
+        self.P, self.K, self.seed, self.mode = P, K, seed, mode
+        self.num_batches = max(len(labels_v), len(labels_r)) // (P * K) + (mode == "community")
 
     def __len__(self):
         return max(self.num_batches, 1)
@@ -983,7 +999,7 @@ class CrossModalitySampler:
             idx_v, idx_r = [], []
             for pid in rng.choice(self.ids, self.P, replace=False):
                 for pos, out in ((self.pos_v[pid], idx_v), (self.pos_r[pid], idx_r)):
-                    out.append(rng.choice(pos, self.K, replace=len(pos) < self.K))
+                    out.append(rng.choice(pos, self.K, replace=self.mode == "community" or len(pos) < self.K))
             batches.append((np.concatenate(idx_v).astype(np.int64), np.concatenate(idx_r).astype(np.int64)))
         return batches
 
@@ -1126,8 +1142,10 @@ class TrainLoader:
         self.sampler.load_state_dict(state)
 
 
-def train_loader(trainset, P, K, seed, augment, workers=0):
-    return TrainLoader(trainset, CrossModalitySampler(trainset.v.labels, trainset.r.labels, P, K, seed), augment, workers)
+def train_loader(trainset, P, K, seed, augment, workers=0, sampler="without-replacement"):
+    """The training loader; `sampler`: one of SAMPLERS (see CrossModalitySampler)."""
+    return TrainLoader(trainset, CrossModalitySampler(trainset.v.labels, trainset.r.labels, P, K, seed, sampler),
+                       augment, workers)
 
 
 def test_batches(images, batch_size):

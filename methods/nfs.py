@@ -1,23 +1,27 @@
 """NFS: Chen, Wan, Li, Jing and Sun, "Neural Feature Search for RGB-Infrared Person Re-Identification", CVPR 2021.
 
-No code of this paper was ever published; this file is the first implementation. It implements:
+No code of this paper was ever published; this file is the first implementation.
+
+Implements:
 - the two-stream baseline (Sec. 3.1, supplement Table 5): modality-specific conv1 block, shared ResNet stages
-  layer1-4 ("Stage 1-4" of Table 4), last stride 1, global average pooling, a shared BN layer (BNNeck, no shift)
-  and a bias-free classifier; L_b = L_id + L_tri with the weighted-regularisation triplet (Eq. 1);
+  layer1-4 ("Stage 1-4" of Table 4), last stride 1, global average pooling, a shared BN layer and a classifier;
+  L_b = L_id + L_tri with the weighted-regularisation triplet (Eq. 1);
 - modality-aware search cells (Sec. 3.2, Fig. 2 left) after every searched shared stage L: for each modality
   m in (v, r) a pixel-level probability field P_L^m in R^{C x H x W} (H, W: the stage's output size at the
   configured input size, Eq. 3) and a channel-level field P_L^m in R^C, initialised uniformly; P~ = sigmoid(P);
   binary gates G select features (Eq. 4);
-- the relaxation (Eq. 6-9): x ~ ContinuousBernoulli(P~) drawn by inverse-CDF reparameterisation with the
-  normalising constant C(P~) of Eq. 8 computed stably near P~ = 1/2; hard gate G = [x > 1/2] in the forward
-  pass; straight-through gradient dG/dP~ = 1 in the backward pass (Eq. 9);
-- the bilevel search (Eq. 5, Alg. 1): an 80/20 random image split (line 1); alternating a weight step on
-  D_train with L_train (line 3) and a gate step on D_val with L_val at the virtual weights
-  W' = W - xi grad_W L_train (line 4, second order: the Hessian-vector product exactly by autograd, or by DARTS's
-  finite differences with `--hessian finite-difference`; `--first-order true` drops it); the binary gates derived
-  from P~ (line 5) are saved to OUT/gates.pt and the network is retrained from its initial weights on the whole
-  training set with the gates fixed (line 6); reid.py evaluates it (line 7). `--phase search|retrain|both`,
-  `--gates FILE`;
+- the gate sampler (Eq. 6-9): x ~ ContinuousBernoulli(P~) by the inverse CDF of u ~ U(0, 1), with the normalising
+  constant C(P~) of Eq. 8 computed stably near P~ = 1/2; the hard gate thresholds x at its own (1 - P~)-quantile,
+  G = [x > F^-1(1 - P~)], so that G ~ Bernoulli(P~) as Eq. 6 writes; the backward pass is the straight-through
+  estimator dG/dP~ = 1 (Eq. 9). The continuous Bernoulli serves only as the sampler: the sample carries no
+  gradient (F^-1 is increasing, so G = [u > 1 - P~] exactly), and Eq. 9's identity is the whole gradient that
+  reaches P; nothing is relaxed in the forward pass;
+- the bilevel search (Eq. 5, Alg. 1): an 80/20 image split (line 1); alternating a weight step on D_train with
+  L_train (line 3) and a gate step on D_val with L_val at the virtual weights W' = W - xi grad_W L_train (line 4,
+  second order: the Hessian-vector product exactly by autograd, or by DARTS's finite differences with
+  `--hessian finite-difference`; `--first-order true` drops it); the binary gates derived from P~ (line 5) are
+  saved to OUT/gates.pt and the network is retrained from its initial weights on the whole training set with the
+  gates fixed (line 6); reid.py evaluates it (line 7). `--phase search|retrain|both`, `--gates FILE`;
 - the cross-modality contrastive loss (Eq. 10-13) and the total objective L = L_b + lambda L_c (Eq. 14), used
   as L_train, L_val (Eq. 5) and in the retraining;
 - ablation switches: Table 3 (B, B+N, B+C, B+N+C) = `--feature-search`, `--contrastive`; Table 4 =
@@ -26,38 +30,74 @@ No code of this paper was ever published; this file is the first implementation.
   the channel gate) and OUT/features.png (channel-mean feature maps of the first searched stage before and after
   its gates, for test images of both modalities).
 
-Choices where the paper is silent (marked `Choice:` in the code):
+Readings and choices where the paper is silent or ambiguous (marked `Choice:` in the code):
+- The pixel-level field: Sec. 3.2 says the pixel subspace holds "vectors in each spatial position" (one gate per
+  position, shared over channels), but gives the field the shape P_L^m in R^{C_out x W/2 x H/2} (one gate per
+  element). The stated shape is followed: one pixel gate per (channel, position).
 - Pixel and channel gates are searched jointly by multiplying them: feature (c, h, w) is kept iff its pixel gate
-  and the gate of channel c are both 1.
-- The binary gate is the continuous Bernoulli sample rounded, G = [x > 1/2]; consequently
-  P(G = 1) = sqrt(P~) / (sqrt(P~) + sqrt(1 - P~)) = sigmoid(P / 2). One sample per image and per field element.
+  and the gate of channel c are both 1. One gate draw per image and per field element.
+- Fields are initialised U(0, 1) (`gate_init`; the paper says "uniform distribution"), so P~ starts in
+  (0.5, 0.73): every derived gate starts open and the search closes what L_val pushes below 1/2. Derived gates:
+  P~ > 0.5 (`threshold`, Alg. 1 line 5). Search-time keep rate at initialisation: a feature is kept with
+  probability P~_pix P~_ch, so a search cell keeps E[sigmoid(U(0, 1))]^2 = ln((1 + e) / 2)^2 = 38.5 % of its
+  output per image (each searched stage drops about 62 % of its features at random), while the derived network
+  at the same point keeps 100 %. (With `--gate-sample round`, 31.6 %: the review measured 31.9 % on one cell.)
 - Eq. 9 is taken literally: the gradient reaching a hard gate is passed unchanged to P~ (and through the sigmoid
-  to P); the sample itself is drawn without gradient.
-- Fields are initialised U(0, 1) (`gate_init`), so P~ starts in (0.5, 0.73): every derived gate starts open and the
-  search closes what L_val pushes below 1/2. Derived gates: P~ > 0.5 (`threshold`, Alg. 1 line 5).
+  to P).
 - xi of the virtual step is the current learning rate of each weight's parameter group (DARTS [28]); the virtual
   step is the plain gradient step Alg. 1 writes (DARTS adds momentum and weight decay). BN running statistics are
   restored after every gate step, so only weight steps move them.
+- The gate step (line 4) takes its virtual step on the D_train batch that line 3 has just used, at the weights
+  line 3 has just updated (Alg. 1's order; DARTS's search script takes the architecture step before the weight
+  step). It draws its own gate noise, so its virtual gradient is not the step line 3 actually took.
+- The D_val batches go through the same crop-and-flip augmentation and the same P x K identity sampler as the
+  D_train batches. An identity with fewer than K validation images in a modality is sampled with replacement
+  (RegDB: 2 validation images per identity and modality against K = 4), so those batches repeat images.
+- The 80/20 split (Alg. 1 line 1, "randomly split") is stratified: 80 % of the images of every (modality,
+  identity), so both parts hold every identity (data.TrainSet.split_images).
 - The second-order term is exact by default (autograd through grad_W L_train). DARTS's finite difference
   (`--hessian finite-difference`, eps = 0.01 / ||xi grad_W' L_val||) is kept as an option: on a ResNet its step
-  crosses ReLU kinks, and measured here (resnet18, random images; bench.py nfs) its gate gradient is off the exact
-  one by about 9 times the exact one's norm. It converges only for steps (1e-6 in float64) that float32 cannot
-  resolve. The exact term costs about 1.25x the time and 1.5x the memory of the finite difference.
+  crosses ReLU kinks, and measured here (resnet18, random images; `python bench.py nfs`, README) its gate gradient
+  differs from the exact one by 8.3 times the exact one's norm (measured with the earlier rounding gate rule). It
+  converges only for steps (1e-6 in float64) that float32 cannot resolve. The exact term costs about 1.25x the time
+  and 1.5x the memory of the finite difference. With `--amp`, the finite-difference evaluations run in float32:
+  its step, about 2e-6 per weight on a ResNet-50, is below bf16 resolution (the review measured 5.9 % of weights
+  changing their bf16 value), so under bf16 the difference would be rounding noise.
 - Gate optimiser: Adam, lr 3e-4, betas (0.5, 0.999) (DARTS's architecture optimiser) without weight decay:
   the per-element gradients of the fields are far smaller than DARTS's 1e-3 decay term, which would otherwise
   drive every P to 0 regardless of the loss.
-- Search length and schedule: the training recipe of Sec. 4.1 (the only one the paper gives).
+- Search length and schedule: the training recipe of Sec. 4.1 (the only one the paper gives). The lr decays when
+  the 0-based epoch index reaches a milestone (16, 50), i.e. from the 17th and 51st epoch on, the convention of the
+  community code the paper cites (methods/common.py WarmupMultiStep).
 - L_c pairs: all P K x P K visible-infrared pairs of the batch, averaged (the expectation of the paper's random
   pairing, without its sampling noise), on the pooled features that L_tri uses.
+- The shared BN layer is a BNNeck (AGW convention, [66]): its shift is frozen, the classifier has no bias, L_id is
+  computed on BN(f) and L_tri (and L_c) on the pooled f. Sec. 3.1 says only "a shared batch normalization layer".
+- The max pool sits in the modality-specific stem (methods/common.py), where supplement Table 5 puts it at the
+  start of the shared conv2; it has no parameters, so the outputs are identical.
 - Learning rates: 0.1 for BNNeck and classifier, 0.01 for the backbone (the community baseline [66] the paper
   trains with, whose base lr is the paper's 0.1); SGD momentum 0.9, Nesterov, weight decay 5e-4 (same source).
-- The search and retrain networks start from the same initial weights (built under the run seed).
+- The search and retrain networks start from the same initial weights (built under the run seed with the CPU
+  generator only; the other generators, CUDA's included, are left untouched).
+- `--phase search` returns the search network, tested with its derived gates. Its BatchNorm running statistics were
+  gathered under the stochastic gates (about 38 % of the features kept at initialisation, against the derived
+  gates' 72-100 % in the review's smoke-size run, where a running mean of 0.32 met an eval input mean of 0.92
+  under the earlier rounding rule), so they are re-estimated first: one no-grad pass over an epoch of D_train
+  batches with the derived gates, BN in train mode, cumulative average (reestimate_bn). Re-estimating rather than
+  refusing: the number then says how good the searched gates are with the search's weights, a cheap check of a
+  search before its retraining, which a refusal would take away. It is still not Alg. 1 line 7's result (weights
+  trained on 80 % of the images under random gates); `--phase both` gives that. The run's meta says so (nfs_bn).
 
 Deviations:
 - Alg. 1 line 4 writes the virtual step without a step size (W - grad_W L_train); this file scales it by xi
   (DARTS's form, which the line cites).
 - For float32 sampling P~ is clamped to [1e-6, 1 - 1e-6]: a saturated gate (|P| > 13.8) flips with probability
-  1e-3 instead of exp(-|P| / 2).
+  1e-6 instead of exp(-|P|).
+- `--gate-sample round` (not the default) rounds the sample, G = [x > 1/2]: then P(G = 1) = sqrt(P~) / (sqrt(P~) +
+  sqrt(1 - P~)) = sigmoid(P / 2), not Eq. 6's P~. It is the rule this file used before issue 18 (the README rows
+  measured before it), kept for comparison.
+
+Released code differs: no code was released, so there is no RELEASE recipe (`--recipe release` refuses).
 """
 import contextlib
 import os
@@ -74,6 +114,7 @@ from methods import common
 
 PHASES = ("search", "retrain", "both")
 HESSIANS = ("finite-difference", "autograd")
+GATE_SAMPLES = ("quantile", "round")
 MODALITIES = ("v", "r")
 GATE_BETAS = (0.5, 0.999)   # Choice: DARTS [28]'s Adam betas for architecture parameters
 FD_SCALE = 0.01             # Choice: DARTS's finite-difference step, eps = 0.01 / ||v||
@@ -95,7 +136,7 @@ class Settings:
     momentum: float = 0.9                # Sec. 4.1: SGD with momentum 0.9
     weight_decay: float = 5e-4           # Choice: community baseline [66]
     warmup: int = 10                     # Sec. 4.1: warm-up [34] (10 epochs in [34])
-    milestones: tuple = (16, 50)         # Sec. 4.1: lr x0.1 at epoch 16, x0.01 at epoch 50
+    milestones: tuple = (16, 50)         # Sec. 4.1: lr x0.1 at epoch 16, x0.01 at epoch 50 (0-based index, [66])
     erasing: float = 0.0                 # Sec. 4.1: random cropping and flipping only (no random erasing)
     T: float = 15.0                      # Sec. 4.4: contrastive margin T (Eq. 12)
     lam: float = 0.04                    # Sec. 4.4: trade-off lambda (Eq. 14)
@@ -111,6 +152,11 @@ class Settings:
     threshold: float = 0.5               # Alg. 1 line 5: not given; Choice: G = [P~ > 0.5]
     first_order: bool = False            # Alg. 1 line 4 is second order; true: grad of L_val at W
     hessian: str = "autograd"            # Choice: second-order term exact (autograd), or finite-difference (DARTS)
+    gate_sample: str = "quantile"        # Eq. 6: G ~ Bernoulli(P~), x above its (1 - P~)-quantile; Deviation:
+                                         #   "round", G = [x > 1/2], P(G = 1) = sigmoid(P / 2) (before issue 18)
+
+
+CHOICES = {"phase": PHASES, "hessian": HESSIANS, "gate_sample": GATE_SAMPLES}
 
 
 # CPU recipe for the built-in synthetic world: a small network from scratch, a short search, then retraining.
@@ -142,7 +188,7 @@ def sample_cb(lam, u):
     so x = log(1 + u (2 lam - 1) / (1 - lam)) / log(lam / (1 - lam)). With log(lam / (1 - lam)) = (2 lam - 1) C(lam)
     this is x = u / ((1 - lam) C(lam)) * log1p(a) / a, a = u (2 lam - 1) / (1 - lam): both factors are smooth and
     finite at lam = 1/2, where the first form is 0/0 (and x = u). lam, u broadcast; returns their broadcast shape."""
-    lam = lam.clamp(LAMBDA_EPS, 1 - LAMBDA_EPS)
+    lam = lam.clamp(LAMBDA_EPS, 1 - LAMBDA_EPS)                   # Deviation: float32 sampling, |P| > 13.8 as 13.8
     a = u * (2 * lam - 1) / (1 - lam)
     small = a.abs() < SERIES
     a_safe = torch.where(small, torch.ones_like(a), a)
@@ -150,13 +196,21 @@ def sample_cb(lam, u):
     return u / ((1 - lam) * C(lam)) * log1p_ratio                                # Eq. (6)-(7) via Eq. (8)
 
 
-def gate(P, u):
+def gate(P, u, rule="quantile"):
     """Hard gate of probability-field logits P (any shape) for uniform noise u (broadcastable to it, a leading batch
-    axis in practice): forward G = [x > 1/2], x ~ CB(P~), P~ = sigmoid(P); backward dG/dP~ = 1 (Eq. 9)."""
+    axis in practice); backward dG/dP~ = 1 (Eq. 9). Forward, with x = F^-1(u) ~ CB(P~), P~ = sigmoid(P):
+      quantile: G = [x > F^-1(1 - P~)], the sample above its own (1 - P~)-quantile; F^-1 is increasing, so
+                G = [u > 1 - P~] and P(G = 1) = P~ (Eq. 6);
+      round:    G = [x > 1/2], P(G = 1) = 1 - F(1/2) = sqrt(P~) / (sqrt(P~) + sqrt(1 - P~)) = sigmoid(P / 2)."""
     P_tilde = torch.sigmoid(P)                                  # P~ = sigma(P), Sec. 3.2
     with torch.no_grad():
         x = sample_cb(P_tilde, u)                               # Eq. (6)-(7)
-    G = (x > 0.5).to(P_tilde.dtype)                             # Choice: G = round(x), P(G = 1) = sigma(P / 2)
+        if rule == "quantile":
+            lam = P_tilde.clamp(LAMBDA_EPS, 1 - LAMBDA_EPS)    # the clamp sample_cb applies
+            q = sample_cb(lam, 1 - lam)                         # F^-1(1 - P~): P(x > q) = P~, Eq. (6)
+        else:
+            q = 0.5                                             # Deviation: "round", P(G = 1) = sigma(P / 2)
+    G = (x > q).to(P_tilde.dtype)
     return G + (P_tilde - P_tilde.detach())                     # Eq. (9), Choice: literal STE; value exactly G
 
 
@@ -191,15 +245,15 @@ class SearchCell(nn.Module):
     """Modality-aware search cell of one shared stage (Sec. 3.2, Fig. 2 left).
 
     For each modality m: pixel-level field P_pix[m] (C, H, W) and channel-level field P_ch[m] (C,), uniform in
-    `init`. Training mode: stochastic hard gates (Eq. 6-9), Choice: one draw per image and element; evaluation mode:
-    the derived gates."""
+    `init`. Training mode: stochastic hard gates (Eq. 6-9, `sample` the gate() rule), Choice: one draw per image
+    and element; evaluation mode: the derived gates."""
 
-    def __init__(self, c, h, w, init, threshold):
+    def __init__(self, c, h, w, init, threshold, sample="quantile"):
         super().__init__()
         lo, hi = init
         self.P_pix = nn.ParameterDict({m: nn.Parameter(torch.empty(c, h, w).uniform_(lo, hi)) for m in MODALITIES})
         self.P_ch = nn.ParameterDict({m: nn.Parameter(torch.empty(c).uniform_(lo, hi)) for m in MODALITIES})
-        self.threshold = threshold
+        self.threshold, self.sample = threshold, sample
 
     def draw_noise(self, n):
         """u ~ U(0, 1) for n images: (pixel (n, C, H, W), channel (n, C))."""
@@ -227,7 +281,8 @@ class SearchCell(nn.Module):
         u_pix, u_ch = self.draw_noise(y.shape[0]) if noise is None else noise
         gates = {}
         for m, rows in zip(MODALITIES, (slice(0, n_v), slice(n_v, None))):
-            gates[m] = (gate(self.P_pix[m], u_pix[rows]), gate(self.P_ch[m], u_ch[rows]))  # (n_m, C, H, W), (n_m, C)
+            gates[m] = (gate(self.P_pix[m], u_pix[rows], self.sample),
+                        gate(self.P_ch[m], u_ch[rows], self.sample))          # (n_m, C, H, W), (n_m, C)
         return apply_gates(y, n_v, gates)
 
 
@@ -268,15 +323,16 @@ class NFS(nn.Module):
         self.stages = nn.ModuleList(common.stages(net_v))                   # shared conv2-conv5 (Stage 1-4)
         c = common.channels(settings.arch)
         self.bnneck = nn.BatchNorm1d(c[3])                                   # shared BN after pooling
-        self.bnneck.bias.requires_grad_(False)
-        self.classifier = nn.Linear(c[3], num_classes, bias=False)
+        self.bnneck.bias.requires_grad_(False)                               # Choice: BNNeck, AGW [66]
+        self.classifier = nn.Linear(c[3], num_classes, bias=False)           # Choice: bias-free, AGW [66]
         cells = {}
         if kind != "baseline":
             shapes = stage_shapes(settings.arch, settings.height, settings.width)
             for s in sorted(settings.search_stages):
                 ch, h, w = shapes[s - 1]
-                cells[f"layer{s}"] = (SearchCell(ch, h, w, settings.gate_init, settings.threshold)
-                                      if kind == "search" else GateCell(ch, h, w))
+                cells[f"layer{s}"] = (
+                    SearchCell(ch, h, w, settings.gate_init, settings.threshold, settings.gate_sample)
+                    if kind == "search" else GateCell(ch, h, w))
         self.cells = nn.ModuleDict(cells)
 
     def backbone(self, x, n_v, noise=None):
@@ -333,9 +389,10 @@ def model_kind(settings):
 
 def initial_model(settings, num_classes, kind, seed):
     """The network at its initial weights, identical for every kind under one seed. Choice: Alg. 1 line 6 retrains
-    from the weights the search started from."""
+    from the weights the search started from. The network is built on the CPU, so only the CPU generator is seeded
+    (and restored afterwards); the CUDA generators are not touched."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         return NFS(settings, num_classes, kind)
 
 
@@ -407,8 +464,9 @@ def gate_gradient(model, batch_t, batch_v, settings, xi, autocast=contextlib.nul
       finite-difference: (grad_P L_train(W + eps v) - grad_P L_train(W - eps v)) / (2 eps), eps = fd_scale / ||v||;
       autograd: exact, by differentiating L_val(W - xi grad_W L_train) through the graph of grad_W L_train.
     `settings.first_order`: grad_P L_val(W, P). Every L_train evaluation uses one gate draw, so the finite difference
-    compares one function at two points. xi: one step size per model.weights() entry. Weights and BN buffers are
-    left as they were. Returns ([grad per model.fields() entry], L_val value)."""
+    compares one function at two points; its evaluations run in float32 whatever `autocast` is (its step is below
+    bf16 resolution). xi: one step size per model.weights() entry. Weights and BN buffers are left as they were.
+    Returns ([grad per model.fields() entry], L_val value)."""
     names, W = zip(*model.named_weights())
     P = model.fields()
     n_t, n_val = len(batch_t["x_v"]) + len(batch_t["x_r"]), len(batch_v["x_v"]) + len(batch_v["x_r"])
@@ -417,11 +475,13 @@ def gate_gradient(model, batch_t, batch_v, settings, xi, autocast=contextlib.nul
         L_val = L(model, batch_v, settings, autocast)[0]
         grads = torch.autograd.grad(L_val, P)
     else:
+        if settings.hessian == "finite-difference":
+            autocast = contextlib.nullcontext               # Choice: W +- eps v is below bf16 resolution: float32
         u_t, u_v = model.draw_noise(n_t), model.draw_noise(n_val)
         L_train = L(model, batch_t, settings, autocast, u_t)[0]
         if settings.hessian == "autograd":
             g = torch.autograd.grad(L_train, W, create_graph=True)
-            W_virtual = {n: w - x * gw for n, w, x, gw in zip(names, W, xi, g)}          # W' (depends on P via g)
+            W_virtual = {n: w - x * gw for n, w, x, gw in zip(names, W, xi, g)}  # Deviation: xi; W' depends on P
             L_val = L(model, batch_v, settings, autocast, u_v, params=W_virtual)[0]
             grads = torch.autograd.grad(L_val, P)
         else:
@@ -429,7 +489,7 @@ def gate_gradient(model, batch_t, batch_v, settings, xi, autocast=contextlib.nul
             W0 = [w.detach().clone() for w in W]
             with torch.no_grad():
                 for w, x, gw in zip(W, xi, g):
-                    w.sub_(x * gw)                                                       # W' = W - xi grad L_train
+                    w.sub_(x * gw)                                 # Deviation: W' = W - xi grad L_train (xi: DARTS)
             L_val = L(model, batch_v, settings, autocast, u_v)[0]
             d = torch.autograd.grad(L_val, list(W) + P)
             dW, dP = d[:len(W)], d[len(W):]
@@ -458,6 +518,12 @@ def weight_optimizer(model, settings):
     backbone = [p for p in model.weights() if id(p) not in head_ids]
     return torch.optim.SGD([{"params": backbone, "lr": settings.backbone_lr}, {"params": head, "lr": settings.lr}],
                            momentum=settings.momentum, weight_decay=settings.weight_decay, nesterov=True)
+
+
+def step_sizes(model, optimizer):
+    """xi of Alg. 1 line 4, one per model.weights() entry: the current lr of its parameter group (Choice, DARTS)."""
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    return [lr_of[id(w)] for w in model.weights()]
 
 
 def val_batches(loader, epoch, its, device):
@@ -490,8 +556,7 @@ def search(settings, trainset, run):
     for epoch in run.epochs("search", settings.search_epochs, model=model, optimizer=optimizer,
                             gate_optimizer=gate_optimizer, schedule=schedule, loader=loader, loader_val=loader_val):
         schedule.step_epoch(epoch)
-        lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-        xi = [lr_of[id(w)] for w in model.weights()]                 # Choice: xi = current lr (DARTS)
+        xi = step_sizes(model, optimizer)                            # Choice: xi = current lr (DARTS)
         model.train()
         val = val_batches(loader_val, epoch, len(loader), run.device)
         for it, batch in run.batches(loader, epoch):                                 # Alg. 1 line 2
@@ -506,6 +571,31 @@ def search(settings, trainset, run):
             run.log(epoch, it, {**terms, "L_val": l_val}, optimizer.param_groups[1]["lr"])
         run.print(f"[search] derived gates after epoch {epoch + 1}, share kept: {kept(model.gates())}")
     return model
+
+
+@torch.no_grad()
+def reestimate_bn(model, batches, autocast=contextlib.nullcontext):
+    """Re-estimate every BatchNorm's running statistics of a search network under its derived gates: BN layers in
+    train mode, cells in eval mode (derived gates), the cumulative average over `batches` (momentum None); weights
+    and fields are not changed. Returns the number of batches. For --phase search: the statistics gathered under
+    the stochastic gates do not match the derived network's inputs."""
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None                                   # cumulative average over the batches
+    model.train()
+    for cell in model.cells.values():
+        cell.eval()                                          # the derived gates (Alg. 1 line 5)
+    n = 0
+    for batch in batches:
+        with autocast():
+            model(batch["x_v"], batch["x_r"])
+        n += 1
+    for bn, momentum in zip(norms, momenta):
+        bn.momentum = momentum
+    model.train()
+    return n
 
 
 # ---------------------------------------------------------------- gates file
@@ -550,6 +640,8 @@ def check(settings):
         raise common.UserError(f"--phase {settings.phase!r}: choose one of {', '.join(PHASES)}")
     if settings.hessian not in HESSIANS:
         raise common.UserError(f"--hessian {settings.hessian!r}: choose one of {', '.join(HESSIANS)}")
+    if settings.gate_sample not in GATE_SAMPLES:
+        raise common.UserError(f"--gate-sample {settings.gate_sample!r}: choose one of {', '.join(GATE_SAMPLES)}")
     stages = tuple(settings.search_stages)
     if not stages or len(set(stages)) != len(stages) or not set(stages) <= {1, 2, 3, 4}:
         raise common.UserError(f"--search-stages {' '.join(map(str, stages))}: give distinct stages among 1 2 3 4")
@@ -598,7 +690,15 @@ def train(settings, trainset, run):
         save_gates(searched, settings, source)
         run.print(f"[search] gates written to {source}; share kept: {kept(gates)}")
         if settings.phase == "search":
-            run.meta(nfs_model="search", gates=source, kept=kept(gates))
+            d_train, _ = trainset.split_images(settings.search_split, run.seed)         # the search's D_train
+            augment = data.Augment(settings.height, settings.width, erasing=settings.erasing)
+            loader = data.train_loader(d_train, settings.P, settings.K, run.seed, augment, workers=run.workers)
+            n = reestimate_bn(searched, (b for _, b in run.batches(loader, settings.search_epochs)), run.autocast)
+            note = (f"search network: BN statistics re-estimated with the derived gates over {n} D_train batches; "
+                    f"weights trained on {settings.search_split:.0%} of the images under random gates, not Alg. 1 "
+                    f"line 7's retrained network (--phase both)")
+            run.print(f"[search] {note}")
+            run.meta(nfs_model="search", gates=source, kept=kept(gates), nfs_bn=note)
             return searched
     model = initial_model(settings, num_classes, "retrain", run.seed)   # the weights the search started from
     if settings.phase == "retrain":
