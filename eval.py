@@ -1,7 +1,8 @@
 """CMC, mAP and mINP exactly as the visible-infrared re-id community computes them.
 
-The community protocol (`eval_sysu` / `eval_regdb` in mangye16/Cross-Modal-Re-ID-baseline, which the
-numbers of all five papers come from), re-stated here step by step. For each query:
+The community protocol (`eval_sysu` / `eval_regdb` in mangye16/Cross-Modal-Re-ID-baseline), re-stated here
+step by step; verified against the released evaluators of CM-NAS and MCE and the community baseline (NFS and
+cm-SSFT published no code). For each query:
 
 1. rank: sort the gallery by distance, smaller = more similar.
 2. remove same-room camera (SYSU-MM01 only): for a query from camera 3, drop every gallery image from

@@ -447,6 +447,24 @@ class TestDataSYSU(_DTTree):
             self.assertEqual((p.query, p.gallery, p.kind, len(p.trials)), ("r", "v", "sysu", 10))
 
     def test_gallery_equals_community_rule(self):
+        """Single shot: the AGW baseline's data_manager.py (random.choice). Multi shot (the AGW baseline has none):
+        restated from JDAI-CV/CM-NAS datasets/sysu_dataset.py process_gallery_sysu, `random.sample(files, shot)`
+        after `random.seed(trial)` for both shots (IDLNL/MCE data_manager.py: the same with 10); that code raises
+        on a camera with fewer than `shot` images, where the project takes them all (data.py's deviation)."""
+        def cmnas_gallery(mode, shot, trial):
+            _dt_random.seed(trial)
+            cams = {"all": ["cam1", "cam2", "cam4", "cam5"], "indoor": ["cam1", "cam2"]}[mode]
+            with open(_dt_os.path.join(self.sysu, "exp", "test_id.txt")) as fh:
+                ids = ["%04d" % int(x) for x in fh.read().splitlines()[0].split(",")]
+            paths = []
+            for pid in sorted(ids):
+                for cam in cams:
+                    d = _dt_os.path.join(self.sysu, cam, pid)
+                    if _dt_os.path.isdir(d):
+                        names = sorted(d + "/" + n for n in _dt_os.listdir(d))
+                        paths += _dt_random.sample(names, min(shot, len(names)))
+            return paths
+
         _, test = self.load_sysu()
         state = _dt_random.getstate()
         try:
@@ -456,7 +474,9 @@ class TestDataSYSU(_DTTree):
                 for t, (qi, gi) in enumerate(p.trials):
                     self.assertEqual(qi.tolist(), list(range(len(test.pools["r"]))))
                     got = [test.pools["v"].files[i] for i in gi]
-                    self.assertEqual(got, _dt_community_gallery(self.sysu, mode, shot, t), (p.name, t))
+                    self.assertEqual(got, cmnas_gallery(mode, {"single": 1, "multi": 10}[shot], t), (p.name, t))
+                    if shot == "single":
+                        self.assertEqual(got, _dt_community_gallery(self.sysu, mode, shot, t), (p.name, t))
                     galleries.add(tuple(got))
                     cams = test.pools["v"].cams[gi]
                     self.assertTrue(set(cams.tolist()) <= ({1, 2, 4, 5} if mode == "all" else {1, 2}))
@@ -798,6 +818,223 @@ class TestDataErrors(_DTTree):
     def test_sampler_too_many_ids(self):
         labels = _dt_np.array([0, 0, 1, 1, 2])
         self.assertDataError(lambda: _dt_data.CrossModalitySampler(labels, _dt_np.array([0, 1]), 3, 2, 0), "P=3", "2")
+
+
+# ---- bad inputs of issue 19, one row each (review ids of shared/reviews/reliability.md)
+import contextlib as _dt_contextlib
+import errno as _dt_errno
+import signal as _dt_signal
+import time as _dt_time
+from unittest import mock as _dt_mock
+
+
+def _dt_edit_lines(path, edit):
+    """Rewrite a text file through edit(list of lines) -> list of lines."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    with open(path, "w") as f:
+        f.write("\n".join(edit(lines)) + "\n")
+
+
+def _dt_refuse(call, target):
+    """A patch making call ('listdir' or 'open') raise PermissionError for the path `target` only, as a chmod 000
+    does for a user without CAP_DAC_OVERRIDE (the tests may run as root, where a real chmod changes nothing)."""
+    real = {"listdir": _dt_os.listdir, "open": open}[call]
+
+    def fake(path, *a, **k):
+        if _dt_os.path.abspath(_dt_os.fspath(path)) == target:
+            raise PermissionError(_dt_errno.EACCES, "Permission denied", _dt_os.fspath(path))
+        return real(path, *a, **k)
+    if call == "listdir":
+        return _dt_mock.patch.object(_dt_data.os, "listdir", fake)
+    return _dt_mock.patch.object(_dt_data, "open", fake, create=True)
+
+
+def _dt_decode_patch(bad_name, action):
+    """Patch data._decode so that the image named `bad_name` kills its decode process or hangs it."""
+    real = _dt_data._decode
+
+    def fake(path, h, w):
+        if _dt_os.path.basename(_dt_os.path.dirname(path)) + "/" + _dt_os.path.basename(path) == bad_name:
+            if action == "kill":
+                _dt_os.kill(_dt_os.getpid(), _dt_signal.SIGKILL)
+            _dt_time.sleep(60)
+        return real(path, h, w)
+    return _dt_mock.patch.object(_dt_data, "_decode", fake)
+
+
+def _dt_garbage(root, rels):
+    for rel in rels:
+        with open(_dt_os.path.join(root, rel), "wb") as f:
+            f.write(b"\xff\xd8 not really a jpeg")
+    return []
+
+
+def _dt_pool():
+    return _dt_mock.patch.object(_dt_data, "POOL_MIN_IMAGES", 1)
+
+
+_DT_TRAIN_V1 = "idx/train_visible_1.txt"
+_DT_TEST_V1 = "idx/test_visible_1.txt"
+_DT_SYSU_BAD12 = [f"cam1/0012/{k:04d}.jpg" for k in range(1, 13)]
+# (case, dataset, setup(root, cache) -> [patches active during the load], exception, words the message must
+#  contain ({root}, {cache} filled in), files (relative to root) that must still exist afterwards)
+_DT_BAD_INPUTS = [
+    ("D13_extra_column", "regdb",
+     lambda r, c: _dt_edit_lines(_dt_os.path.join(r, _DT_TRAIN_V1), lambda ls: ls[:2] + [ls[2] + " 7"] + ls[3:]) or [],
+     _dt_data.DataError, ["train_visible_1.txt line 3", "malformed", "3 fields"], [_DT_TRAIN_V1]),
+    ("D13b_extra_column_all", "regdb",
+     lambda r, c: _dt_edit_lines(_dt_os.path.join(r, _DT_TRAIN_V1), lambda ls: [x + " 7" for x in ls]) or [],
+     _dt_data.DataError, ["train_visible_1.txt line 1", "malformed"], [_DT_TRAIN_V1]),
+    ("D13c_label_dashdash", "regdb",
+     lambda r, c: _dt_edit_lines(_dt_os.path.join(r, _DT_TRAIN_V1),
+                                 lambda ls: ls[:2] + [ls[2].split()[0] + " --1"] + ls[3:]) or [],
+     _dt_data.DataError, ["train_visible_1.txt line 3", "malformed", "'--1'"], [_DT_TRAIN_V1]),
+    ("D13c_label_negative", "regdb",
+     lambda r, c: _dt_edit_lines(_dt_os.path.join(r, _DT_TRAIN_V1), lambda ls: [ls[0].split()[0] + " -1"] + ls[1:]) or [],
+     _dt_data.DataError, ["line 1", "non-negative"], []),
+    ("D13d_test_lists_are_train_lists", "regdb",
+     lambda r, c: [_dt_shutil.copy(_dt_os.path.join(r, f"idx/train_{m}_1.txt"), _dt_os.path.join(r, f"idx/test_{m}_1.txt"))
+                   for m in ("visible", "thermal")] and [],
+     _dt_data.DataError, ["train_visible_1.txt and idx/test_visible_1.txt share 9 images", "disjoint"], [_DT_TEST_V1]),
+    ("D13d_identity_in_both", "regdb",   # one image of folder 1 moved from the train list to the test list
+     lambda r, c: (_dt_edit_lines(_dt_os.path.join(r, _DT_TRAIN_V1), lambda ls: ls[:2] + ls[3:]),
+                   _dt_edit_lines(_dt_os.path.join(r, _DT_TEST_V1),
+                                  lambda ls: ls + ["Visible/1/male_front_v_00001_3.bmp 205"])) and [],
+     _dt_data.DataError, ["identity folders ['1']", "disjoint"], []),
+    ("D13f_duplicate_line", "regdb",
+     lambda r, c: _dt_edit_lines(_dt_os.path.join(r, _DT_TRAIN_V1), lambda ls: ls + [ls[1]]) or [],
+     _dt_data.DataError, ["train_visible_1.txt line 10", "already listed on line 2"], [_DT_TRAIN_V1]),
+    ("D10g_regdb_index_unreadable", "regdb",
+     lambda r, c: [_dt_refuse("open", _dt_os.path.join(r, _DT_TRAIN_V1))],
+     _dt_data.DataError, ["{root}/idx/train_visible_1.txt", "Permission denied"], [_DT_TRAIN_V1]),
+    ("D10e_camera_unreadable", "sysu",
+     lambda r, c: [_dt_refuse("listdir", _dt_os.path.join(r, "cam1"))],
+     _dt_data.DataError, ["camera directory {root}/cam1", "Permission denied", "chmod"], ["cam1/0001/0001.jpg"]),
+    ("D10d_identity_folder_unreadable", "sysu",
+     lambda r, c: [_dt_refuse("listdir", _dt_os.path.join(r, "cam1", "0001"))],
+     _dt_data.DataError, ["identity folder {root}/cam1/0001", "Permission denied"], ["cam1/0001/0001.jpg"]),
+    ("D10f_test_id_unreadable", "sysu",
+     lambda r, c: [_dt_refuse("open", _dt_os.path.join(r, "exp", "test_id.txt"))],
+     _dt_data.DataError, ["{root}/exp/test_id.txt", "Permission denied"], ["exp/test_id.txt"]),
+    ("D10c_image_unreadable", "sysu",
+     lambda r, c: [_dt_refuse("open", _dt_os.path.join(r, "cam2", "0005", "0002.jpg"))],
+     _dt_data.DataError, ["{root}/cam2/0005/0002.jpg", "PermissionError", "chmod"], ["cam2/0005/0002.jpg"]),
+    ("D18_thumbs_db_in_process", "sysu",
+     lambda r, c: _dt_garbage(r, ["cam1/0001/Thumbs.db"]),
+     _dt_data.DataError, ["{root}/cam1/0001/Thumbs.db", "not images"], ["cam1/0001/Thumbs.db"]),
+    ("D18_thumbs_db_decode_processes", "sysu",
+     lambda r, c: _dt_garbage(r, ["cam1/0001/Thumbs.db"]) + [_dt_pool()],
+     _dt_data.DataError, ["{root}/cam1/0001/Thumbs.db", "not images"], ["cam1/0001/Thumbs.db"]),
+    ("D18_decode_process_killed", "sysu",
+     lambda r, c: [_dt_pool(), _dt_decode_patch("0005/0002.jpg", "kill")],
+     _dt_data.DataError, ["died (signal SIGKILL) while reading {root}/cam2/0005/0002.jpg"], []),
+    ("D18_decode_process_stuck", "sysu",
+     lambda r, c: [_dt_pool(), _dt_decode_patch("0005/0002.jpg", "hang"),
+                   _dt_mock.patch.object(_dt_data, "DECODE_STALL_SECONDS", 1.0)],
+     _dt_data.DataError, ["stalled", "{root}/cam2/0005/0002.jpg"], []),
+    ("every_bad_image_reported", "sysu",
+     lambda r, c: _dt_garbage(r, _DT_SYSU_BAD12) + [_dt_pool()],
+     _dt_data.DataError, ["cannot read 12 images", "{root}/cam1/0012/0001.jpg", "{root}/cam1/0012/0010.jpg",
+                          "and 2 more", "replace or re-extract"], _DT_SYSU_BAD12),
+    ("every_bad_image_reported_in_process", "sysu",
+     lambda r, c: _dt_garbage(r, _DT_SYSU_BAD12[:3]),
+     _dt_data.DataError, ["cannot read 3 images", "{root}/cam1/0012/0003.jpg"], []),
+    ("O06_disk_too_small", "sysu",
+     lambda r, c: [_dt_mock.patch.object(_dt_data.shutil, "disk_usage", lambda p: _dt_mock.Mock(free=2 * 2 ** 20))],
+     _dt_data.DataError, ["needs", "has 2.0 MB free", "free disk space"], []),
+    ("O06_disk_full_while_reserving", "sysu",
+     lambda r, c: [_dt_mock.patch.object(_dt_data.os, "posix_fallocate",
+                                         _dt_mock.Mock(side_effect=OSError(_dt_errno.ENOSPC, "No space left on device")),
+                                         create=True)],
+     _dt_data.DataError, ["cannot write the image cache", "No space left", "free disk space"], []),
+    ("F11_cache_dir_is_a_file", "sysu",
+     lambda r, c: open(c, "w").close() or [],
+     _dt_data.DataError, ["cache directory {cache} is a file", "--cache-dir"], []),
+    ("F11_cache_dir_under_a_file", "sysu",
+     lambda r, c: open(c, "w").close() or [],                    # the cache directory given is <that file>/sub
+     _dt_data.DataError, ["cannot create the cache directory {cache}/sub", "Not a directory"], []),
+    ("F11d_cache_dir_read_only", "sysu",
+     lambda r, c: [_dt_mock.patch.object(_dt_data.os, "access", lambda p, mode: False)],
+     _dt_data.DataError, ["cache directory {cache} is not writable", "--cache-dir"], []),
+]
+
+
+class TestDataBadInputs(_DTTree):
+    """Each row of _DT_BAD_INPUTS on a fresh copy of the hand-made tree and a fresh cache directory: the loader
+    raises the row's exception with a one-line message holding every word, the listed files are still there, and
+    the cache holds no temporary file."""
+
+    def test_rows(self):
+        for case, dataset, setup, exc, words, keep in _DT_BAD_INPUTS:
+            with self.subTest(case):
+                root = self.copy(self.sysu if dataset == "sysu" else self.regdb, f"bad-{case}")
+                cache = _dt_os.path.join(self.tmp, f"cache-{case}")
+                patches = setup(root, cache)
+                target = cache + "/sub" if case == "F11_cache_dir_under_a_file" else cache
+                with self.assertRaises(exc) as cm:
+                    with _dt_contextlib.ExitStack() as stack:
+                        for p in patches:
+                            stack.enter_context(p)
+                        if dataset == "sysu":
+                            _dt_data.load_sysu(root, _DT_H, _DT_W, target, log=lambda m: None)
+                        else:
+                            _dt_data.load_regdb(root, 1, _DT_H, _DT_W, target, log=lambda m: None)
+                msg = str(cm.exception)
+                self.assertNotIn("\n", msg)
+                for w in words:
+                    self.assertIn(w.format(root=root, cache=cache), msg)
+                for rel in keep:
+                    self.assertTrue(_dt_os.path.exists(_dt_os.path.join(root, rel)), rel)
+                if _dt_os.path.isdir(target):
+                    self.assertEqual([n for n in _dt_os.listdir(target) if ".tmp" in n], [])
+
+    def test_rows_cover_the_review_cases(self):
+        ids = {row[0].split("_")[0] for row in _DT_BAD_INPUTS}
+        self.assertTrue({"D10c", "D10d", "D10e", "D10f", "D10g", "D13", "D13b", "D13c", "D13d", "D13f", "D18", "O06",
+                         "F11", "F11d"} <= ids)
+
+    def test_file_size_limit_is_a_full_disk(self):
+        """O06 without mocks: a child process whose files may not grow past 4 KB (RLIMIT_FSIZE) builds the cache."""
+        import resource
+        import subprocess
+        import sys
+        cache = _dt_os.path.join(self.tmp, "cache-fsize")
+        code = ("import sys, data\n"
+                "try:\n"
+                f"    data.load_sysu({self.sysu!r}, 64, 32, {cache!r}, log=lambda m: None)\n"
+                "except data.DataError as e:\n"
+                "    print(e); sys.exit(2)\n")
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        done = subprocess.run([sys.executable, "-c", code], cwd=_dt_os.path.dirname(_dt_os.path.abspath(_dt_data.__file__)),
+                              preexec_fn=limit, capture_output=True, text=True, timeout=300)
+        self.assertEqual(done.returncode, 2, done.stderr[-2000:])
+        self.assertIn("cannot write the image cache", done.stdout)
+        self.assertIn("free disk space", done.stdout)
+        self.assertEqual(done.stdout.count("\n"), 1)
+        self.assertEqual([n for n in _dt_os.listdir(cache) if ".tmp" in n], [])
+
+    def test_good_variants_still_load(self):
+        root = self.copy(self.sysu, "good-bom")
+        _dt_edit_lines(_dt_os.path.join(root, "exp", "test_id.txt"), lambda ls: ["\ufeff" + ls[0]])   # Notepad BOM
+        _, test = self.load_sysu(root)
+        self.assertEqual(sorted(set(test.pools["r"].labels.tolist())), sorted(_DT_SYSU_TEST))
+
+    def test_orphaned_temporary_cache_file_removed(self):
+        cache = _dt_os.path.join(self.tmp, "cache-orphan")
+        _dt_os.makedirs(cache)
+        dead = _dt_os.path.join(cache, f"sysu-x-train-v-{_DT_H}x{_DT_W}-0.npy.tmp999999991")
+        alive = _dt_os.path.join(cache, f"sysu-x-train-v-{_DT_H}x{_DT_W}-0.npy.tmp999999992")
+        for p in (dead, alive):
+            open(p, "w").close()
+        self.assertFalse(_dt_data._pid_running(999999991))   # above the largest pid Linux hands out
+        self.assertTrue(_dt_data._pid_running(_dt_os.getpid()))
+        with _dt_mock.patch.object(_dt_data, "_pid_running", lambda pid: pid == 999999992):
+            _dt_data.cached_images(self.load_sysu()[0].v.files, _DT_H, _DT_W, cache, "sysu-x-train-v", lambda m: None)
+        self.assertFalse(_dt_os.path.exists(dead))
+        self.assertTrue(_dt_os.path.exists(alive))
 
 # ==== end data ====
 
@@ -1458,6 +1695,80 @@ class TestAGW(unittest.TestCase):
         self.assertEqual(tuple(logits.shape), (6, 5))
         self.assertFalse(model.bnneck.bias.requires_grad)
 
+    def test_resnet50_trainable_parameters_are_the_community_count(self):
+        """One training step of the ResNet-50 model for 395 classes: the parameters that receive a gradient number
+        24,357,263, the community AGW's count (two stems 2 x 9,536 less one, shared layer1-4 23,508,032 - 9,536,
+        five 1-channel non-local blocks 7C + 3 each = 28,687, BNNeck weight 2,048, classifier 2,048 x 395)."""
+        import torch
+        import torch.nn.functional as F
+        from methods import agw
+        torch.manual_seed(0)
+        model = agw.build(agw.Settings(pretrained="none"), 395)
+        x, y = torch.randn(4, 3, 32, 16), torch.tensor([0, 1, 0, 1])
+        f, logits = model(x, x)
+        y2 = torch.cat([y, y])
+        (F.cross_entropy(logits, y2) + agw.L_wrt(f, y2)).backward()
+        self.assertEqual(sum(p.numel() for p in model.parameters() if p.grad is not None), 24_357_263)
+        blocks = [m for m in model.modules() if isinstance(m, agw.NonLocal)]
+        self.assertEqual(sorted(b.theta.in_channels for b in blocks), [512, 512, 1024, 1024, 1024])
+        for b in blocks:   # inner width 1: theta, phi, g squeeze C to 1 channel, W expands 1 to C
+            self.assertEqual((b.theta.out_channels, b.phi.out_channels, b.g.out_channels, b.W[0].in_channels),
+                             (1, 1, 1, 1))
+        half = agw.build(agw.Settings(pretrained="none", non_local_inner="half"), 395)
+        blocks = [m for m in half.modules() if isinstance(m, agw.NonLocal)]
+        self.assertEqual([b.theta.out_channels for b in blocks], [256, 256, 512, 512, 512])
+        self.assertEqual(sum(p.numel() for b in blocks for p in b.parameters()), 7_358_464)   # C/2: 3 (C^2/2 + C/2)
+        #                                                                                     + (C^2/2 + C) + 2C
+
+    def test_head_initialisation(self):
+        """BNNeck weight ~ N(1, 0.01), bias 0; classifier ~ N(0, 0.001) (community model.py:80-89)."""
+        import torch
+        from methods import agw
+        torch.manual_seed(0)
+        model = agw.build(agw.Settings(**agw.SMOKE), 300)
+        w, c = model.bnneck.weight.detach(), model.classifier.weight.detach()
+        self.assertAlmostEqual(w.mean().item(), 1.0, delta=0.003)
+        self.assertAlmostEqual(w.std().item(), 0.01, delta=0.002)
+        self.assertEqual(model.bnneck.bias.abs().max().item(), 0.0)
+        self.assertAlmostEqual(c.mean().item(), 0.0, delta=2e-5)
+        self.assertAlmostEqual(c.std().item(), 0.001, delta=5e-5)
+
+    def test_recipes(self):
+        """Paper recipe: community non-local width, no erasing, project sampler; RELEASE: 81 epochs, community
+        sampler; a bad choice is one UserError line."""
+        import dataclasses
+        from methods import agw, common
+        paper = agw.Settings()
+        self.assertEqual((paper.non_local_inner, paper.erasing, paper.sampler), ("one", 0.0, "without-replacement"))
+        release = agw.Settings(**{**dataclasses.asdict(paper), **agw.RELEASE})
+        self.assertEqual((release.epochs, release.sampler, release.non_local_inner), (81, "community", "one"))
+        self.assertEqual(set(agw.RELEASE) - set(dataclasses.asdict(paper)), set())
+        for bad in ({"sampler": "random"}, {"non_local_inner": "two"}):
+            with self.assertRaises(common.UserError):
+                agw.check(agw.Settings(**bad))
+
+    def test_community_sampler(self):
+        """mode "community" (Cross-Modal-Re-ID-baseline utils.py:73-78): each identity's K images with replacement,
+        int(N / (P K)) + 1 batches; "without-replacement": no repeated image within an identity, N // (P K)."""
+        import numpy as np
+        import data
+        labels = np.repeat(np.arange(6), 2)                    # 6 ids x 2 images per modality, N = 12
+        com = data.CrossModalitySampler(labels, labels, 2, 2, seed=0, mode="community")
+        own = data.CrossModalitySampler(labels, labels, 2, 2, seed=0)
+        self.assertEqual((len(com), len(own)), (12 // 4 + 1, 12 // 4))
+        repeats = {"community": 0, "own": 0}
+        for name, s in (("community", com), ("own", own)):
+            for e in range(20):
+                for idx_v, idx_r in s.epoch(e):
+                    for idx in (idx_v, idx_r):
+                        for group in idx.reshape(2, 2):
+                            self.assertEqual(len(set(labels[group])), 1)
+                            repeats[name] += group[0] == group[1]
+        self.assertEqual(repeats["own"], 0)
+        self.assertGreater(repeats["community"], 0.3 * 20 * 4 * 4)   # P(repeat) = 1/2 per group of two
+        with self.assertRaises(data.DataError):
+            data.CrossModalitySampler(labels, labels, 2, 2, seed=0, mode="other")
+
 
 class TestCLIEndToEnd(unittest.TestCase):
     def test_agw_smoke_on_sysu_and_regdb_layouts(self):
@@ -1798,11 +2109,13 @@ import re as _nfs_re
 import subprocess as _nfs_subprocess
 import sys as _nfs_sys
 import tempfile as _nfs_tempfile
+from unittest import mock as _nfs_mock
 
 import numpy as _nfs_np
 import torch as _nfs_torch
 import torch.nn as _nfs_nn
 
+import data as _nfs_data
 from methods import agw as _nfs_agw
 from methods import nfs as _nfs
 from methods.common import UserError as _nfs_UserError
@@ -1821,6 +2134,12 @@ def _nfs_density(x, lam):
 def _nfs_cdf_at_half(lam):
     """F(1/2) of the continuous Bernoulli re-stated from its CDF: (sqrt(lam (1 - lam)) + lam - 1) / (2 lam - 1)."""
     return (lam * (1 - lam)).sqrt().add(lam - 1).div(2 * lam - 1)
+
+
+def _nfs_open(u, lam, rule):
+    """The gate value re-stated from the noise u: quantile, x > F^-1(1 - lam) iff u > 1 - lam; round, x > 1/2 iff
+    u > F(1/2)."""
+    return u > (1 - lam if rule == "quantile" else _nfs_cdf_at_half(lam))
 
 
 class _NFSTiny(_nfs.NFS):
@@ -1906,13 +2225,34 @@ class TestNFSContinuousBernoulli(unittest.TestCase):
         self.assertTrue(_nfs_torch.equal(_nfs.sample_cb(_nfs_torch.tensor(0.5, dtype=_nfs_torch.float64), u), u))
 
     def test_rounded_sample_is_bernoulli_of_sigmoid_half_logit(self):
-        """P(x > 1/2) = 1 - F(1/2) = sqrt(lam) / (sqrt(lam) + sqrt(1 - lam)) = sigmoid(P / 2)."""
+        """--gate-sample round: P(x > 1/2) = 1 - F(1/2) = sqrt(lam) / (sqrt(lam) + sqrt(1 - lam)) = sigmoid(P / 2)."""
         P = _nfs_torch.tensor([-6.0, -1.0, 0.0, 0.3, 2.0, 8.0])
         n = 100000
         u = _nfs_torch.rand(n, len(P), generator=_nfs_torch.Generator().manual_seed(2))
-        share = _nfs.gate(P, u).mean(0)
+        share = _nfs.gate(P, u, "round").mean(0)
         p = _nfs_torch.sigmoid(P / 2)
         self.assertLess(float(((share - p).abs() / (p * (1 - p) / n).sqrt()).max()), 4.5)
+
+    def test_gate_opens_with_probability_P_tilde(self):
+        """Eq. (6): the sample above its own (1 - P~)-quantile is Bernoulli(P~); P~ = 1 / (1 + e^-P) by math."""
+        logits = (-6.0, -2.5, -1.0, -0.1, 0.0, 0.3, 1.0, 2.0, 4.0, 8.0)
+        P = _nfs_torch.tensor(logits, requires_grad=True)
+        n = 100000
+        u = _nfs_torch.rand(n, len(P), generator=_nfs_torch.Generator().manual_seed(5))
+        G = _nfs.gate(P, u)
+        share = G.detach().mean(0)
+        for j, logit in enumerate(logits):
+            p = 1 / (1 + _nfs_math.exp(-logit))
+            sd = (p * (1 - p) / n) ** 0.5
+            self.assertLess(abs(float(share[j]) - p), 4.5 * sd + 1e-12, msg=logit)
+        # element by element, in float64: the gate is 1 exactly where u > 1 - P~
+        P64 = _nfs_torch.tensor(logits, dtype=_nfs_torch.float64)
+        lam = 1 / (1 + _nfs_torch.exp(-P64))
+        self.assertTrue(_nfs_torch.equal(_nfs.gate(P64, u.double()).bool(), _nfs_open(u.double(), lam, "quantile")))
+        # the straight-through estimator is kept: d sum(G) / dP = n sigma'(P)
+        G.sum().backward()
+        want = _nfs_torch.tensor([n * _nfs_math.exp(-x) / (1 + _nfs_math.exp(-x)) ** 2 for x in logits])
+        self.assertTrue(_nfs_torch.allclose(P.grad, want, rtol=1e-4))
 
     def test_saturated_fields_stay_finite(self):
         P = _nfs_torch.tensor([-1e4, -100.0, -20.0, 20.0, 100.0, 1e4], requires_grad=True)
@@ -1936,23 +2276,43 @@ class TestNFSGates(unittest.TestCase):
         self.n_v = 4
         self.noise = self.cell.draw_noise(6)
 
-    def expected_gates(self):
-        """(6, 5, 3, 2) 0/1: u > F(1/2; P~) per element, F re-stated (x = F^-1(u) > 1/2 iff u > F(1/2))."""
+    def expected_gates(self, rule):
+        """(6, 5, 3, 2) 0/1 per element, re-stated from the noise (_nfs_open)."""
         u_pix, u_ch = self.noise
         out = []
         for i in range(6):
             m = "v" if i < self.n_v else "r"
-            g_pix = u_pix[i] > _nfs_cdf_at_half(_nfs_torch.sigmoid(self.cell.P_pix[m].detach()))
-            g_ch = u_ch[i] > _nfs_cdf_at_half(_nfs_torch.sigmoid(self.cell.P_ch[m].detach()))
+            g_pix = _nfs_open(u_pix[i], _nfs_torch.sigmoid(self.cell.P_pix[m].detach()), rule)
+            g_ch = _nfs_open(u_ch[i], _nfs_torch.sigmoid(self.cell.P_ch[m].detach()), rule)
             out.append((g_pix & g_ch[:, None, None]).double())
         return _nfs_torch.stack(out)
 
     def test_eq4_unselected_exactly_zero_selected_unchanged(self):
-        out = self.cell(self.y, self.n_v, self.noise)
-        G = self.expected_gates()
-        self.assertTrue(0 < float(G.mean()) < 1)
-        self.assertTrue(_nfs_torch.equal(out[G == 0], _nfs_torch.zeros_like(out[G == 0])))
-        self.assertTrue(_nfs_torch.equal(out[G == 1], self.y[G == 1]))
+        for rule in ("quantile", "round"):
+            self.cell.sample = rule
+            out = self.cell(self.y, self.n_v, self.noise)
+            G = self.expected_gates(rule)
+            self.assertTrue(0 < float(G.mean()) < 1)
+            self.assertTrue(_nfs_torch.equal(out[G == 0], _nfs_torch.zeros_like(out[G == 0])), rule)
+            self.assertTrue(_nfs_torch.equal(out[G == 1], self.y[G == 1]), rule)
+
+    def test_search_time_keep_rate_at_initialisation(self):
+        """U(0, 1) logits, pixel x channel gates: E[kept] = E[sigma(U)]^2 = ln((1 + e) / 2)^2 = 0.385 (quantile),
+        (2 ln((1 + e^(1/2)) / 2))^2 = 0.316 (round); the derived gates keep everything."""
+        _nfs_torch.manual_seed(1)
+        cell = _nfs.SearchCell(128, 8, 4, (0.0, 1.0), 0.5).train()
+        y = _nfs_torch.ones(64, 128, 8, 4)
+        lam_pix, lam_ch = _nfs_torch.sigmoid(cell.P_pix["v"].detach()), _nfs_torch.sigmoid(cell.P_ch["v"].detach())
+        realised = float((lam_pix * lam_ch[:, None, None]).mean())
+        for rule, closed in (("quantile", _nfs_math.log((1 + _nfs_math.e) / 2) ** 2),
+                             ("round", (2 * _nfs_math.log((1 + _nfs_math.e ** 0.5) / 2)) ** 2)):
+            cell.sample = rule
+            kept = float(cell(y, 64).detach().mean())
+            if rule == "quantile":
+                self.assertAlmostEqual(kept, realised, delta=0.003)
+            self.assertAlmostEqual(kept, closed, delta=0.02, msg=rule)
+        self.assertAlmostEqual(_nfs_math.log((1 + _nfs_math.e) / 2) ** 2, 0.385, places=3)   # the docstring's figure
+        self.assertEqual(float(cell.eval()(y, 64).mean()), 1.0)
 
     def test_eq9_gradient_reaches_fields_through_hard_gates(self):
         w = _nfs_torch.randn(6, 5, 3, 2, generator=_nfs_torch.Generator().manual_seed(4), dtype=_nfs_torch.float64)
@@ -1961,8 +2321,8 @@ class TestNFSGates(unittest.TestCase):
         for m, rows in (("v", slice(0, 4)), ("r", slice(4, 6))):
             lam_pix = _nfs_torch.sigmoid(self.cell.P_pix[m].detach())
             lam_ch = _nfs_torch.sigmoid(self.cell.P_ch[m].detach())
-            g_pix = (u_pix[rows] > _nfs_cdf_at_half(lam_pix)).double()             # (n_m, C, H, W)
-            g_ch = (u_ch[rows] > _nfs_cdf_at_half(lam_ch)).double()[:, :, None, None]
+            g_pix = _nfs_open(u_pix[rows], lam_pix, "quantile").double()             # (n_m, C, H, W)
+            g_ch = _nfs_open(u_ch[rows], lam_ch, "quantile").double()[:, :, None, None]
             up = w[rows] * self.y[rows]                                             # dL/dY~ * Y
             # straight-through: dL/dP~ = dL/dG, then dP~/dP = P~ (1 - P~)
             want_pix = (up * g_ch).sum(0) * lam_pix * (1 - lam_pix)
@@ -2084,6 +2444,24 @@ class TestNFSSecondOrder(unittest.TestCase):
         want = _nfs_flat(dP) - _nfs_flat(hvp)
         self.assertLess(float((exact - want).norm() / want.norm()), 1e-10)
 
+    def test_finite_difference_runs_in_float32_under_amp(self):
+        """--amp with --hessian finite-difference: the gate gradient is the float32 one (bf16 autocast on the CPU)."""
+        _nfs_torch.manual_seed(0)
+        model = _NFSTiny().train()
+        xi = [0.1] * len(model.weights())
+        b1, b2 = _nfs_batch(1, dtype=_nfs_torch.float32), _nfs_batch(2, dtype=_nfs_torch.float32)
+
+        def bf16():
+            return _nfs_torch.autocast("cpu", dtype=_nfs_torch.bfloat16)
+        out = {}
+        for hessian in ("finite-difference", "autograd"):
+            for name, ctx in (("fp32", _nfs.contextlib.nullcontext), ("bf16", bf16)):
+                _nfs_torch.manual_seed(7)
+                g, _ = _nfs.gate_gradient(model, b1, b2, _nfs_dc.replace(self.settings, hessian=hessian), xi, ctx)
+                out[hessian, name] = _nfs_flat(g)
+        self.assertTrue(_nfs_torch.equal(out["finite-difference", "bf16"], out["finite-difference", "fp32"]))
+        self.assertFalse(_nfs_torch.equal(out["autograd", "bf16"], out["autograd", "fp32"]))   # autocast was live
+
     def test_first_order_is_the_gradient_at_W(self):
         got, l_val = self.grad(self.model, _nfs_dc.replace(self.settings, first_order=True))
         self.assert_untouched()
@@ -2201,12 +2579,180 @@ class TestNFSGatesFile(unittest.TestCase):
                          (dict(search_stages=(1, 5)), "--search-stages 1 5"), (dict(search_stages=()), "stages"),
                          (dict(gates="x.pt"), "--gates is for --phase retrain"),
                          (dict(feature_search=False, phase="search"), "--feature-search false"),
-                         (dict(threshold=1.0), "--threshold"), (dict(gate_init=(1.0, 0.0)), "--gate-init")):
+                         (dict(threshold=1.0), "--threshold"), (dict(gate_init=(1.0, 0.0)), "--gate-init"),
+                         (dict(gate_sample="median"), "--gate-sample 'median'")):
             with self.assertRaisesRegex(_nfs_UserError, _nfs_re.escape(text)):
                 _nfs.check(_nfs_settings(**kw))
         self.assertEqual([_nfs.model_kind(_nfs_settings(**kw)) for kw in
                           (dict(), dict(phase="search"), dict(phase="retrain"), dict(feature_search=False))],
                          ["retrain", "search", "retrain", "baseline"])
+
+
+def _nfs_coded_trainset(ids=4, per_id=5, h=32, w=16):
+    """A TrainSet of flat images whose red value 1 + index names the image (green: 10 visible, 200 infrared), so an
+    augmented batch (crop with zero padding, flip) still tells which images it holds: see _nfs_names."""
+    def image_set(green, prefix):
+        labels = _nfs_np.repeat(_nfs_np.arange(ids), per_id)
+        images = _nfs_np.zeros((len(labels), h, w, 3), dtype=_nfs_np.uint8)
+        images[..., 0] = (1 + _nfs_np.arange(len(labels)))[:, None, None]
+        images[..., 1] = green
+        return _nfs_data.ImageSet([f"{prefix}{i}" for i in range(len(labels))], labels, _nfs_np.ones_like(labels),
+                                  images)
+    return _nfs_data.TrainSet(image_set(10, "v"), image_set(200, "r"), ids)
+
+
+def _nfs_names(batch):
+    """{'v3', 'r0', ...}: the images of a batch, from the largest red value of each (ImageNet normalisation undone)."""
+    names = set()
+    for key, prefix in (("x_v", "v"), ("x_r", "r")):
+        red = (batch[key][:, 0] * 0.229 + 0.485) * 255                # (B, H, W)
+        names |= {f"{prefix}{int(round(float(v))) - 1}" for v in red.flatten(1).max(1).values}
+    return names
+
+
+class TestNFSSearchLoop(unittest.TestCase):
+    """Alg. 1 lines 1-4 in search() itself, and the BN re-estimation of --phase search."""
+
+    def settings(self, **kw):
+        return _nfs_settings(**{**dict(height=32, width=16, P=2, K=2, search_epochs=2, epochs=1, warmup=2,
+                                       milestones=(), lr=0.1, backbone_lr=0.02), **kw})
+
+    def test_line3_moves_weights_line4_moves_fields_each_on_its_split(self):
+        settings = self.settings()
+        trainset = _nfs_coded_trainset()
+        d_train, d_val = trainset.split_images(settings.search_split, 0)
+        train_names = set(d_train.v.files) | set(d_train.r.files)
+        val_names = set(d_val.v.files) | set(d_val.r.files)
+        self.assertFalse(train_names & val_names)
+        events = []                                    # ("line3" | "line4", snapshot, ...) in call order
+        real_L, real_gate_gradient = _nfs.L, _nfs.gate_gradient
+        inside = []
+
+        def snapshot(model):
+            return {"W": [w.detach().clone() for w in model.weights()],
+                    "P": [p.detach().clone() for p in model.fields()],
+                    "B": [b.clone() for b in model.buffers()]}
+
+        def L(model, batch, settings, *args, **kw):
+            before = None if inside else snapshot(model)          # before the forward moves BN statistics
+            loss, terms = real_L(model, batch, settings, *args, **kw)
+            if not inside:                                         # Alg. 1 line 3's L_train
+                g = _nfs_torch.autograd.grad(loss, model.weights(), retain_graph=True)
+                events.append(("line3", before, _nfs_names(batch), [x.clone() for x in g]))
+            return loss, terms
+
+        def gate_gradient(model, batch_t, batch_v, settings, xi, *args, **kw):
+            events.append(("line4", snapshot(model), _nfs_names(batch_t), _nfs_names(batch_v), list(xi)))
+            inside.append(1)
+            try:
+                return real_gate_gradient(model, batch_t, batch_v, settings, xi, *args, **kw)
+            finally:
+                inside.pop()
+
+        with _nfs_tempfile.TemporaryDirectory() as tmp, _nfs_mock.patch.object(_nfs, "L", L), \
+                _nfs_mock.patch.object(_nfs, "gate_gradient", gate_gradient):
+            run = _nfs.common.Run(tmp, "cpu", log=lambda line: None, max_its=2)
+            model = _nfs.search(settings, trainset, run)
+        events.append(("end", snapshot(model)))
+        kinds = [e[0] for e in events]
+        self.assertEqual(kinds, ["line3", "line4"] * 4 + ["end"])       # 2 epochs x 2 iterations
+        names = [n for n, _ in model.named_weights()]
+        head = [n.startswith(("bnneck.", "classifier.")) for n in names]
+        momentum, wd = settings.momentum, settings.weight_decay
+        buf = None
+        for k in range(4):
+            epoch = k // 2
+            factor = (epoch + 1) / 2                                      # warm-up of 2 epochs, by hand
+            lr = [(0.1 if h else 0.02) * factor for h in head]
+            _, s3, names3, g = events[2 * k]
+            _, s4, names_t, names_v, xi = events[2 * k + 1]
+            after = events[2 * k + 2][1]
+            # each on its own split: line 3 and the virtual step on D_train, L_val on D_val
+            self.assertTrue(names3 <= train_names and names_t == names3, k)
+            self.assertTrue(names_v <= val_names, k)
+            # line 3 moves only W (by one Nesterov SGD step at the current lr), never the fields
+            for a, b in zip(s3["P"], s4["P"]):
+                self.assertTrue(_nfs_torch.equal(a, b), k)
+            d = [gi + wd * w for gi, w in zip(g, s3["W"])]
+            buf = d if buf is None else [momentum * bi + di for bi, di in zip(buf, d)]
+            for w0, w1, di, bi, step in zip(s3["W"], s4["W"], d, buf, lr):
+                _nfs_torch.testing.assert_close(w1, w0 - step * (di + momentum * bi), rtol=1e-4, atol=1e-6)
+            # line 4: xi = the current lr of each weight's group; only the fields move (BN statistics restored)
+            self.assertEqual(xi, lr, k)
+            for a, b in zip(s4["W"] + s4["B"], after["W"] + after["B"]):
+                self.assertTrue(_nfs_torch.equal(a, b), k)
+            self.assertTrue(all(not _nfs_torch.equal(a, b) for a, b in zip(s4["P"], after["P"])), k)
+
+    def test_reestimated_statistics_are_those_of_the_derived_network(self):
+        """After reestimate_bn on one batch, every BN's running mean / variance is the mean / variance of what it
+        receives in an eval-mode forward of that batch (read by hooks); under the stochastic gates they were not."""
+        _nfs_torch.manual_seed(0)
+        model = _NFSTiny()
+        with _nfs_torch.no_grad():
+            for p in model.fields():
+                p.uniform_(0.0, 3.0)                    # derived gates all open, stochastic ones 2/3 open or less
+        batch = _nfs_batch(5, n=32, dtype=_nfs_torch.float32)
+        model.train()
+        with _nfs_torch.no_grad():
+            for _ in range(30):
+                model(batch["x_v"], batch["x_r"])       # running statistics under the stochastic gates
+        norms = [m for m in model.modules() if isinstance(m, (_nfs_nn.BatchNorm1d, _nfs_nn.BatchNorm2d))]
+        seen = {}
+        hooks = [bn.register_forward_hook(lambda m, i, o: seen.__setitem__(m, i[0].detach())) for bn in norms]
+
+        def eval_inputs():
+            model.eval()
+            with _nfs_torch.no_grad():
+                model(batch["x_v"], batch["x_r"])
+            return {bn: (x.transpose(0, 1).flatten(1).mean(1), x.transpose(0, 1).flatten(1).var(1))
+                    for bn, x in seen.items()}
+
+        before = eval_inputs()
+        gap = max(float(((bn.running_mean - before[bn][0]).abs() / before[bn][0].abs().clamp(min=0.1)).max())
+                  for bn in norms)
+        self.assertGreater(gap, 0.1)
+        weights = [w.clone() for w in model.weights() + model.fields()]
+        self.assertEqual(_nfs.reestimate_bn(model, [batch]), 1)
+        after = eval_inputs()
+        for bn in norms:
+            self.assertEqual(bn.momentum, 0.1)
+            _nfs_torch.testing.assert_close(bn.running_mean, after[bn][0], rtol=0.02, atol=0.02)
+            _nfs_torch.testing.assert_close(bn.running_var, after[bn][1], rtol=0.03, atol=0.02)
+        for a, b in zip(weights, model.weights() + model.fields()):
+            self.assertTrue(_nfs_torch.equal(a, b))
+        for h in hooks:
+            h.remove()
+
+    def test_phase_search_tests_reestimated_statistics(self):
+        settings = self.settings(phase="search", search_epochs=1)
+        with _nfs_tempfile.TemporaryDirectory() as tmp:
+            lines = []
+            run = _nfs.common.Run(tmp, "cpu", log=lines.append, max_its=2)
+            model = _nfs.train(settings, _nfs_coded_trainset(), run)
+            self.assertEqual(run.stored["nfs_model"], "search")
+            self.assertIn("re-estimated with the derived gates over 2 D_train batches", run.stored["nfs_bn"])
+            searched = _nfs.common.load_checkpoint(_nfs_os.path.join(tmp, "search.pt"))["model"]
+            state = model.state_dict()
+            self.assertEqual(int(state["stages.1.0.bn1.num_batches_tracked"]), 2)
+            self.assertFalse(_nfs_torch.equal(state["stages.1.0.bn1.running_mean"],
+                                              searched["stages.1.0.bn1.running_mean"]))
+            for k in state:
+                if "running" not in k and "num_batches" not in k:
+                    self.assertTrue(_nfs_torch.equal(state[k], searched[k]), k)
+
+    def test_initial_model_leaves_the_random_generators_alone(self):
+        settings = self.settings()
+        cpu = _nfs_torch.get_rng_state()
+        cuda = _nfs_torch.cuda.get_rng_state_all() if _nfs_torch.cuda.is_available() else []
+        a = _nfs.initial_model(settings, 4, "search", seed=3)
+        self.assertTrue(_nfs_torch.equal(_nfs_torch.get_rng_state(), cpu))
+        if _nfs_torch.cuda.is_available():
+            for x, y in zip(_nfs_torch.cuda.get_rng_state_all(), cuda):
+                self.assertTrue(_nfs_torch.equal(x, y))
+        b = _nfs.initial_model(settings, 4, "retrain", seed=3)
+        c = _nfs.initial_model(settings, 4, "retrain", seed=4)
+        self.assertTrue(_nfs_torch.equal(a.classifier.weight, b.classifier.weight))
+        self.assertFalse(_nfs_torch.equal(b.classifier.weight, c.classifier.weight))
 
 
 class TestNFSSmoke(unittest.TestCase):
@@ -3212,6 +3758,21 @@ class TestMCEShared(unittest.TestCase):
             _mce.check(_mce_settings(objective="W+GC"))
         with self.assertRaises(_mce_common.UserError):
             _mce.check(_mce_settings(centroids="old"))
+        for name in ("mi_form", "agnostic_update", "agnostic_centroid", "gc_negatives", "sampler", "non_local_inner"):
+            with self.assertRaises(_mce_common.UserError):
+                _mce.check(_mce_settings(**{name: "nonsense"}))
+
+    def test_release_recipe(self):
+        """RELEASE and RELEASE_REGDB name Settings fields; the release backbone's 1-channel non-local blocks."""
+        import dataclasses
+        fields = set(dataclasses.asdict(_mce.Settings()))
+        self.assertEqual(set(_mce.RELEASE) - fields, set())
+        self.assertEqual(set(_mce.RELEASE_REGDB) - fields, set())
+        s = _mce.Settings(**{**dataclasses.asdict(_mce.Settings()), **_mce.RELEASE, "arch": "resnet18",
+                             "pretrained": "none"})
+        _mce.check(s)
+        blocks = [m for m in _mce.build(s, 3).modules() if isinstance(m, _mce.NonLocal)]
+        self.assertEqual({b.theta.out_channels for b in blocks}, {1})
 
 
 class TestMCELosses(unittest.TestCase):
@@ -3233,24 +3794,69 @@ class TestMCELosses(unittest.TestCase):
         f_m = _mce_torch.tensor([[1.0, 0.0]], requires_grad=True)
         f_n = _mce_torch.tensor([[0.0, 1.0]])
         C_m, C_n = _mce_torch.eye(2), _mce_torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-        loss = _mce.L_MI_mn(f_m, f_n, C_m, C_n, 0.5)
-        self.assertAlmostEqual(loss.item(), 4 * _mce_math.tanh(1.0), places=5)
-        loss.backward()
+        loss = _mce.L_MI_mn(f_m, f_n, C_m, C_n, 0.5)                     # one row per sample: (2,)
+        self.assertEqual(tuple(loss.shape), (2,))
+        self.assertAlmostEqual(loss.sum().item(), 4 * _mce_math.tanh(1.0), places=5)
+        loss.sum().backward()
         # the cross-modality response is a fixed target: d KL(p || softmax(z)) / dz = softmax(z) - p, z = f C^T / tau
         t = _mce_math.tanh(1.0)
         self.assertTrue(_mce_torch.allclose(f_m.grad, _mce_torch.tensor([[2 * t, -2 * t]]), atol=1e-5))
-        self.assertAlmostEqual(_mce.L_MI_mn(f_m, f_n, C_m, C_m, 0.5).item(), 0.0, places=6)
+        self.assertAlmostEqual(_mce.L_MI_mn(f_m, f_n, C_m, C_m, 0.5).sum().item(), 0.0, places=6)
 
-    def test_eq8_sums_pairs(self):
+    @staticmethod
+    def _kl_loop(x, own, cross, tau):
+        """sum_k p_k log(p_k / q_k), p = softmax(x . cross_k / tau), q = softmax(x . own_k / tau), in plain floats."""
+        def softmax(C):
+            s = [sum(a * b for a, b in zip(x.tolist(), c.tolist())) / tau for c in C]
+            z = sum(_mce_math.exp(v) for v in s)
+            return [_mce_math.exp(v) / z for v in s]
+        p, q = softmax(cross), softmax(own)
+        return sum(pk * _mce_math.log(pk / qk) for pk, qk in zip(p, q))
+
+    def test_eq8_restated_paper_form(self):
+        """Eq. (8) = L^{v<->r} + L^{a<->r}, each Eq. (7) row KL(P(f | C_cross) || P(f | C_own)); aggregated as the
+        release does: the mean over all 4B rows (a quarter of the sum of the four batch-mean terms)."""
         g = _mce_torch.Generator().manual_seed(1)
         f = {m: _mce_F.normalize(_mce_torch.randn(4, 6, generator=g), dim=1) for m in "vra"}
         C = {m: _mce_F.normalize(_mce_torch.randn(3, 6, generator=g), dim=1) for m in "vra"}
-        expected = (_mce.L_MI_mn(f["v"], f["r"], C["v"], C["r"], 0.05)
-                    + _mce.L_MI_mn(f["a"], f["r"], C["a"], C["r"], 0.05))
-        self.assertAlmostEqual(_mce.L_MI(f, C, 0.05).item(), expected.item(), places=5)
+        tau = 0.5
+        rows = []
+        for feat, own, cross in (("v", "v", "r"), ("r", "r", "v"), ("a", "a", "r"), ("r", "r", "a")):
+            rows += [self._kl_loop(x, C[own], C[cross], tau) for x in f[feat]]
+        self.assertAlmostEqual(_mce.L_MI(f, C, tau).item(), sum(rows) / len(rows), places=5)
         two = {m: f[m] for m in "vr"}
-        self.assertAlmostEqual(_mce.L_MI(two, C, 0.05).item(),
-                               _mce.L_MI_mn(f["v"], f["r"], C["v"], C["r"], 0.05).item(), places=5)
+        self.assertAlmostEqual(_mce.L_MI(two, C, tau).item(), sum(rows[:8]) / 8, places=5)
+
+    def test_F1_release_aggregation(self):
+        """mi_form "release" against the released computation written out (IDLNL/MCE model.py:97-115): the three
+        blocks' logits concatenated, KLDivLoss(batchmean)(log_softmax(own), softmax(cross)) over 3n rows; and a
+        per-row loop of the same."""
+        g = _mce_torch.Generator().manual_seed(2)
+        n, tau = 4, 0.05
+        f = {m: _mce_F.normalize(_mce_torch.randn(n, 6, generator=g), dim=1) for m in "vra"}
+        C = {m: _mce_F.normalize(_mce_torch.randn(5, 6, generator=g), dim=1) for m in "vra"}
+        own = _mce_torch.cat([f["v"] @ C["v"].t(), f["r"] @ C["r"].t(), f["a"] @ C["a"].t()]) / tau
+        cross = _mce_torch.cat([f["r"] @ C["v"].t(), f["v"] @ C["r"].t(), f["a"] @ C["r"].t()]) / tau
+        expected = _mce_torch.nn.KLDivLoss(reduction="batchmean")(_mce_F.log_softmax(own, 1), _mce_F.softmax(cross, 1))
+        self.assertAlmostEqual(_mce.L_MI(f, C, tau, "release").item(), expected.item(), places=4)
+        loop = []
+        for i in range(n):
+            for own_f, cross_f, c in (("v", "r", "v"), ("r", "v", "r")):   # target P(f^cross_i | C^c)
+                s_own = [(f[own_f][i] @ ck).item() / tau for ck in C[c]]
+                s_cross = [(f[cross_f][i] @ ck).item() / tau for ck in C[c]]
+                zp, zq = sum(map(_mce_math.exp, s_cross)), sum(map(_mce_math.exp, s_own))
+                loop.append(sum(_mce_math.exp(a) / zp * (a - _mce_math.log(zp) - b + _mce_math.log(zq))
+                                for a, b in zip(s_cross, s_own)))
+            loop.append(self._kl_loop(f["a"][i], C["a"], C["r"], tau))
+        self.assertAlmostEqual(_mce.L_MI(f, C, tau, "release").item(), sum(loop) / (3 * n), places=4)
+
+    def test_eq10_weights(self):
+        """Eq. (10) with Eq. (4): L^v + L^r + w_a L^a + L^u + lambda1 L_MI + lambda2 L_GC, distinct numbers."""
+        terms = {"L_v": 1.0, "L_r": 2.0, "L_a": 4.0, "L_u": 8.0, "L_MI": 16.0, "L_GC": 32.0}
+        s = _mce_settings(lambda1=1.2, lambda2=0.5, weight_a=0.4)
+        self.assertAlmostEqual(_mce.total_loss(terms, s), 1 + 2 + 0.4 * 4 + 8 + 1.2 * 16 + 0.5 * 32)
+        self.assertAlmostEqual(_mce.total_loss({"L_CE": 3.0}, s), 3.0)
+        self.assertAlmostEqual(_mce.total_loss({"L_u": 3.0}, s), 3.0)
 
     def test_eq9_hand_case(self):
         C_u = _mce_torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
@@ -3259,6 +3865,14 @@ class TestMCELosses(unittest.TestCase):
         # sample 0: 0 - sqrt(2) + 0.3 < 0 -> 0; sample 1: sqrt(2) - 0 + 0.3; sample 2: sqrt(.8) - sqrt(.4) + 0.3
         expected = (0.0 + (_mce_math.sqrt(2) + 0.3) + (_mce_math.sqrt(0.8) - _mce_math.sqrt(0.4) + 0.3)) / 3
         self.assertAlmostEqual(_mce.L_GC(f, y, C_u, 0.3).item(), expected, places=5)
+
+    def test_eq9_batch_negatives(self):
+        """gc_negatives "batch" (the release): class 2's centroid is nearest but absent from the batch labels."""
+        C_u = _mce_torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+        f, y = _mce_torch.tensor([[1.0, 0.0], [0.0, 1.0]]), _mce_torch.tensor([0, 1])
+        every = ((1 - _mce_math.sqrt(0.4)) + (1 - _mce_math.sqrt(0.8))) / 2      # alpha = 1, d_pos = 0
+        self.assertAlmostEqual(_mce.L_GC(f, y, C_u, 1.0).item(), every, places=5)
+        self.assertAlmostEqual(_mce.L_GC(f, y, C_u, 1.0, "batch").item(), 0.0, places=6)   # 1 - sqrt(2) < 0
 
 
 class TestMCEMemory(unittest.TestCase):
@@ -3272,6 +3886,18 @@ class TestMCEMemory(unittest.TestCase):
         for k, expected in ((0, 0.3 * W0[0] + 0.7 * f[1]), (1, W0[1]),
                             (2, 0.3 * W0[2] + 0.7 * (f[0] + f[2] + f[3]) / 3)):
             self.assertTrue(_mce_torch.allclose(memory.W["v"][k], expected / expected.norm(), atol=1e-6), k)
+
+    def test_hardest_update(self):
+        """agnostic_update "hardest" (IDLNL/MCE memory.py:27-39): the class's batch feature of lowest f . W_y."""
+        W0 = _mce_torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        memory = _mce.Memory(("u",), 2, 2, _mce_torch.device("cpu"))
+        memory.W["u"] = W0.clone()
+        f = _mce_torch.tensor([[0.8, 0.6], [0.6 ** 0.5, 0.4 ** 0.5], [1.0, 0.0], [0.6, 0.8]])
+        memory.update("u", f, _mce_torch.tensor([0, 0, 0, 1]), 0.1, "hardest")
+        e0 = 0.1 * W0[0] + 0.9 * f[1]                                   # f[1] . W_0 = 0.775 < 0.8 < 1
+        e1 = 0.1 * W0[1] + 0.9 * f[3]
+        self.assertTrue(_mce_torch.allclose(memory.W["u"][0], e0 / e0.norm(), atol=1e-6))
+        self.assertTrue(_mce_torch.allclose(memory.W["u"][1], e1 / e1.norm(), atol=1e-6))
 
     def test_eq1_class_means(self):
         """The centroid pass equals a per-image loop: class means of L2-normalised features, normalised; the
@@ -3317,17 +3943,24 @@ class TestMCETrain(unittest.TestCase):
             seen_W.append({m: w.clone() for m, w in W.items()})
             return real_L_W(f, y, W, tau)
 
-        def spy_L_MI(f, C, tau):
+        def spy_L_MI(f, C, tau, form="paper"):
             seen_C.append({m: c.clone() for m, c in C.items()})
-            return real_L_MI(f, C, tau)
+            return real_L_MI(f, C, tau, form)
+
+        passes, real_pass = [], _mce.class_centroids
+
+        def spy_pass(*a, **kw):
+            passes.append(1)
+            return real_pass(*a, **kw)
 
         with _mce_tempfile.TemporaryDirectory() as out, _mce_mock.patch.object(_mce, "L_W", spy_L_W), \
-                _mce_mock.patch.object(_mce, "L_MI", spy_L_MI):
+                _mce_mock.patch.object(_mce, "L_MI", spy_L_MI), _mce_mock.patch.object(_mce, "class_centroids",
+                                                                                       spy_pass):
             _mce_torch.manual_seed(0)
-            model = self._train(out, settings, trainset, max_its=2)
+            self._train(out, settings, trainset, max_its=2)
             state = _mce_torch.load(f"{out}/train.pt", weights_only=True)
             run = _mce_common.Run(out, "cpu", log=lambda *a: None)
-            final = _mce.class_centroids(model, trainset, ("v", "r", "a", "u"), run, _mce.pass_generator(0, 1))
+        self.assertEqual(len(passes), 2)      # the initial pass and the one after epoch 0; none after the last
         _mce_torch.manual_seed(0)
         initial = _mce.class_centroids(_mce.build(settings, 3), trainset, ("v", "r", "a", "u"), run,
                                        _mce.pass_generator(0, -1))
@@ -3342,15 +3975,51 @@ class TestMCETrain(unittest.TestCase):
                 for i in range(its):
                     self.assertTrue(_mce_torch.equal(seen_C[e * its + i][m], seen_C[e * its][m]), (m, e, i))
             self.assertFalse(_mce_torch.allclose(seen_C[its][m], seen_C[0][m]), m)               # refreshed
-            self.assertTrue(_mce_torch.allclose(state["memory"]["C"][m], final[m], atol=1e-5), m)
+            self.assertTrue(_mce_torch.equal(state["memory"]["C"][m], seen_C[its][m]), m)       # no final pass
+
+    def test_reinit_memory(self):
+        """reinit_memory (the release, train.py:184-212): W at the start of epoch 1 is the pass after epoch 0 (= C);
+        agnostic_centroid "modality-mean": C^u is the unnormalised mean of the modality centroids."""
+        settings = _mce_settings(epochs=2, reinit_memory=True, agnostic_centroid="modality-mean")
+        seen_W, seen_C = [], []
+        real_L_W, real_L_MI = _mce.L_W, _mce.L_MI
+
+        def spy_L_W(f, y, W, tau):
+            seen_W.append({m: w.clone() for m, w in W.items()})
+            return real_L_W(f, y, W, tau)
+
+        def spy_L_MI(f, C, tau, form="paper"):
+            seen_C.append({m: c.clone() for m, c in C.items()})
+            return real_L_MI(f, C, tau, form)
+
+        with _mce_tempfile.TemporaryDirectory() as out, _mce_mock.patch.object(_mce, "L_W", spy_L_W), \
+                _mce_mock.patch.object(_mce, "L_MI", spy_L_MI):
+            _mce_torch.manual_seed(0)
+            self._train(out, settings, _mce_trainset(), max_its=2)
+        its = len(seen_W) // 2
+        for m in "vrau":
+            self.assertTrue(_mce_torch.equal(seen_W[its][m], seen_C[its][m]), m)
+            self.assertFalse(_mce_torch.allclose(seen_W[its - 1][m], seen_W[its][m]), m)
+        u = sum(seen_C[its][m] for m in "vra") / 3
+        self.assertTrue(_mce_torch.allclose(seen_C[its]["u"], u, atol=1e-6))
+        self.assertTrue((seen_C[its]["u"].norm(dim=1) < 1 - 1e-4).all())
 
     def test_resume_is_exact(self):
         settings, trainset = _mce_settings(epochs=2), _mce_trainset()
         with _mce_tempfile.TemporaryDirectory() as a, _mce_tempfile.TemporaryDirectory() as b:
             _mce_torch.manual_seed(0)
             self._train(a, settings, trainset, max_its=1)
+            real_epochs = _mce_common.Run.epochs
+
+            def first_epoch_only(run, phase, num_epochs, **objects):     # killed after epoch 0's checkpoint
+                for e in real_epochs(run, phase, num_epochs, **objects):
+                    if e >= 1:
+                        return
+                    yield e
+
             _mce_torch.manual_seed(0)
-            self._train(b, _mce_settings(epochs=1), trainset, max_its=1)   # stopped after one epoch
+            with _mce_mock.patch.object(_mce_common.Run, "epochs", first_epoch_only):
+                self._train(b, settings, trainset, max_its=1)
             _mce_torch.manual_seed(123)                                  # resume restores every state
             self._train(b, settings, trainset, max_its=1)
             sa, sb = (_mce_torch.load(f"{d}/train.pt", weights_only=True) for d in (a, b))

@@ -8,9 +8,31 @@ Implements, as the survey describes it for visible-infrared Re-ID:
 - L = L_id + L_wrt: cross-entropy on the BN feature, weighted-regularisation triplet on the pooled feature;
 - test feature: the L2-normalised BN feature.
 
+Readings and choices:
+- Non-local inner width: the survey does not state it; the community code that produced every quoted AGW number
+  squeezes C channels to 1 (Cross-Modal-Re-ID-baseline model.py:21, `reduc_ratio//reduc_ratio`), so that is the
+  default (`non_local_inner="one"`); `--non-local-inner half` gives the C/2 of Wang et al. (2018).
+- BNNeck weight ~ N(1, 0.01), classifier ~ N(0, 0.001), as the community code (model.py:80-89, 177-178).
+- Random erasing off: the community AGW trains without it (train.py:114-121); only CAJ adds it (default off).
+- Sampler: identities without replacement in a batch (as the community); images without replacement and
+  max(#v, #r) // (P K) batches by default, so that no batch repeats an image; `--sampler community` draws each
+  identity's K images with replacement and runs int(N / (P K)) + 1 batches (utils.py:60-95).
+- Epochs: 80 (0..79); the community loop runs 81 (0..80, train.py:362); the release recipe uses 81.
+- Model selection: the final-epoch model (never selected on the test set); the community keeps the checkpoint of
+  best trial-0 test rank-1 (train.py:384-400).
+
 Deviations:
 - With a backbone of fewer blocks than ResNet-50 (resnet18/34, for CPU runs), the non-local blocks go after the
   last min(n, blocks) blocks of layer2 and layer3.
+
+Released code differs (mangye16/Cross-Modal-Re-ID-baseline at e817a26; `--recipe release` sets these):
+
+| setting | paper (default) | release | released file:line |
+|---|---|---|---|
+| epochs | 80 | 81 (0..80) | train.py:362 |
+| sampler | without-replacement, N // (P K) batches | community: images with replacement, int(N/(P K)) + 1 batches | utils.py:73-78 |
+| model selection | final epoch | best trial-0 test rank-1 (not reproduced) | train.py:384-400 |
+| resize kernel | bilinear (data.py) | LANCZOS (not reproduced) | pre_process_sysu.py:48-56 |
 """
 from dataclasses import dataclass
 
@@ -28,7 +50,7 @@ class Settings:
     pretrained: str = "imagenet"         # AGW: ImageNet initialisation
     height: int = 288                    # AGW cross-modality setting: 288 x 144 input
     width: int = 144
-    epochs: int = 80                     # AGW: 80 epochs
+    epochs: int = 80                     # AGW: 80 epochs (the community loop runs 81, train.py:362)
     P: int = 8                           # AGW: 8 identities per batch
     K: int = 4                           #   x 4 visible + 4 infrared images each
     lr: float = 0.1                      # AGW: SGD lr 0.1 for BNNeck and classifier
@@ -39,7 +61,29 @@ class Settings:
     milestones: tuple = (20, 50)         # AGW: lr x0.1 at epoch 20, x0.01 at epoch 50
     gem_p: float = 3.0                   # AGW: GeM pooling, p = 3
     non_local: bool = True               # AGW: non-local attention on
-    erasing: float = 0.5                 # AGW: random erasing probability
+    non_local_inner: str = "one"         # survey silent; community 1 channel (model.py:21); "half": C/2
+    erasing: float = 0.0                 # community AGW: no random erasing (train.py:114-121)
+    sampler: str = "without-replacement"  # project sampler (data.py); release: "community" (utils.py:60-95)
+
+
+CHOICES = {"non_local_inner": ("one", "half"), "sampler": data.SAMPLERS}
+
+# --recipe release: mangye16/Cross-Modal-Re-ID-baseline at e817a26 (file:line of each value).
+RELEASE = dict(
+    arch="resnet50",                     # train.py:25 --arch resnet50
+    pretrained="imagenet",               # model.py:4, resnet.py resnet50(pretrained=True)
+    height=288, width=144,               # train.py:40-43 --img_h 288 --img_w 144
+    epochs=81,                           # train.py:362 range(start_epoch, 81 - start_epoch)
+    P=8, K=4,                            # train.py:44 --batch-size 8, train.py:52 --num_pos 4
+    lr=0.1, backbone_lr=0.01,            # train.py:23 --lr 0.1; train.py:212 0.1 * lr for the backbone
+    momentum=0.9, weight_decay=5e-4,     # train.py:215 SGD momentum 0.9, Nesterov, wd 5e-4
+    warmup=10, milestones=(20, 50),      # train.py:218-227
+    gem_p=3.0,                           # model.py:234 p = 3.0
+    non_local=True,                      # train.py: --method agw builds embed_net(no_local='on')
+    non_local_inner="one",               # model.py:21 reduc_ratio // reduc_ratio
+    erasing=0.0,                         # train.py:114-121 (no RandomErasing)
+    sampler="community",                 # utils.py:73-78 np.random.choice(pos, num_pos), int(N/(P K)) + 1
+)
 
 
 # CPU recipe for the built-in synthetic world: a small network trained from scratch.
@@ -52,9 +96,9 @@ SMOKE = dict(arch="resnet18", pretrained="none", height=64, width=32, epochs=1, 
 class NonLocal(nn.Module):
     """Non-local block (dot-product form): z = W_z(softmax-free affinity(theta, phi) g) + x, W_z's BN starts at 0."""
 
-    def __init__(self, c, reduction=2):
+    def __init__(self, c, inner="one"):
         super().__init__()
-        ci = c // reduction
+        ci = 1 if inner == "one" else c // 2       # community: 1 channel; Wang et al. (2018): C/2
         self.theta, self.phi, self.g = nn.Conv2d(c, ci, 1), nn.Conv2d(c, ci, 1), nn.Conv2d(c, ci, 1)
         self.W = nn.Sequential(nn.Conv2d(ci, c, 1), nn.BatchNorm2d(c))
         nn.init.zeros_(self.W[1].weight)  # the block starts as the identity
@@ -70,15 +114,15 @@ class NonLocal(nn.Module):
         return self.W(y) + x
 
 
-def with_non_local(stage, c, num):
-    """`stage` with a non-local block after each of its last `num` residual blocks."""
+def with_non_local(stage, c, num, inner):
+    """`stage` with a non-local block (inner width `inner`) after each of its last `num` residual blocks."""
     blocks = list(stage)
     first = len(blocks) - min(num, len(blocks))  # Deviation: fewer blocks than ResNet-50 -> last ones
     out = []
     for i, block in enumerate(blocks):
         out.append(block)
         if i >= first:
-            out.append(NonLocal(c))
+            out.append(NonLocal(c, inner))
     return nn.Sequential(*out)
 
 
@@ -96,12 +140,16 @@ class AGW(nn.Module):
         layer1, layer2, layer3, layer4 = common.stages(net_v)              # shared layer1-4
         c = common.channels(settings.arch)
         if settings.non_local:
-            layer2, layer3 = with_non_local(layer2, c[1], 2), with_non_local(layer3, c[2], 3)
+            inner = settings.non_local_inner
+            layer2, layer3 = with_non_local(layer2, c[1], 2, inner), with_non_local(layer3, c[2], 3, inner)
         self.shared = nn.Sequential(layer1, layer2, layer3, layer4)
         self.gem_p = settings.gem_p
         self.bnneck = nn.BatchNorm1d(c[3])
         self.bnneck.bias.requires_grad_(False)                             # BNNeck: no shift
         self.classifier = nn.Linear(c[3], num_classes, bias=False)
+        nn.init.normal_(self.bnneck.weight, 1.0, 0.01)                     # community model.py:80-82
+        nn.init.zeros_(self.bnneck.bias)
+        nn.init.normal_(self.classifier.weight, 0.0, 0.001)                # community model.py:84-87
 
     def features(self, x, modality):
         """(B, 3, H, W) -> pooled feature f (B, C) and BN feature (B, C)."""
@@ -141,10 +189,19 @@ def L_wrt(f, y):
     return F.softplus(d_p - d_n).mean()
 
 
+def check(settings):
+    for name, allowed in CHOICES.items():
+        if getattr(settings, name) not in allowed:
+            raise common.UserError(f"--{name.replace('_', '-')} {getattr(settings, name)!r} is not one of "
+                                   f"{', '.join(allowed)}")
+
+
 def train(settings, trainset, run):
+    check(settings)
     model = build(settings, trainset.num_classes).to(run.device)
     augment = data.Augment(settings.height, settings.width, erasing=settings.erasing)
-    loader = data.train_loader(trainset, settings.P, settings.K, run.seed, augment, workers=run.workers)
+    loader = data.train_loader(trainset, settings.P, settings.K, run.seed, augment, workers=run.workers,
+                               sampler=settings.sampler)
     head = list(model.bnneck.parameters()) + list(model.classifier.parameters())
     head_ids = {id(p) for p in head}
     backbone = [p for p in model.parameters() if id(p) not in head_ids]

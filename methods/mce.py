@@ -26,13 +26,18 @@ Choices where the paper is silent:
   (it can be negative), so the responses are read as the full softmax distributions over the N^p centroids and
   Eq. (7) as their KL divergence, averaged over the batch. The cross-modality response (P^v_r for a visible feature)
   is the target and carries no gradient; the gradient flows through the own-modality response (P^v_v).
+  Aggregation (paper silent): the mean over all KL rows (every sample of every term), as the release's
+  KLDivLoss('batchmean') over its concatenated blocks (IDLNL/MCE model.py:17, 115). (Summing the four batch-mean
+  terms instead made L_MI about 4x the release's for the same lambda1 = 1.2.)
 - W^u and C^u are class means over the features of all modalities together (v, r and a pooled); L^u and L_GC use
   every feature of the batch.
 - The auxiliary images of the centroid pass take one channel per image drawn from a generator seeded by (seed,
   epoch), so the pass is reproducible and a resumed run is exact.
-- W is initialised once, before the first epoch, and afterwards only moves by Eq. (3). (The authors' released code
-  re-initialises W from a fresh extraction pass at the start of every epoch.)
-- Warm-up: linear over the first 10 epochs from lr / 10 (the paper says "with a warmup strategy").
+- W is initialised once, before the first epoch, and afterwards only moves by Eq. (3) (`reinit_memory` False).
+  No centroid pass runs after the last epoch (its result would be unused).
+- Warm-up: linear over the first 10 epochs from lr / 10 (the paper says "with a warmup strategy"; the release's
+  lr (e + 1) / 10 for e < 10, train.py:170-171).
+- Non-local inner width (paper silent, "following CAJ"): the release backbone's 1 channel (resnet.py:36).
 
 Deviations:
 - The auxiliary image shares the crop and flip of its visible image (random erasing is drawn independently) and its
@@ -40,6 +45,26 @@ Deviations:
   normalised channels), because the project pipeline augments per batch and adds 'x_a' in the `extra` hook.
 - With a backbone of fewer blocks than ResNet-50 (resnet18/34, for CPU runs), the non-local blocks go after the
   last min(n, blocks) blocks of layer2 and layer3 (as in agw.py).
+
+Released code differs (IDLNL/MCE at deea895; `--recipe release` sets the settings named):
+
+| setting | paper (default) | release | released file:line |
+|---|---|---|---|
+| mi_form | Eq. (7): a feature on both modalities' C; a<->r both ways | paired i-th v, r rows on one C; a->r only | model.py:97-115 |
+| agnostic_update | W^u: batch class mean (Eq. 3) | hardest (least similar) sample of the class | memory.py:27-39, train.py:44, 188 |
+| gamma_aware | 0.3 | 0.25 | train.py:48, 189-191 |
+| weight_a | 1 (Eq. 4) | 0.4 (sid x caid) | model.py:106-107, train.py:47 |
+| gc_negatives | all classes (Eq. 9) | classes of the batch only | GlobalCenterLoss.py:14-25 |
+| agnostic_centroid | C^u, W^u: normalised mean over v, r, a images pooled | unnormalised mean of the 3 modality centroids | train.py:210-212 |
+| centroids=dynamic | L_MI^D and L_GC^D use W | L_GC always uses the epoch-start centres (--gx affects L_MI only) | model.py:63, 86-95 |
+| reinit_memory | False: W initialised once | True: W rebuilt from a full pass every epoch | train.py:184-212 |
+| epochs | 80 | 160, best test mAP checkpoint kept (not reproduced) | train.py:368, 378-390 |
+| milestones | (20, 40) | (21, 40): x0.1 for e > 20 | train.py:169-175 |
+| sampler | without-replacement | community (images with replacement, int(N/PK)+1 batches) | utils.py:62-91, train.py:369 |
+| RegDB (RELEASE_REGDB) | the SYSU recipe (paper: one recipe, 384 x 128) | 288 x 144, K = 5, lr steps (31, 60) | train.py:66-67, 169 |
+| GeM p | fixed 3 | learnable nn.Parameter (not reproduced) | resnet.py:309-320 |
+| infrared augmentation | none | ChannelAdapGray(0.5) on SYSU (not reproduced) | data_loader.py:122-130 |
+| erasing | fill 0; 'a' erased after the exchange | CIFAR-mean fill; before it (not reproduced) | ChannelAug.py:107 |
 """
 from dataclasses import dataclass
 
@@ -79,8 +104,52 @@ class Settings:
     centroids: str = "historical"        # Table 3: historical (L_MI, L_GC) or dynamic (L_MI^D, L_GC^D)
     auxiliary: bool = True               # Table 3: 3 "channels" (v, r, a) or 2 (v, r)
     non_local: bool = True               # Implementation details: non-local blocks, following CAJ
+    non_local_inner: str = "one"         # paper silent: the release's 1 channel (resnet.py:36); "half": C/2
     gem_p: float = 3.0                   # not in the paper: GeM pooling of the AGW/CAJ baseline
     erasing: float = 0.5                 # Implementation details: random erasing
+    weight_a: float = 1.0                # Eq. (4): L^a weighted as the others; release 0.4 (model.py:107)
+    agnostic_update: str = "mean"        # Eq. (3): class mean in the batch; release "hardest" (memory.py:9-41)
+    agnostic_centroid: str = "pooled"    # reading: W^u, C^u over v, r, a pooled; release "modality-mean"
+    gc_negatives: str = "all"            # Eq. (9): min over all k != y; release "batch" (GlobalCenterLoss.py:21-25)
+    mi_form: str = "paper"               # Eq. (7)-(8); release "release": paired samples, one a-r direction
+    reinit_memory: bool = False          # paper: W moves only by Eq. (3); release True (train.py:184-212)
+    sampler: str = "without-replacement"  # project sampler (data.py); release "community" (utils.py:62-91)
+
+
+CHOICES = {"objective": OBJECTIVES, "centroids": CENTROIDS, "non_local_inner": ("one", "half"),
+           "agnostic_update": ("mean", "hardest"), "agnostic_centroid": ("pooled", "modality-mean"),
+           "gc_negatives": ("all", "batch"), "mi_form": ("paper", "release"), "sampler": data.SAMPLERS}
+
+# --recipe release: IDLNL/MCE at deea895 (file:line of each value).
+RELEASE = dict(
+    arch="resnet50", pretrained="imagenet",    # model.py:13 resnet50(pretrained=True)
+    height=384, width=128,                     # train.py:61 (SYSU)
+    epochs=160,                                # train.py:368 range(start_epoch, 160 + start_epoch)
+    P=8, K=4,                                  # train.py:31 --batch-size 8, train.py:34 --num_pos 4
+    lr=3.5e-4, weight_decay=5e-4,              # train.py:20, train.py:165 Adam
+    warmup=10, milestones=(21, 40),            # train.py:169-175: (e + 1) / 10 for e < 10; x0.1 e > 20; x0.01 e >= 40
+    tau=0.05,                                  # model.py:85, memory.py:73
+    gamma_aware=0.25,                          # train.py:48 --mem_up 0.25, train.py:189-191
+    gamma_agnostic=0.1,                        # train.py:188 momentum=0.1
+    lambda1=1.2,                               # train.py:41 --kl 1.2, model.py:116
+    lambda2=1.0,                               # train.py:46 --gc 1, model.py:64
+    alpha=0.3,                                 # model.py:39 GlobalCenterTriplet(0.3)
+    weight_a=0.4,                              # train.py:42 --sid 1, train.py:47 --caid 0.4, model.py:107
+    agnostic_update="hardest",                 # train.py:44 --nhard store_false, train.py:188; memory.py:27-39
+    agnostic_centroid="modality-mean",         # train.py:210-212 (sum of the 3 normalised centroids / 3)
+    gc_negatives="batch",                      # GlobalCenterLoss.py:14-25 (centres of the batch labels)
+    mi_form="release",                         # model.py:97-115
+    reinit_memory=True,                        # train.py:184-212 (fresh memories every epoch)
+    non_local=True, non_local_inner="one",     # resnet.py:36 reduc_ratio // reduc_ratio
+    erasing=0.5,                               # data_loader.py:129, 140, 149 ChannelRandomErasing(0.5)
+    sampler="community",                       # train.py:369, utils.py:62-91 IdentitySampler
+)
+# --recipe release --dataset regdb, on top of RELEASE
+RELEASE_REGDB = dict(
+    height=288, width=144,                     # train.py:66
+    K=5,                                       # train.py:67 args.num_pos = 5
+    milestones=(31, 60),                       # train.py:169-175: [30, 60], x0.1 for e > 30, x0.01 for e >= 60
+)
 
 
 # CPU recipe for the built-in synthetic world: a small network trained from scratch.
@@ -109,9 +178,9 @@ def add_auxiliary(batch, g):
 class NonLocal(nn.Module):
     """Non-local block (dot-product form): z = W_z(softmax-free affinity(theta, phi) g) + x, W_z's BN starts at 0."""
 
-    def __init__(self, c, reduction=2):
+    def __init__(self, c, inner="one"):
         super().__init__()
-        ci = c // reduction
+        ci = 1 if inner == "one" else c // 2       # community: 1 channel; Wang et al. (2018): C/2
         self.theta, self.phi, self.g = nn.Conv2d(c, ci, 1), nn.Conv2d(c, ci, 1), nn.Conv2d(c, ci, 1)
         self.W = nn.Sequential(nn.Conv2d(ci, c, 1), nn.BatchNorm2d(c))
         nn.init.zeros_(self.W[1].weight)  # the block starts as the identity
@@ -127,15 +196,15 @@ class NonLocal(nn.Module):
         return self.W(y) + x
 
 
-def with_non_local(stage, c, num):
-    """`stage` with a non-local block after each of its last `num` residual blocks."""
+def with_non_local(stage, c, num, inner):
+    """`stage` with a non-local block (inner width `inner`) after each of its last `num` residual blocks."""
     blocks = list(stage)
     first = len(blocks) - min(num, len(blocks))  # Deviation: fewer blocks than ResNet-50 -> last ones
     out = []
     for i, block in enumerate(blocks):
         out.append(block)
         if i >= first:
-            out.append(NonLocal(c))
+            out.append(NonLocal(c, inner))
     return nn.Sequential(*out)
 
 
@@ -153,7 +222,8 @@ class MCE(nn.Module):
         layer1, layer2, layer3, layer4 = common.stages(net)
         c = common.channels(settings.arch)
         if settings.non_local:
-            layer2, layer3 = with_non_local(layer2, c[1], 2), with_non_local(layer3, c[2], 3)
+            inner = settings.non_local_inner
+            layer2, layer3 = with_non_local(layer2, c[1], 2, inner), with_non_local(layer3, c[2], 3, inner)
         self.backbone = nn.Sequential(common.stem(net), layer1, layer2, layer3, layer4)
         self.gem_p = settings.gem_p
         self.bnneck = nn.BatchNorm1d(c[3])
@@ -187,13 +257,18 @@ class Memory:
         self.C = {m: c.clone() for m, c in centroids.items()}
 
     @torch.no_grad()
-    def update(self, m, f, y, gamma):
+    def update(self, m, f, y, gamma, rule="mean"):
         """Eq. (3): W^m_y <- gamma W^m_y + (1 - gamma) mean of the batch features of class y, then L2-normalised.
 
-        f: (B, d) detached features of modality m, y: (B,) labels."""
+        rule "hardest" (the release's W^u, memory.py:27-39): the class's batch feature least similar to W^m_y
+        instead of the mean. f: (B, d) detached features of modality m, y: (B,) labels."""
         classes, inverse = torch.unique(y, return_inverse=True)                 # (n,), (B,)
-        f_bar = torch.zeros(len(classes), f.shape[1], device=f.device).index_add_(0, inverse, f)
-        f_bar /= torch.bincount(inverse, minlength=len(classes))[:, None]      # (n, d) class means in the batch
+        if rule == "hardest":
+            sim = (f * self.W[m][y]).sum(1)                                       # (B,)
+            f_bar = torch.stack([f[inverse == j][sim[inverse == j].argmin()] for j in range(len(classes))])
+        else:
+            f_bar = torch.zeros(len(classes), f.shape[1], device=f.device).index_add_(0, inverse, f)
+            f_bar /= torch.bincount(inverse, minlength=len(classes))[:, None]  # (n, d) class means in the batch
         self.W[m][classes] = F.normalize(gamma * self.W[m][classes] + (1 - gamma) * f_bar, dim=1)   # Eq. (3)
 
     def state_dict(self):
@@ -217,9 +292,10 @@ def pass_generator(seed, epoch):
 
 
 @torch.no_grad()
-def class_centroids(model, trainset, keys, run, g):
+def class_centroids(model, trainset, keys, run, g, agnostic="pooled"):
     """Eq. (1) over the whole training set (no augmentation, eval mode): {m: (N^p, d)} L2-normalised class means of
-    the features f of modality m; 'u' pools v, r and a. A class without images in m keeps a zero row."""
+    the features f of modality m; 'u' pools v, r and a ("pooled"), or is the unnormalised mean of the modality
+    centroids ("modality-mean", the release's, train.py:210-212). A class without images in m keeps a zero row."""
     model.eval()
     n, d, device = trainset.num_classes, model.bnneck.num_features, run.device
     modal = [m for m in keys if m != "u"]
@@ -238,7 +314,10 @@ def class_centroids(model, trainset, keys, run, g):
             start += len(f)
         counts[m] = torch.bincount(labels, minlength=n).float()                   # (N^p,)
     sums["u"], counts["u"] = sum(sums[m] for m in modal), sum(counts[m] for m in modal)
-    return {m: F.normalize(sums[m] / counts[m].clamp(min=1)[:, None], dim=1) for m in keys}
+    out = {m: F.normalize(sums[m] / counts[m].clamp(min=1)[:, None], dim=1) for m in keys}
+    if agnostic == "modality-mean":
+        out["u"] = sum(out[m] for m in modal) / len(modal)
+    return out
 
 
 # ---------------------------------------------------------------- losses
@@ -261,24 +340,38 @@ def log_P(f, C, tau):
 
 
 def KL(log_p, log_q):
-    """sum_k p_k log(p_k / q_k), batch mean; log_p, log_q: (B, N^p)."""
-    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+    """Per row: sum_k p_k log(p_k / q_k); log_p, log_q: (B, N^p) -> (B,)."""
+    return (log_p.exp() * (log_p - log_q)).sum(1)
 
 
 def L_MI_mn(f_m, f_n, C_m, C_n, tau):
-    """Eq. (7), L_MI^{m<->n}: KL(P^m_n || P^m_m) for the features of m plus KL(P^n_m || P^n_n) for those of n.
+    """Eq. (7), L_MI^{m<->n} per sample: KL(P^m_n || P^m_m) for each feature of m, then KL(P^n_m || P^n_n) for each
+    of n: (B + B',). The cross-modality response P^m_n(f^m | C^n) is the target (detached); f_m: (B, d), f_n:
+    (B', d), C: (N^p, d)."""
+    return torch.cat([KL(log_P(f_m, C_n, tau).detach(), log_P(f_m, C_m, tau)),     # Eq. (7), first term
+                      KL(log_P(f_n, C_m, tau).detach(), log_P(f_n, C_n, tau))])    # Eq. (7), second term
 
-    The cross-modality response P^m_n(f^m | C^n) is the target (detached); f_m: (B, d), f_n: (B', d), C: (N^p, d)."""
-    return (KL(log_P(f_m, C_n, tau).detach(), log_P(f_m, C_m, tau))              # Eq. (7), first term
-            + KL(log_P(f_n, C_m, tau).detach(), log_P(f_n, C_n, tau)))           # Eq. (7), second term
 
-
-def L_MI(f, C, tau):
-    """Eq. (8): L_MI = L_MI^{v<->r} + L_MI^{a<->r} (the second only with the auxiliary modality)."""
-    loss = L_MI_mn(f["v"], f["r"], C["v"], C["r"], tau)
+def L_MI_release(f, C, tau):
+    """The release's KL rows (model.py:97-113): KL(P(f^r_i | C^v) || P(f^v_i | C^v)), KL(P(f^v_i | C^r) ||
+    P(f^r_i | C^r)) for the i-th visible and infrared samples (same identity), and KL(P(f^a | C^r) || P(f^a | C^a))."""
+    rows = [KL(log_P(f["r"], C["v"], tau).detach(), log_P(f["v"], C["v"], tau)),
+            KL(log_P(f["v"], C["r"], tau).detach(), log_P(f["r"], C["r"], tau))]
     if "a" in f:
-        loss = loss + L_MI_mn(f["a"], f["r"], C["a"], C["r"], tau)
-    return loss                                                                   # Eq. (8)
+        rows.append(KL(log_P(f["a"], C["r"], tau).detach(), log_P(f["a"], C["a"], tau)))
+    return torch.cat(rows)
+
+
+def L_MI(f, C, tau, form="paper"):
+    """Eq. (8): L_MI = L_MI^{v<->r} + L_MI^{a<->r} (the second only with the auxiliary modality), aggregated as the
+    release does (paper silent): the mean over every KL row (model.py:17, 115, KLDivLoss 'batchmean' over the
+    concatenated blocks). form "release": the release's rows (L_MI_release) instead of Eq. (7)'s."""
+    if form == "release":
+        return L_MI_release(f, C, tau).mean()
+    rows = [L_MI_mn(f["v"], f["r"], C["v"], C["r"], tau)]
+    if "a" in f:
+        rows.append(L_MI_mn(f["a"], f["r"], C["a"], C["r"], tau))
+    return torch.cat(rows).mean()                                                 # Eq. (8)
 
 
 def pairwise_distance(x, y):
@@ -287,21 +380,38 @@ def pairwise_distance(x, y):
     return d2.clamp(min=1e-12).sqrt()
 
 
-def L_GC(f, y, C_u, alpha):
-    """Eq. (9): max(||f - c^u_y|| - min_{k != y} ||f - c^u_k|| + alpha, 0), mean over f (B, d) of all modalities."""
+def L_GC(f, y, C_u, alpha, negatives="all"):
+    """Eq. (9): max(||f - c^u_y|| - min_{k != y} ||f - c^u_k|| + alpha, 0), mean over f (B, d) of all modalities.
+
+    negatives "batch" (the release's, GlobalCenterLoss.py:14-25): k only over the classes of y."""
     d = pairwise_distance(f, C_u)                                                 # (B, N^p)
     d_pos = d.gather(1, y[:, None])[:, 0]                                         # (B,)
-    d_neg = d.scatter(1, y[:, None], float("inf")).min(1).values                  # (B,) nearest other centroid
+    other = d.scatter(1, y[:, None], float("inf"))                                # (B, N^p)
+    if negatives == "batch":
+        absent = torch.ones(C_u.shape[0], dtype=torch.bool, device=d.device)
+        absent[y] = False
+        other = other.masked_fill(absent, float("inf"))                           # Deviation (release): batch only
+    d_neg = other.min(1).values                                                   # (B,) nearest other centroid
     return F.relu(d_pos - d_neg + alpha).mean()                                   # Eq. (9)
 
 
 # ---------------------------------------------------------------- training
 
+def total_loss(terms, settings):
+    """Eq. (10): L = L_W + lambda1 L_MI + lambda2 L_GC, L_W = L^v + L^r + w_a L^a + L^u (Eq. 4; w_a = 1 in the
+    paper); `terms` holds the L_* present. The CE and u objectives are their single term."""
+    loss = 0
+    for name, value in terms.items():
+        weight = {"L_a": settings.weight_a, "L_MI": settings.lambda1, "L_GC": settings.lambda2}.get(name, 1.0)
+        loss = loss + weight * value                                              # Eq. (4), Eq. (10)
+    return loss
+
+
 def check(settings):
-    if settings.objective not in OBJECTIVES:
-        raise common.UserError(f"--objective {settings.objective!r} is not one of {', '.join(OBJECTIVES)}")
-    if settings.centroids not in CENTROIDS:
-        raise common.UserError(f"--centroids {settings.centroids!r} is not one of {', '.join(CENTROIDS)}")
+    for name, allowed in CHOICES.items():
+        if getattr(settings, name) not in allowed:
+            raise common.UserError(f"--{name.replace('_', '-')} {getattr(settings, name)!r} is not one of "
+                                   f"{', '.join(allowed)}")
 
 
 def train(settings, trainset, run):
@@ -312,10 +422,13 @@ def train(settings, trainset, run):
     uses_memory = settings.objective != "CE"
     uses_C = settings.objective in ("W+MI", "W+MI+GC")
     refresh_C = uses_C and settings.centroids == "historical"
+    centroid_pass = uses_memory and (refresh_C or settings.reinit_memory)
     gamma = {m: settings.gamma_agnostic if m == "u" else settings.gamma_aware for m in keys}
+    rule = {m: settings.agnostic_update if m == "u" else "mean" for m in keys}
     augment = data.Augment(settings.height, settings.width, erasing=settings.erasing,
                            extra=add_auxiliary if settings.auxiliary else None)
-    loader = data.train_loader(trainset, settings.P, settings.K, run.seed, augment, workers=run.workers)
+    loader = data.train_loader(trainset, settings.P, settings.K, run.seed, augment, workers=run.workers,
+                               sampler=settings.sampler)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
                                  weight_decay=settings.weight_decay)
     schedule = common.WarmupMultiStep(optimizer, settings.milestones, warmup=settings.warmup)
@@ -323,7 +436,8 @@ def train(settings, trainset, run):
                             schedule=schedule, loader=loader):
         schedule.step_epoch(epoch)
         if epoch == 0 and uses_memory:
-            memory.initialise(class_centroids(model, trainset, keys, run, pass_generator(run.seed, -1)))  # Eq. (1)
+            memory.initialise(class_centroids(model, trainset, keys, run, pass_generator(run.seed, -1),
+                                              settings.agnostic_centroid))                                 # Eq. (1)
         model.train()
         for it, batch in run.batches(loader, epoch):
             x = torch.cat([batch["x_" + m] for m in keys if m != "u"])            # (B_v + B_r [+ B_a], 3, H, W)
@@ -337,29 +451,30 @@ def train(settings, trainset, run):
             f["u"], y["u"] = f_all, torch.cat([y[m] for m in keys if m != "u"])
             if settings.objective == "CE":
                 terms = {"L_CE": F.cross_entropy(model.classifier(b), y["u"])}
-                loss = terms["L_CE"]
             elif settings.objective == "u":
                 terms = {"L_u": L_m(f["u"], y["u"], memory.W["u"], settings.tau)}   # Eq. (2) for u only
-                loss = terms["L_u"]
             else:
                 terms = {"L_" + m: l for m, l in L_W(f, y, memory.W, settings.tau).items()}
-                loss = sum(terms.values())                                       # Eq. (4)
                 C = memory.C if settings.centroids == "historical" else memory.W  # L^D: up-to-date memories
                 if uses_C:
-                    terms["L_MI"] = L_MI(f, C, settings.tau)
-                    loss = loss + settings.lambda1 * terms["L_MI"]               # Eq. (10)
+                    terms["L_MI"] = L_MI(f, C, settings.tau, settings.mi_form)
                 if settings.objective == "W+MI+GC":
-                    terms["L_GC"] = L_GC(f["u"], y["u"], C["u"], settings.alpha)
-                    loss = loss + settings.lambda2 * terms["L_GC"]               # Eq. (10)
+                    terms["L_GC"] = L_GC(f["u"], y["u"], C["u"], settings.alpha, settings.gc_negatives)
+            loss = total_loss(terms, settings)                                   # Eq. (10)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if uses_memory:
                 for m in keys:
-                    memory.update(m, f[m].detach(), y[m], gamma[m])              # Eq. (3)
+                    memory.update(m, f[m].detach(), y[m], gamma[m], rule[m])     # Eq. (3)
             run.log(epoch, it, {k: v.detach() for k, v in terms.items()}, optimizer.param_groups[0]["lr"])
-        if refresh_C:  # historical centroids of the model at the end of this epoch, fixed during the next
-            memory.C = class_centroids(model, trainset, keys, run, pass_generator(run.seed, epoch))
+        if centroid_pass and epoch + 1 < settings.epochs:  # none after the last epoch: it would be unused
+            centroids = class_centroids(model, trainset, keys, run, pass_generator(run.seed, epoch),
+                                        settings.agnostic_centroid)
+            if refresh_C:    # historical centroids of the model at the end of this epoch, fixed during the next
+                memory.C = centroids
+            if settings.reinit_memory:   # the release: memories rebuilt from the pass before every epoch
+                memory.W = {m: c.clone() for m, c in centroids.items()}
     return model
 
 
