@@ -104,6 +104,8 @@ def common_parser(add_help=True):
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "vireid"),
                    help="where the synthetic world and the decoded-image caches live")
     p.add_argument("--log-every", type=int, default=20, help="iterations between progress lines")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="with --split val: also evaluate every N epochs (the best-epoch minus final-epoch gap)")
     return p
 
 
@@ -463,13 +465,17 @@ def write_json(path, obj):
         raise UserError(f"cannot write {path} ({e.strerror}); free disk space or give another --out") from None
 
 
-RESUME_SAFE = ("workers", "log_every", "cache_dir")  # flags --resume accepts: they cannot change the results
+RESUME_SAFE = ("workers", "log_every", "cache_dir", "eval_every")  # flags --resume accepts: they cannot change the results
 POSITIVE = ("height", "width", "epochs", "P", "K")    # settings that must be >= 1 (a method's LIMITS may add more)
 
 
 def check_values(args, method, settings):
     """Values argparse cannot judge: one line naming the flag and its range."""
+    if args.eval_every and args.split != "val":
+        raise UserError("--eval-every evaluates during training, which would select on the test identities; "
+                        "use it with --split val")
     checks = [("--workers", args.workers, args.workers >= 0, ">= 0"),
+              ("--eval-every", args.eval_every, args.eval_every >= 0, ">= 0"),
               ("--log-every", args.log_every, args.log_every >= 1, ">= 1"),
               ("--seed", args.seed, args.seed >= 0, ">= 0")]
     limits = {**dict.fromkeys(POSITIVE, 1), **getattr(method, "LIMITS", {})}
@@ -515,7 +521,7 @@ def command_of(argv):
 def run_seed(args, method, settings, checkpoint, device, seed, out, log):
     """Train (or load) and test one seed, every RegDB trial of it: {'results', 'fit', 'time'}."""
     trials = trials_of(args)
-    per_trial, fits, train_s, test_s = [], [], 0.0, 0.0
+    per_trial, fits, curves, train_s, test_s = [], [], [], 0.0, 0.0
     for trial in trials:
         trial_out = out if len(trials) == 1 else out / f"trial-{trial}"
         trial_out.mkdir(exist_ok=True)
@@ -527,8 +533,19 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
             common.load_model_state(model, checkpoint["model"], args.checkpoint)
             model = model.to(device)
         else:
+            curve = []
+
+            def evaluate(phase, epoch, model):
+                r = evaluation.run_protocol(extract_pools(method, model, testset, device), testset,
+                                            distance_fn(method, model, settings), device)
+                curve.append({"phase": phase, "epoch": epoch + 1,
+                              **{n: {k: v[k] for k in ("rank1", "mAP", "mINP")} for n, v in r.items()}})
+                first = next(iter(r))
+                log(f"[{phase}] epoch {epoch + 1}: {args.split} {first} rank-1 {r[first]['rank1']:.2f} "
+                    f"mAP {r[first]['mAP']:.2f}")
             run = common.Run(trial_out, device, seed=seed, amp=args.amp, workers=args.workers,
-                             log_every=args.log_every, log=log, max_its=SMOKE_ITERS if args.smoke else None)
+                             log_every=args.log_every, log=log, max_its=SMOKE_ITERS if args.smoke else None,
+                             evaluate=evaluate if args.eval_every else None, eval_every=args.eval_every)
             if args.resume and not [p for p in trial_out.glob("*.pt") if p.name not in ("model.pt", "features.pt")]:
                 log(f"--resume: {trial_out} holds no checkpoint yet; training starts at epoch 1")
             model = method.train(settings, trainset, run)
@@ -545,6 +562,8 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
             fits.append(fit)
             log(f"training fit (infrared training images query visible ones, {fit['ids']} ids, chance "
                 f"{fit['chance_rank1']:.1f}): rank-1 {fit['rank1']:.1f}, mAP {fit['mAP']:.1f}")
+        if checkpoint is None and args.eval_every:
+            curves.append(curve)
         t0 = time.time()
         per_trial.append(test(method, model, settings, testset, device, trial_out, log))
         if hasattr(method, "figures"):
@@ -555,7 +574,15 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
     if fits:
         fit = {k: float(np.mean([f[k] for f in fits])) for k in ("rank1", "mAP", "chance_rank1")}
     results = per_trial[0] if len(per_trial) == 1 else average_trials(per_trial)
-    return {"results": results, "fit": fit, "time": {"train_s": train_s, "test_s": test_s}}
+    out = {"results": results, "fit": fit, "time": {"train_s": train_s, "test_s": test_s}}
+    if curves and len(per_trial) == 1:  # how much selecting the best epoch on these ids would have gained
+        out["curve"] = curves[0]
+        out["best_minus_final"] = {n: {k: max(c[n][k] for c in curves[0]) - results[n][k] for k in ("rank1", "mAP")}
+                                   for n in results}
+        first = next(iter(results))
+        log(f"best evaluated epoch minus final epoch ({first}): rank-1 {out['best_minus_final'][first]['rank1']:+.2f}, "
+            f"mAP {out['best_minus_final'][first]['mAP']:+.2f}")
+    return out
 
 
 def parse(argv):

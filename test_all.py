@@ -1622,6 +1622,21 @@ class TestReliabilityCLI(_DTTree):
 
 
 class TestRecipesEndToEnd(unittest.TestCase):
+    def test_eval_every_leaves_the_run_unchanged(self):
+        # --eval-every (the best-epoch minus final-epoch gap, on --split val) draws no random numbers and
+        # leaves the model in training mode: the final numbers equal those of a run without it
+        with tempfile.TemporaryDirectory() as tmp:
+            common = ("--split", "val", "--epochs", "2")
+            plain = reid_smoke("agw", Path(tmp) / "plain", *common)
+            curve = reid_smoke("agw", Path(tmp) / "curve", *common, "--eval-every", "1")
+        self.assertEqual(plain["results"], curve["results"])
+        self.assertEqual([c["epoch"] for c in curve["curve"]], [1, 2])
+        self.assertEqual(curve["curve"][-1]["all-single"]["rank1"], curve["results"]["all-single"]["rank1"])
+        gap = max(c["all-single"]["mAP"] for c in curve["curve"]) - curve["results"]["all-single"]["mAP"]
+        self.assertAlmostEqual(curve["best_minus_final"]["all-single"]["mAP"], gap)
+        self.assertEqual(reid_outcome(["--method", "agw", "--smoke", "--eval-every", "2"])[0], 2)  # test split
+
+
     def test_seeds_and_val_write_complete_results(self):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "seeds"

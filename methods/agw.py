@@ -86,8 +86,11 @@ RELEASE = dict(
 )
 
 
-# CPU recipe for the built-in synthetic world: a small network trained from scratch.
-SYNTHETIC = dict(arch="resnet18", pretrained="none", height=128, width=64, epochs=10, lr=0.1, backbone_lr=0.05,
+# CPU recipe for the built-in synthetic world: a small network trained from scratch. Image size chosen on
+# --split val (python reid.py --method agw --split val --height H --width W, seed 0, one thread each, before the
+# 1-channel non-local and erasing 0 became the defaults): 96 x 48 gave all-single val rank-1 23.4 / mAP 30.5 and
+# training fit 23.5, 128 x 64 gave 21.7 / 29.0 and 16.0, at 0.62x the training time (622 s against 1012 s).
+SYNTHETIC = dict(arch="resnet18", pretrained="none", height=96, width=48, epochs=10, lr=0.1, backbone_lr=0.05,
                  warmup=1, milestones=(6, 9))
 SMOKE = dict(arch="resnet18", pretrained="none", height=64, width=32, epochs=1, P=4, K=2, lr=0.01, backbone_lr=0.01,
              warmup=1, milestones=())

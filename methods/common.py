@@ -175,13 +175,20 @@ class Run:
                 ...
                 run.log(epoch, it, {"L_id": l_id, "L_wrt": l_wrt}, lr=opt.param_groups[0]["lr"])
 
+    `watch(name, feature, loss=None, margin=None)`, called each iteration for a feature (N, d) that a metric loss
+    sees (and that loss's value and margin, e.g. batch-hard triplet), is the collapse alarm: at the end of each
+    epoch `log` prints "WARNING collapse?" naming it when the loss stayed within 5 % of its margin on every
+    iteration, or when the epoch's mean pairwise distance of the feature fell below 5 % of its mean norm.
+
     `epochs` restores every named object from OUT/<phase>.pt when it exists (resume) and saves them, with the
     RNG states, atomically after every epoch. The loader is seeded per (seed, epoch, batch), so a resumed run ends
     with the same weights as an uninterrupted one.
     """
 
-    def __init__(self, out, device, seed=0, amp=False, workers=0, log_every=20, log=print, max_its=None):
+    def __init__(self, out, device, seed=0, amp=False, workers=0, log_every=20, log=print, max_its=None,
+                 evaluate=None, eval_every=0):
         self.out, self.device, self.seed, self.amp = Path(out), torch.device(device), seed, amp
+        self.evaluate, self.eval_every = evaluate, eval_every  # evaluate(phase, epoch, model) after such epochs
         self.workers, self.max_its = workers, max_its  # max_its: iterations per epoch cap (--smoke)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_every, self.print = log_every, log
@@ -223,6 +230,11 @@ class Run:
             state.update(epoch=epoch, rng=rng_state(), meta=dict(self.stored))
             save_atomic(state, path)
             self.print(f"[{phase}] epoch {epoch + 1}/{num_epochs} done in {time.time() - t0:.1f}s")
+            if self.evaluate and phase != "search" and (epoch + 1) % self.eval_every == 0 and "model" in objects:
+                model = objects["model"]
+                was_training = model.training
+                self.evaluate(phase, epoch, model)  # --eval-every: a curve on --split val; no RNG is drawn
+                model.train(was_training)
 
     def batches(self, loader, epoch):
         """Batches of `loader.epoch(epoch)` on the device; times the wait for data for the progress line."""
@@ -238,8 +250,34 @@ class Run:
             yield it, batch
             t = time.time()
 
+    def watch(self, name, feature, loss=None, margin=None):
+        """Collapse alarm input for one iteration: feature (N, d) that a metric loss sees; loss and margin of it."""
+        w = self.__dict__.setdefault("_watched", {}).setdefault(name, [0, True, 0.0, 0.0])  # n, near, dist, norm
+        x = feature.detach().float()
+        d = torch.cdist(x, x)
+        w[0] += 1
+        w[2] += float(d.sum() / max(len(x) * (len(x) - 1), 1))
+        w[3] += float(x.norm(dim=1).mean())
+        if loss is not None:
+            w[1] = w[1] and abs(float(loss) - margin) <= 0.05 * abs(margin)
+
+    def collapse_warnings(self):
+        """The collapse alarm's lines for the iterations watched since the last call (see the class docstring)."""
+        lines = []
+        for name, (n, near, dist, norm) in self.__dict__.pop("_watched", {}).items():
+            if near and n:
+                lines.append(f"WARNING collapse? {name}: the loss stayed within 5% of its margin all epoch")
+            if n and dist < 0.05 * norm:
+                lines.append(f"WARNING collapse? {name}: mean pairwise distance {dist / n:.4f} < 5% of mean norm "
+                             f"{norm / n:.4f}")
+        return lines
+
     def log(self, epoch, it, losses, lr):
-        """Progress line every `log_every` iterations: loss terms by their paper names, lr, img/s, data wait, ETA."""
+        """Progress line every `log_every` iterations: loss terms by their paper names, lr, img/s, data wait, ETA;
+        at an epoch's last iteration, the collapse alarm's warnings (`watch`)."""
+        if it + 1 == self._its:
+            for line in self.collapse_warnings():
+                self.print(f"[{self._phase}] ep {epoch + 1}/{self._num_epochs} {line}")
         if (it + 1) % self.log_every and it + 1 != self._its:
             return
         timer = self._timer
