@@ -2822,6 +2822,8 @@ import shutil as _cm_shutil
 import subprocess as _cm_subprocess
 import sys as _cm_sys
 import tempfile as _cm_tempfile
+from unittest import mock as _cm_mock
+import copy as _cm_copy
 
 import numpy as _cm_np
 import torch as _cm_torch
@@ -3114,6 +3116,203 @@ class TestCMNASSmoke(unittest.TestCase):
                 again = reid.main(["--eval-only", "--checkpoint", _cm_os.path.join(out, "model.pt"), "--smoke",
                                    "--out", _cm_os.path.join(tmp, "eval")])
             self.assertEqual(again["all-single"]["rank1"], results["results"]["all-single"]["rank1"])
+
+def _cm_batch(n_ids=3, K=2, h=32, w=16, seed=0, label_offset=0):
+    g = _cm_torch.Generator().manual_seed(seed)
+    y = _cm_torch.arange(n_ids).repeat_interleave(K) + label_offset
+    return {"x_v": _cm_torch.randn(len(y), 3, h, w, generator=g), "x_r": _cm_torch.randn(len(y), 3, h, w, generator=g),
+            "y_v": y, "y_r": y.clone()}
+
+
+class TestCMNASAlternation(unittest.TestCase):
+    """Eq. (3), first order: the alpha step moves only alpha, on the validation batch; the weight step only the
+    weights, on the training batch; --val-cls false makes L_val independent of the classifier."""
+
+    def _setup(self, lr=0.01, arch_lr=0.05, **kw):
+        _cm_torch.manual_seed(0)
+        s = _cm_settings(lr=lr, backbone_lr=lr, arch_lr=arch_lr, **kw)
+        model = _cm.CMNASNet(s, 12)
+        optimizer, _ = _cm.weight_optimizer(s, model)
+        arch_optimizer = _cm_torch.optim.Adam(model.alphas(), lr=s.arch_lr, betas=tuple(s.betas))
+        run = _cm_common.Run(_cm_tempfile.mkdtemp(), "cpu", log=lambda line: None)
+        return s, model.train(), optimizer, arch_optimizer, run
+
+    @staticmethod
+    def _params(model):
+        alphas = {id(a) for a in model.alphas()}
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in alphas}
+        return [a.detach().clone() for a in model.alphas()], weights
+
+    def test_alpha_step_moves_only_alpha_on_the_validation_batch(self):
+        s, model, opt, arch_opt, run = self._setup(lr=0.0)      # weight step of size 0: what moves is the alpha step's
+        a0, w0 = self._params(model)
+        train_a, train_b, val = _cm_batch(seed=1), _cm_batch(seed=2), _cm_batch(seed=3, label_offset=6)
+        state = _cm_copy.deepcopy(model.state_dict())
+        _cm.search_step(model, train_a, val, s, True, opt, arch_opt, run)
+        a1, w1 = self._params(model)
+        for n in w0:
+            _cm_torch.testing.assert_close(w1[n], w0[n], rtol=0, atol=0, msg=n)
+        self.assertTrue(all((x != y).all() for x, y in zip(a0, a1)))   # every alpha moved
+        # the alpha step saw only the validation batch: another training batch gives the same alphas
+        s, model, opt, arch_opt, run = self._setup(lr=0.0)
+        model.load_state_dict(state)
+        _cm.search_step(model, train_b, val, s, True, opt, arch_opt, run)
+        for x, y in zip(a1, self._params(model)[0]):
+            _cm_torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+    def test_weight_step_moves_only_weights_on_the_training_batch(self):
+        s, model, opt, arch_opt, run = self._setup(arch_lr=0.0)   # alpha step of size 0
+        a0, w0 = self._params(model)
+        train, val_a, val_b = _cm_batch(seed=1), _cm_batch(seed=2, label_offset=6), _cm_batch(seed=3, label_offset=6)
+        state = _cm_copy.deepcopy(model.state_dict())
+        _cm.search_step(model, train, val_a, s, True, opt, arch_opt, run)
+        a1, w1 = self._params(model)
+        for x, y in zip(a0, a1):
+            _cm_torch.testing.assert_close(x, y, rtol=0, atol=0)
+        moved = [n for n in w0 if not _cm_torch.equal(w0[n], w1[n])]
+        self.assertIn("classifier.weight", moved)
+        self.assertGreater(len(moved), len(w0) // 2)
+        # the weight step saw only the training batch: another validation batch gives the same weights
+        s, model, opt, arch_opt, run = self._setup(arch_lr=0.0)
+        model.load_state_dict(state)
+        _cm.search_step(model, train, val_b, s, True, opt, arch_opt, run)
+        for n, p in self._params(model)[1].items():
+            _cm_torch.testing.assert_close(p, w1[n], rtol=0, atol=0, msg=n)
+
+    def test_val_cls_false_makes_the_alpha_step_independent_of_the_classifier(self):
+        val = _cm_batch(seed=3, label_offset=6)
+        for val_cls, same in ((False, True), (True, False)):
+            alphas = []
+            for scale in (1.0, 50.0):
+                s, model, opt, arch_opt, run = self._setup(lr=0.0, val_cls=val_cls)
+                with _cm_torch.no_grad():
+                    model.classifier.weight.mul_(scale)
+                _cm.search_step(model, _cm_batch(seed=1), val, s, True, opt, arch_opt, run)
+                alphas.append(_cm_torch.cat(self._params(model)[0]))
+            self.assertEqual(_cm_torch.equal(alphas[0], alphas[1]), same, f"val_cls={val_cls}")
+        loss, terms = _cm.L_train(model, val, s, True, run, cls=False)
+        self.assertNotIn("L_cls", terms)
+        lambda1, lambda2 = s.lambdas
+        _cm_torch.testing.assert_close(loss.detach(), terms["L_triplet"] + lambda1 * terms["L_CMMD"]
+                                       + lambda2 * terms["L_CC"])
+
+
+class TestCMNASPhaseFlags(unittest.TestCase):
+    """--c3mmd both | search | retrain | none switches L_C3MMD in the search steps (alpha and w) and in phase 2."""
+
+    def test_c3mmd_per_phase(self):
+        expected = {"both": [True, True, True], "search": [True, True, False], "retrain": [False, False, True],
+                    "none": [False, False, False]}
+        original = _cm.L_train
+        for c3mmd, want in expected.items():
+            seen = []
+
+            def recording(model, batch, settings, on, run, cls=True):
+                loss, terms = original(model, batch, settings, on, run, cls)
+                seen.append(on)
+                self.assertEqual("L_CMMD" in terms and "L_CC" in terms, on)
+                return loss, terms
+
+            s = _cm_settings(height=32, width=16, P=2, K=2, epochs=1, search_epochs=1, warmup=1, milestones=(),
+                             search_split=0.5, c3mmd=c3mmd)
+            with _cm_tempfile.TemporaryDirectory() as tmp, _cm_mock.patch.object(_cm, "L_train", recording):
+                _cm.train(s, _cm_tiny_trainset(), _cm_common.Run(tmp, "cpu", log=lambda line: None, max_its=1))
+            self.assertEqual(seen, want, c3mmd)      # alpha step, w step (search), w step (retrain)
+
+
+class TestCMNASRelease(unittest.TestCase):
+    """The release's recipe: RELEASE / RELEASE_REGDB, four-term triplet, head init, warm-up, EMA, float32 C3MMD."""
+
+    def test_release_dicts_are_settings_and_cited(self):
+        fields = {f.name for f in _cm_dc.fields(_cm.Settings)}
+        for layer in (_cm.RELEASE, _cm.RELEASE_REGDB):
+            self.assertLessEqual(set(layer), fields)
+        self.assertEqual((_cm.RELEASE["P"], _cm.RELEASE["K"]), (16, 4))
+        self.assertEqual((_cm.RELEASE["ema_decay"], _cm.RELEASE["ema_every"]), (0.997, 2))
+        self.assertEqual((_cm.RELEASE_REGDB["ema_decay"], _cm.RELEASE_REGDB["ema_every"]), (0.968, 10))
+        source = _cm_inspect.getsource(_cm).split("\nRELEASE = dict(\n")[1].split("\nSYNTHETIC")[0]
+        for line in source.splitlines():
+            if "=" in line and not line.lstrip().startswith("#"):
+                self.assertRegex(line, r"# .*\.(py|sh):\d+", line)       # every entry cites file:line
+        s = _cm_settings(**{**_cm.RELEASE, "arch": "resnet18", "pretrained": "none"})
+        _cm.check(s)
+        self.assertEqual(_cm.Settings().ema_decay, 0.0)                   # the paper: no EMA
+
+    def test_four_term_triplet_against_a_loop(self):
+        g = _cm_torch.Generator().manual_seed(0)
+        f = _cm_torch.randn(12, 5, generator=g, dtype=_cm_torch.float64)
+        y = _cm_torch.tensor([0, 0, 1, 1, 2, 2] * 2)
+        m = 0.4
+
+        def term(a, b, ya, yb):
+            total = 0.0
+            for i in range(len(a)):
+                dists = [float((a[i] - b[j]).norm()) for j in range(len(b))]
+                ap = max(dd for dd, yj in zip(dists, yb) if yj == ya[i])
+                an = min(dd for dd, yj in zip(dists, yb) if yj != ya[i])
+                total += max(0.0, ap - an + m)
+            return total / len(a)
+
+        want = (term(f[:6], f[:6], y[:6], y[:6]) + term(f[6:], f[6:], y[6:], y[6:]) +
+                term(f[:6], f[6:], y[:6], y[6:]) + term(f[6:], f[:6], y[6:], y[:6])) / 4
+        got = _cm.L_triplet(f, y, 6, _cm_settings(triplet="four-term", margin=m))
+        self.assertAlmostEqual(float(got), want, places=5)
+        joint = _cm.L_triplet(f, y, 6, _cm_settings(triplet="joint", margin=m))
+        self.assertAlmostEqual(float(joint), term(f, f, y, y), places=5)
+
+    def test_head_init_and_warmup(self):
+        _cm_torch.manual_seed(0)
+        model = _cm.CMNASNet(_cm_settings(head_init="release"), 200)
+        self.assertAlmostEqual(float(model.classifier.weight.std()), 0.001, delta=1e-4)
+        self.assertAlmostEqual(float(model.bnneck.weight.mean()), 1.0, delta=0.003)
+        self.assertAlmostEqual(float(model.bnneck.weight.std()), 0.01, delta=0.002)
+        default = _cm.CMNASNet(_cm_settings(), 200)
+        self.assertTrue(_cm_torch.equal(default.bnneck.weight, _cm_torch.ones(512)))
+        opt = _cm_torch.optim.SGD([_cm_torch.zeros(1, requires_grad=True)], lr=1.0)
+        release = _cm.ReleaseWarmup(opt, (40, 70), warmup=10)
+        # utils/lr_scheduler.py: 0.01 (1 - e/10) + e/10 below 10, then 0.1 ** (milestones passed)
+        for e, f in ((0, 0.01), (5, 0.505), (9, 0.901), (10, 1.0), (39, 1.0), (40, 0.1), (70, 0.01)):
+            self.assertAlmostEqual(release.factor(e), f, places=12)
+        self.assertAlmostEqual(_cm_common.WarmupMultiStep(opt, (40, 70), warmup=10).factor(0), 0.1)
+
+    def test_ema_recursion_and_copy_back_schedule(self):
+        net = _cm_nn.Sequential(_cm_nn.Linear(2, 2), _cm_nn.BatchNorm1d(2))
+        ema = _cm.EMA(net, 0.9)
+        w0 = net[0].weight.detach().clone()
+        steps = [w0]
+        for k in range(3):
+            with _cm_torch.no_grad():
+                net[0].weight.add_(1.0)
+            net(_cm_torch.randn(4, 2))                          # moves the running statistics too
+            ema.update()
+            steps.append(net[0].weight.detach().clone())
+        by_hand = w0
+        for w in steps[1:]:
+            by_hand = 0.9 * by_hand + 0.1 * w
+        _cm_torch.testing.assert_close(ema.shadow["0.weight"], by_hand)
+        self.assertEqual(int(ema.shadow["1.num_batches_tracked"]), 3)
+        self.assertFalse(_cm_torch.equal(ema.shadow["1.running_mean"], _cm_torch.zeros(2)))
+        ema.copy_back()
+        _cm_torch.testing.assert_close(net[0].weight, by_hand)
+        # fit copies back after every ema_every epochs, except after the last (the release tests the raw weights)
+        for epochs, every, copies in ((5, 2, 2), (4, 2, 1), (3, 1, 2)):
+            calls = []
+            s = _cm_settings(network="one-stream", height=32, width=16, P=2, K=2, epochs=epochs, warmup=1,
+                             milestones=(), ema_decay=0.5, ema_every=every)
+            with _cm_tempfile.TemporaryDirectory() as tmp, \
+                    _cm_mock.patch.object(_cm.EMA, "copy_back", lambda self: calls.append(1)):
+                _cm.train(s, _cm_tiny_trainset(), _cm_common.Run(tmp, "cpu", log=lambda line: None, max_its=1))
+            self.assertEqual(len(calls), copies, (epochs, every))
+        for bad in (dict(ema_decay=1.0), dict(ema_decay=-0.1), dict(ema_every=0), dict(triplet="x")):
+            with self.assertRaises(_cm_common.UserError):
+                _cm.check(_cm_settings(**bad))
+
+    def test_c3mmd_inputs_are_float32_under_bf16_autocast(self):
+        model = _cm.CMNASNet(_cm_settings(), 5).train()
+        with _cm_torch.autocast("cpu", dtype=_cm_torch.bfloat16):
+            f, f_bn = model(_cm_torch.randn(4, 3, 32, 16))
+        self.assertEqual((f.dtype, f_bn.dtype), (_cm_torch.float32, _cm_torch.float32))
+
 
 # ==== end cmnas ====
 
@@ -3435,6 +3634,7 @@ import tempfile as _rfm_tempfile
 import numpy as _rfm_np
 import torch as _rfm_torch
 
+from methods import common as _rfm_common
 from methods import rfm as _rfm
 from methods.common import UserError as _RFMUserError
 
@@ -3597,6 +3797,15 @@ class TestRFMLosses(unittest.TestCase):
         L_cc = 0.5 * (sum(float((f_v[i] - c_n[int(y_v[i])]).norm()) for i in range(len(y_v)))     # to the NIR centre
                       + sum(float((f_n[i] - c_v[int(y_n[i])]).norm()) for i in range(len(y_n))))  # to the VIS centre
         self.assertAlmostEqual(_rfm.L_cc(f_v, y_v, f_n, y_n).item(), L_cc / len(y), places=5)   # Eq. (6)
+        # release cross_center_loss.py:13,33-36: per class, MSELoss(sum) of each of its 2 x feat_num samples to the
+        # other modality's centre, averaged over the samples of the class, then over the classes
+        per_class = []
+        for k in c_v:
+            sq = [float((f_v[i] - c_n[k]).pow(2).sum()) for i in range(len(y_v)) if y_v[i] == k] \
+                + [float((f_n[i] - c_v[k]).pow(2).sum()) for i in range(len(y_n)) if y_n[i] == k]
+            per_class.append(sum(sq) / len(sq))
+        self.assertAlmostEqual(_rfm.L_cc(f_v, y_v, f_n, y_n, "squared-unit").item(),
+                               sum(per_class) / len(per_class), places=4)
         L_hc = sum(float((c_v[k] - c_n[k]).pow(2).sum()) for k in c_v)
         self.assertAlmostEqual(_rfm.L_hc(f_v, y_v, f_n, y_n).item(), L_hc, places=4)
 
@@ -3635,18 +3844,20 @@ class TestRFMModel(unittest.TestCase):
             e = _rfm.extract(model, x, "v")
             self.assertEqual(e.shape, (3, 64))
             _rfm_torch.testing.assert_close(e.norm(dim=1), _rfm_torch.ones(3))
-            f_1 = model.part_features(F_m * model.attend(F_m, "v")[0])[0]            # part 1 before its BNNeck
-            bn = model.classifiers[0][0]
-            bn_f_1 = (f_1 - bn.running_mean) / (bn.running_var + bn.eps).sqrt() * bn.weight + bn.bias
+            fc, bn = model.reduce[0]                                                 # part 1: FC, then BN
+            V_1 = _rfm_torch.nn.functional.adaptive_avg_pool2d(F_m * model.attend(F_m, "v")[0], (4, 1))[:, :, 0, 0]
+            bn_f_1 = (fc(V_1) - bn.running_mean) / (bn.running_var + bn.eps).sqrt() * bn.weight + bn.bias
             _rfm_torch.testing.assert_close(e[:, :16] * 2, _rfm_torch.nn.functional.normalize(bn_f_1, dim=1))
+            _rfm_torch.testing.assert_close(f[0].norm(dim=1), _rfm_torch.ones(6))  # metric losses see unit m_k
             model.f_n[0].conv1.weight.mul_(2)                                        # the NIR branch is its own
             self.assertFalse(bool(_rfm_torch.allclose(_rfm.extract(model, x, "r"), e)))
 
     def test_part_pooling_is_stripes(self):
         model = _rfm.build(self.settings(), 10).eval()
-        F_att = _rfm_torch.randn(2, model.reduce[0].in_features, 4, 2)
-        V = _rfm_torch.nn.functional.adaptive_avg_pool2d(F_att, (4, 1)).flatten(2)
-        _rfm_torch.testing.assert_close(V[:, :, 2], F_att[:, :, 2].mean(-1))     # part 3 = row 3 averaged
+        F_att = _rfm_torch.randn(2, model.reduce[0][0].in_features, 4, 2)
+        with _rfm_torch.no_grad():
+            h = model.part_features(F_att)
+            _rfm_torch.testing.assert_close(h[2], model.reduce[2](F_att[:, :, 2].mean(-1)))  # part 3 = row 3 averaged
 
     def test_other_attentions(self):
         x = _rfm_torch.randn(2, 3, 64, 32)
@@ -3665,7 +3876,7 @@ class TestRFMModel(unittest.TestCase):
         for center, attention in [(c, "mam") for c in _rfm.CENTERS] + [("cross", "spatial"), ("none", "none")]:
             settings = self.settings(center=center, attention=attention, height=32, width=16, parts=2)
             model = _rfm.build(settings, 5)
-            loss, terms = _rfm.objective(model, batch, settings)
+            loss, terms, _ = _rfm.objective(model, batch, settings)
             expected = {"L_id", "L_tri"} | ({names[center]} if names[center] else set()) \
                 | ({"L_id^v", "L_id^n"} if attention == "mam" else set())
             self.assertEqual(set(terms), expected)
@@ -3677,6 +3888,83 @@ class TestRFMModel(unittest.TestCase):
         for kw in (dict(center="hc"), dict(attention="cbam"), dict(parts=5), dict(parts=0)):
             with self.assertRaises(_RFMUserError):
                 _rfm.check(self.settings(**kw))
+
+
+def _rfm_world(n_ids=6, n=4, seed=0):
+    """A tiny two-modality world: each identity a smooth random 3x32x16 pattern; visible = pattern + noise,
+    infrared = its grey level + noise. -> x_v, x_r (n_ids * n, 3, 32, 16), y (n_ids * n,)."""
+    g = _rfm_torch.Generator().manual_seed(seed)
+    pattern = _rfm_torch.nn.functional.interpolate(_rfm_torch.rand(n_ids, 3, 8, 4, generator=g), size=(32, 16))
+    y = _rfm_torch.arange(n_ids).repeat_interleave(n)
+    x_v = pattern[y] + 0.1 * _rfm_torch.randn(len(y), 3, 32, 16, generator=g)
+    x_r = pattern[y].mean(1, keepdim=True).expand(-1, 3, -1, -1) + 0.1 * _rfm_torch.randn(len(y), 3, 32, 16,
+                                                                                             generator=g)
+    return x_v, x_r, y
+
+
+class TestRFMCollapse(unittest.TestCase):
+    def test_short_training_separates_identities(self):
+        """Finding 1 of the review: with L_tri and L_cc on the raw FC output and lambda = 3 the part features
+        collapse to one point. On the release's placement (unit BN output) a short training on a tiny world makes
+        same-identity part features clearly closer than other-identity ones."""
+        _rfm_torch.manual_seed(0)
+        settings = _rfm.Settings(**{**_rfm.SYNTHETIC, "height": 32, "width": 16, "parts": 2, "part_dim": 16})
+        model = _rfm.build(settings, 6)
+        opt = _rfm_torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9, weight_decay=5e-4)
+        for it in range(60):
+            x_v, x_r, y = _rfm_world(seed=it + 1)
+            loss, terms, _ = _rfm.objective(model, {"x_v": x_v, "x_r": x_r, "y_v": y, "y_r": y}, settings)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        x_v, x_r, y = _rfm_world(seed=1000)                            # batch statistics, as the losses see
+        with _rfm_torch.no_grad():
+            f, _, _ = model(x_v, x_r)
+        y2 = _rfm_torch.cat([y, y])
+        same = (y2[:, None] == y2[None, :]) & ~_rfm_torch.eye(len(y2), dtype=bool)
+        other = y2[:, None] != y2[None, :]
+        for f_k in f:
+            d = _rfm_torch.cdist(f_k, f_k)
+            self.assertLess(float(d[same].mean()), 0.7 * float(d[other].mean()))
+            self.assertGreater(float(d[other].mean()), 0.05 * float(f_k.norm(dim=1).mean()))  # not a point
+
+
+class TestRFMAlarm(unittest.TestCase):
+    def run_epoch(self, features, losses):
+        lines = []
+        run = _rfm_common.Run(_rfm_tempfile.mkdtemp(), "cpu", log=lines.append, log_every=1000)
+        run._phase, run._num_epochs, run._its, run._timer = "train", 1, len(losses), {"start": 0.0, "wait": 0.0,
+                                                                                      "images": 0}
+        for it, (feature, loss) in enumerate(zip(features, losses)):
+            run.watch("L_tri on part 1 m_k", feature, loss=loss, margin=0.3)
+            run.log(0, it, {"L": loss}, 0.1)
+        return [line for line in lines if "WARNING" in line]
+
+    def test_collapsing_configuration_warns(self):
+        """A deliberately collapsed configuration: the end state the review measured (finding 1), an FC part head
+        whose weight has shrunk to almost nothing, so every part feature is its bias plus a trace of the input
+        and batch-hard L_tri sits at its margin. The alarm must name the loss and the feature; both checks fire."""
+        _rfm_torch.manual_seed(0)
+        fc = _rfm_torch.nn.Linear(20, 16)
+        with _rfm_torch.no_grad():
+            fc.weight.mul_(1e-3)
+        y = _rfm_torch.arange(6).repeat_interleave(4)
+        features, losses = [], []
+        for it in range(20):
+            f = fc(_rfm_torch.randn(24, 20)).detach()
+            features.append(f)
+            losses.append(_rfm.L_tri_hard(f, y, 0.3))
+        warnings = self.run_epoch(features, losses)
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertTrue(all("L_tri on part 1 m_k" in w for w in warnings))
+        self.assertIn("margin", warnings[0])
+        self.assertIn("pairwise distance", warnings[1])
+
+    def test_healthy_features_are_quiet(self):
+        g = _rfm_torch.Generator().manual_seed(0)
+        features = [_rfm_torch.randn(24, 16, generator=g) for _ in range(10)]
+        self.assertEqual(self.run_epoch(features, [_rfm_torch.tensor(0.1)] * 10), [])
+        self.assertEqual(len(self.run_epoch([_rfm_torch.ones(24, 16)] * 10, [_rfm_torch.tensor(0.31)] * 10)), 2)
 
 
 class TestRFMSmoke(unittest.TestCase):

@@ -6,8 +6,9 @@ Implements:
   image are rescaled per channel by alpha = f_g / max(region) until the memory matrix M of cumulative factors
   reaches t_min somewhere. An image transform on both modalities, run as the data.Augment `extra` hook on the
   float [0, 1] batch: Alg. 1's loop per image, each rectangle's update vectorised over channels and pixels.
-  f_g: Beta(0.5, 0.5), Beta(0.3, 0.3), uniform, or the constant 0 (random erasing as a special case: one black
-  rectangle), Table III.
+  f_g: Beta(0.5, 0.5), Beta(0.3, 0.3), uniform, or the constant 0, Table III. `constant` is one black rectangle
+  (pixel 0 before normalisation) of Alg. 1's size, NOT random erasing [31] (mean-colour fill, corner-inside
+  sampler): Table III's "Random Erasing" row is `--ltg false --erasing 0.5` (data.Augment's random erasing).
 - Sec. IV-A: a single-path ResNet up to Residual-Block 3 (torchvision layer3, last stride 1) gives F; PCB cuts
   the (attended) F into K horizontal stripes, each average pooled, reduced by a fully connected layer and classified.
 - Eq. (7), the modality-aware spatial attention (MAM, Sec. IV-D): modality-specific copies f_m of Residual-Block 4
@@ -17,30 +18,43 @@ Implements:
   L_tri with online hard mining (batch hard) [34]; Eq. (8) L_cls = L_id + L_tri + lambda L_cc for every part;
   Eq. (9) L = L_id^v + L_id^n + sum_k L_cls^k, with L_id^v / L_id^n on the pooled Residual-Block 4 features.
 - Ablations from the command line: Table II (--ltg, --center cross|none, --attention mam|none), Table III
-  (--f-g), Table IV (--center center|hetero|cross), Table V (--attention none|spatial|mam).
+  (--f-g; its RE row: --ltg false --erasing 0.5), Table IV (--center center|hetero|cross), Table V
+  (--attention none|spatial|mam). Table II's baseline (--ltg false --center none --attention none) reads the
+  paper's "PCB baseline" as PCB on the Residual-Block 3 map of Fig. 4, so it has NO layer4 at all (resnet18 at the
+  SYNTHETIC recipe: 2.8 M parameters against 19.6 M with MAM, whose two layer4 copies train from scratch on CPU);
+  the +MAM rows mix attention with that capacity. The PCB-on-layer4 reading (PCB [29]) is not implemented yet.
+  Table IV's `center` is a batch-centre variant of Eq. (5) (centres = mini-batch class means), not the learned
+  centres of [32].
 - Pictures (figures): LTG samples under their inputs (Fig. 9) and attention maps over test images (Fig. 10).
 
 Readings where the paper is ambiguous or silent:
 - Alg. 1 writes W_r = S_r / r_r, which is not a length; we use W_r = sqrt(S_r / r_r) (H_r W_r = S_r, H_r / W_r =
   r_r), as random erasing [31], whose parameters the LTG takes. Corners are integer pixels, uniform in the image;
-  a rectangle that leaves the image is redrawn (area, aspect and corner together), exactly as Alg. 1's loop.
+  a rectangle that leaves the image is redrawn (area, aspect and corner together), exactly as Alg. 1's loop. The
+  release keeps a size that fits and then draws the corner inside (random_erasing.py:88-93), which favours larger
+  rectangles: mean area 0.152 (here) against 0.203 (release) of the image (review, finding 12).
 - f_g is drawn per channel (Alg. 1 calls f_g inside the channel loop). Alg. 1 bounds the image by 1
   (alpha_max = 1 / max), so a rescaled region's maximum is f_g <= 1: outputs stay in [0, 1], but can exceed the
   input's own maximum when that is below 1.
 - F_att of Sec. IV-A (the map that PCB cuts) is read as F^m (.) F_att^m, the stage-3 map weighted by Eq. (7).
 - Eq. (5)-(6) centres are the class (per modality) means of the mini-batch features, gradients flowing through
   them; D is the Euclidean distance (Sec. IV-C), not its square; both losses are divided by the batch size N
-  (Sec. V-D says center and cross-center loss are normalised so). Seen here from scratch on the synthetic world:
-  with lambda = 3 the plain distance pulls the part features to a point (L_tri stays near K x margin), and the
-  squared distance of the center loss [32] diverges to NaN within ten iterations at the CPU recipe's lr. The
+  (Sec. V-D says center and cross-center loss are normalised so); `--cc-distance squared-unit` is the release's
+  form. Before issue 15 the metric losses sat on the raw FC output and, with lambda = 3, collapsed every part
+  feature to a point (review finding 1: L_tri at K x margin, same-id = other-id distance); they now sit on the
+  L2-normalised BN output as in the release, and the training log warns (common.Run.watch) if L_tri stays at
+  its margin for an epoch or the features' pairwise distance falls below 5 % of their norm. The
   hetero-center loss is the one of [33]: squared distance of the two modality centres, summed over the
   identities (its 'default' in Table IV; HC-Loss*(3.0) = --lam 3/N).
-- Each part is reduced by a fully connected layer Linear(C, part_dim); L_tri and the centre loss act on its output
-  f_k ("we attach the constraints after a fully connected layer", Sec. IV-A). Test feature: the K BNNeck part
-  features (below), each L2-normalised, concatenated and L2-normalised.
+- Each part is reduced by a fully connected layer ("we attach the constraints after a fully connected layer",
+  Sec. IV-A); the paper says nothing of normalisation, so the head is the release's ClassBlock: Linear(C, 512) ->
+  BN; m_k = L2-normalised BN output feeds L_tri, the centre loss and the test feature; Dropout(0.5) -> Linear
+  gives L_id (model.py:101-141). Test feature: the K m_k concatenated and L2-normalised; `flip_test` adds the
+  mirror's (release test.py:109-119; off by default, as the paper does not say).
 - Not stated: epochs (80: the decays at 40 and 70 and the DDAG schedule [21] the paper follows), SGD momentum
-  0.9, weight decay 5e-4, triplet margin 0.3, part_dim 256, and pad 10 + random crop (the community pipeline;
-  Sec. V-A names flipping). No random erasing: the LTG takes its place (Table III).
+  0.9, weight decay 5e-4, triplet margin 0.3; from the release where the paper is silent: Nesterov, backbone and
+  layer4 copies at 0.1 x lr, no pad, random erasing p = 0.5 AFTER the LTG (the release applies both,
+  train.py:106-107; Table III compares augmentations, it does not drop RE).
 
 Deviations:
 - Alg. 1 loops until min(M) <= t_min with no bound; here an image gets at most `ltg_max_rects` rectangles (50:
@@ -52,6 +66,22 @@ Deviations:
   the synthetic world).
 - With images too small for 12 stripes on the stage-3 map (CPU recipes), K is a setting and must not exceed the
   map's height; resnet18/34 are allowed for CPU runs (the paper uses ResNet-50).
+- The global L_id^v / L_id^n heads are a BNNeck + FC; the release uses ClassBlock(2048 -> 512, BN, Dropout, FC).
+
+Released code differs (stone96123/RFM at 4d0c685; `--recipe release` sets the release column):
+| setting | paper value | release value | released file:line |
+|---|---|---|---|
+| LTG t_min | 1e-6 (Sec. V-A) | 1e-2 (about 3 rectangles per image, not 14) | train.py:106 |
+| LTG attempts | loop until t_min | 100 attempts | random_erasing.py:82,113 |
+| LTG rectangle | Alg. 1 (corner uniform, reject) | size that fits, corner inside | random_erasing.py:88-93 |
+| random erasing | not stated | p = 0.5 after the LTG | train.py:107 |
+| cc_distance | "euclidean", (1/2) sum D / N | "squared-unit": mean squared, no 1/2 | cross_center_loss.py:13,33-36 |
+| lr groups | "lr 0.03" | backbone + layer4 copies 0.003, heads 0.03, Nesterov | train.py:192-204 |
+| schedule | x0.1 at 40, 70; 80 epochs (assumed) | x0.1 at 30, 60; 101 epochs | train.py:208-216,362 |
+| model selection | (final epoch here) | best on the test set, every epoch | train.py:384-412 |
+| part head | "a fully connected layer" | 512-d, BN, Dropout 0.5, own init | model.py:23-40,101-122 |
+| test flip | not stated | image + mirror summed | test.py:109-119 |
+| pad / crop | not stated (flip) | none (crop of pre-resized images) | train.py:103 |
 """
 import copy
 from dataclasses import dataclass
@@ -60,14 +90,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import data
 from methods import common
 
-F_G = ("beta0.5", "beta0.3", "uniform", "constant")   # Table III's f_g; constant = 0 (random-erasing-like)
-CENTERS = ("cross", "center", "hetero", "none")        # Table IV (and Table II's CC on/off)
-ATTENTIONS = ("mam", "spatial", "none")                # Table V (and Table II's MAM on/off)
 
 
 @dataclass
@@ -84,10 +111,20 @@ class Settings:
     warmup: int = 0                      # Sec. V-A: no warm-up stated
     momentum: float = 0.9                # not stated; the community value [21]
     weight_decay: float = 5e-4           # not stated; the community value [21]
-    pad: int = 10                        # not stated (Sec. V-A: flipping); the community pad 10 + random crop
-    erasing: float = 0.0                 # Sec. V-A: no random erasing (the LTG replaces it, Table III)
+    nesterov: bool = True                # not stated; release: SGD(nesterov=True), stone96123/RFM train.py:192-204
+    backbone_lr_mult: float = 0.1        # "lr initiated from 0.03" is ambiguous; release: backbone and both
+                                         #   layer4 copies at 0.1 x lr, heads at lr (train.py:192-204)
+    pad: int = 0                         # not stated (Sec. V-A: flipping); release: no pad, RandomCrop on
+                                         #   pre-resized images is the identity (train.py:103)
+    erasing: float = 0.5                 # not stated; release: RandomErasing(0.5) after the LTG (train.py:106-107)
     parts: int = 12                      # Sec. V-C: PCB with K = 12 parts
-    part_dim: int = 256                  # Sec. IV-A: a fully connected layer reduces each part; 256 as PCB [29]
+    part_dim: int = 512                  # Sec. IV-A: a fully connected layer reduces each part; release:
+                                         #   ClassBlock Linear(1024, 512) -> BN (model.py:101-107)
+    part_dropout: float = 0.5            # not stated; release: Dropout(0.5) before each part classifier
+                                         #   (model.py:106)
+    cc_distance: str = "euclidean"       # Sec. IV-C: D is the Euclidean distance (1/2, / N); release:
+                                         #   "squared-unit", mean squared distance (cross_center_loss.py:13,33-36)
+    flip_test: bool = False              # not stated; release: features of image + mirror summed (test.py:109-119)
     margin: float = 0.3                  # not stated for L_tri [34]; the community value
     lam: float = 3.0                     # Sec. V-A, Fig. 8: lambda = 3 in Eq. (8)
     center: str = "cross"                # Table IV: cross (Eq. 6) | center (Eq. 5) | hetero ([33]) | none
@@ -97,15 +134,49 @@ class Settings:
     ltg_area: tuple = (0.02, 0.4)        # Sec. V-A: s_min, s_max (fraction of the image area)
     ltg_aspect: tuple = (0.3, 3.33)      # Sec. V-A: r_min = 1 / r_max = 0.3
     f_g: str = "beta0.5"                 # Sec. IV-B, Table III: beta0.5 | beta0.3 | uniform | constant
-    t_min: float = 1e-6                  # Sec. V-A: t_min = 1e-6
+    t_min: float = 1e-6                  # Sec. V-A: t_min = 1e-6; release: 1e-2 (train.py:106)
     ltg_max_rects: int = 50              # Deviation: Alg. 1's loop has no bound
 
 
+CHOICES = {"f_g": ("beta0.5", "beta0.3", "uniform", "constant"), "center": ("cross", "center", "hetero", "none"),
+           "attention": ("mam", "spatial", "none"), "cc_distance": ("euclidean", "squared-unit")}
+
+# The values with which the authors' release (stone96123/RFM at 4d0c685) runs.
+RELEASE = dict(
+    epochs=101,                  # train.py:362 `for epoch in range(start_epoch, 101)`
+    milestones=(30, 60),         # train.py:208-216 adjust_learning_rate: x0.1 at 30 and 60
+    lr=0.03,                     # train.py:192-204 heads at args.lr (0.03, train.py args)
+    backbone_lr_mult=0.1,        # train.py:192-204 backbone and both layer4 copies at 0.1 * args.lr
+    nesterov=True,               # train.py:192-204 optim.SGD(..., nesterov=True)
+    momentum=0.9,                # train.py:192-204
+    weight_decay=5e-4,           # train.py:192-204
+    pad=0,                       # train.py:103 RandomCrop((384,192)) on images pre-resized to 384x192
+    erasing=0.5,                 # train.py:107 RandomErasing(probability=0.5) after RandomLinear
+    t_min=1e-2,                  # train.py:106 RandomLinear(probability=0.5, min_out=1e-2)
+    ltg_p=0.5,                   # train.py:106
+    part_dim=512,                # model.py:101 num_bottleneck=512
+    part_dropout=0.5,            # model.py:106 nn.Dropout(p=0.5)
+    cc_distance="squared-unit",  # cross_center_loss.py:13 MSELoss(reduction='sum'); :33-36 mean per sample
+    margin=0.3,                  # loss.py:9-54 TripletLoss(margin=0.3)
+    lam=3.0,                     # train.py:271-272 loss weight 3 on the cross-center loss
+    flip_test=True,              # test.py:109-119 features of the image and its mirror summed
+    P=7, K=8,                    # train.py:35-42 batch 7 ids x (8 + 8)
+)
+
+
 # CPU recipe for the built-in synthetic world: resnet18 from scratch at 128 x 64 (stage-3 map 8 x 4: 4 stripes).
+# The values below pad..part_dropout keep the recipe as it was before the paper/release defaults changed; to be
+# chosen on --split val (issue 15).
 SYNTHETIC = dict(arch="resnet18", pretrained="none", height=128, width=64, epochs=14, P=8, K=4, lr=0.05,
-                 warmup=2, milestones=(9, 12), parts=4, part_dim=128)
+                 warmup=2, milestones=(9, 12), parts=4, part_dim=128, pad=10, erasing=0.0, nesterov=False,
+                 backbone_lr_mult=1.0, part_dropout=0.0)
 SMOKE = dict(arch="resnet18", pretrained="none", height=64, width=32, epochs=1, P=4, K=2, milestones=(),
              parts=2, part_dim=32)
+
+
+F_G = CHOICES["f_g"]                # Table III's f_g; constant = 0 (a black rectangle, not random erasing)
+CENTERS = CHOICES["center"]         # Table IV (and Table II's CC on/off)
+ATTENTIONS = CHOICES["attention"]   # Table V (and Table II's MAM on/off)
 
 
 # ---------------------------------------------------------------- Alg. 1: linear transformation generator
@@ -220,6 +291,19 @@ def classifier(dim, num_classes):
     return nn.Sequential(bn, nn.Linear(dim, num_classes, bias=False))
 
 
+def part_head(c, dim, dropout, num_classes):
+    """One part's head as the release's ClassBlock (stone96123/RFM model.py:101-122): Linear(c, dim) -> BN, whose
+    output m_k, L2-normalised, is what L_tri, the centre loss and the test feature see; Dropout -> Linear for L_id.
+    Init as model.py:23-40: Kaiming fan_out FC, BN weight N(1, 0.01), classifier N(0, 0.001), zero biases."""
+    fc, bn, cls = nn.Linear(c, dim), nn.BatchNorm1d(dim), nn.Linear(dim, num_classes)
+    nn.init.kaiming_normal_(fc.weight, mode="fan_out")
+    nn.init.normal_(bn.weight, 1.0, 0.01)
+    nn.init.normal_(cls.weight, 0.0, 0.001)
+    for b in (fc.bias, bn.bias, cls.bias):
+        nn.init.zeros_(b)
+    return nn.Sequential(fc, bn), nn.Sequential(nn.Dropout(dropout), cls)
+
+
 class RFM(nn.Module):
     def __init__(self, settings, num_classes):
         super().__init__()
@@ -234,8 +318,10 @@ class RFM(nn.Module):
         elif self.attention == "spatial":
             self.spatial = SpatialAttention()
         self.parts = settings.parts
-        self.reduce = nn.ModuleList(nn.Linear(c[2], settings.part_dim) for _ in range(settings.parts))
-        self.classifiers = nn.ModuleList(classifier(settings.part_dim, num_classes) for _ in range(settings.parts))
+        heads = [part_head(c[2], settings.part_dim, settings.part_dropout, num_classes) for _ in range(settings.parts)]
+        self.reduce = nn.ModuleList(h[0] for h in heads)           # FC -> BN per part
+        self.classifiers = nn.ModuleList(h[1] for h in heads)      # Dropout -> FC per part
+        self.flip_test = settings.flip_test
 
     def attend(self, F_m, modality):
         """F^m (B, C3, h, w) of one modality -> attention map (B, 1, h, w), high-level feature f_m(F^m) or None."""
@@ -247,19 +333,22 @@ class RFM(nn.Module):
         return torch.ones_like(F_m[:, :1]), None
 
     def part_features(self, F_att):
-        """PCB: (B, C3, h, w) -> K part features f_k (B, part_dim): K stripes, average pooled, reduced by FC."""
+        """PCB: (B, C3, h, w) -> K part features (B, part_dim): K stripes, average pooled, FC then BN (the release's
+        placement, model.py:104-122; the paper says only "after a fully connected layer")."""
         V = F.adaptive_avg_pool2d(F_att, (self.parts, 1)).flatten(2)           # (B, C3, K): V_1..V_K
-        return [reduce(V[:, :, k]) for k, reduce in enumerate(self.reduce)]
+        return [reduce(V[:, :, k]) for k, reduce in enumerate(self.reduce)]    # BN(FC(V_k)), (B, part_dim) each
 
     def forward(self, x_v, x_r):
-        """Training forward, x_v and x_r (B, 3, H, W) -> K part features (2B, d) (visible first), K part logits
-        (2B, classes), and the high-level logits (B, classes) of each modality (None without MAM)."""
+        """Training forward, x_v and x_r (B, 3, H, W) -> K unit part features m_k (2B, d) (visible first; what the
+        metric losses see), K part logits (2B, classes), and the high-level logits (B, classes) of each modality
+        (None without MAM)."""
         B = x_v.shape[0]
         F_vr = self.backbone(torch.cat([x_v, x_r]))                            # (2B, C3, h, w): F
         A_v, high_v = self.attend(F_vr[:B], "v")
         A_n, high_n = self.attend(F_vr[B:], "r")
-        f = self.part_features(F_vr * torch.cat([A_v, A_n]))                   # F_att = F (.) attention
-        logits = [classify(f_k) for classify, f_k in zip(self.classifiers, f)]
+        h = self.part_features(F_vr * torch.cat([A_v, A_n]))                   # F_att = F (.) attention
+        logits = [classify(h_k) for classify, h_k in zip(self.classifiers, h)]
+        f = [F.normalize(h_k, dim=1) for h_k in h]                             # release model.py:141 l2norm
         high = None if high_v is None else (self.id_v(high_v.mean((2, 3))), self.id_n(high_n.mean((2, 3))))
         return f, logits, high
 
@@ -305,12 +394,16 @@ def L_c(f, y):
     return 0.5 * D(f, c[torch.searchsorted(ids, y)]).sum() / len(y)   # Eq. (5)
 
 
-def L_cc(f_v, y_v, f_n, y_n):
-    """Eq. (6), cross-center loss: each visible feature to the NIR centre of its class and vice versa; / N."""
+def L_cc(f_v, y_v, f_n, y_n, distance="euclidean"):
+    """Eq. (6), cross-center loss: each visible feature to the NIR centre of its class and vice versa.
+    "euclidean" (the paper): (1/2) sum D / N.  "squared-unit" (release cross_center_loss.py:13,33-36): the mean over
+    the samples of the squared distance, no 1/2 (on the unit features the release feeds it)."""
     ids = check_both_modalities(y_v, y_n)
     c_v, c_n = class_centres(f_v, y_v, ids), class_centres(f_n, y_n, ids)   # (U, d) each
     to_n = D(f_v, c_n[torch.searchsorted(ids, y_v)])                  # (N_v,) D(f(I_i^v), c_{y_i^n})
     to_v = D(f_n, c_v[torch.searchsorted(ids, y_n)])                  # (N_n,) D(f(I_i^n), c_{y_i^v})
+    if distance == "squared-unit":                                    # Released code differs: squared, mean
+        return torch.cat([to_n, to_v]).pow(2).mean()
     return 0.5 * (to_n.sum() + to_v.sum()) / (len(y_v) + len(y_n))   # Eq. (6)
 
 
@@ -320,11 +413,11 @@ def L_hc(f_v, y_v, f_n, y_n):
     return (class_centres(f_v, y_v, ids) - class_centres(f_n, y_n, ids)).pow(2).sum()
 
 
-def center_term(kind, f, y_v, y_n):
+def center_term(kind, f, y_v, y_n, distance="euclidean"):
     """The lambda-weighted term of Eq. (8) for one part: f (2B, d) visible first."""
     B = len(y_v)
     if kind == "cross":
-        return L_cc(f[:B], y_v, f[B:], y_n)
+        return L_cc(f[:B], y_v, f[B:], y_n, distance)
     if kind == "center":
         return L_c(f, torch.cat([y_v, y_n]))
     return L_hc(f[:B], y_v, f[B:], y_n)
@@ -337,6 +430,9 @@ def check(settings):
         raise common.UserError(f"--center {settings.center!r}: choose one of {', '.join(CENTERS)}")
     if settings.attention not in ATTENTIONS:
         raise common.UserError(f"--attention {settings.attention!r}: choose one of {', '.join(ATTENTIONS)}")
+    if settings.cc_distance not in CHOICES["cc_distance"]:
+        raise common.UserError(f"--cc-distance {settings.cc_distance!r}: choose one of "
+                               f"{', '.join(CHOICES['cc_distance'])}")
     rows = stage3_height(settings.height)
     if not 1 <= settings.parts <= rows:
         raise common.UserError(f"--parts {settings.parts}: the Residual-Block 3 map of a {settings.height}-pixel "
@@ -349,7 +445,8 @@ def make_ltg(settings):
 
 
 def objective(model, batch, settings):
-    """Eq. (9) on one batch -> (L, {loss term name: value}). K-part sums of Eq. (8)'s terms, then L_id^v, L_id^n."""
+    """Eq. (9) on one batch -> (L, {loss term name: value}, the K unit part features m_k (2B, d) for the collapse
+    alarm). K-part sums of Eq. (8)'s terms, then L_id^v, L_id^n."""
     y_v, y_n = batch["y_v"], batch["y_r"]
     y = torch.cat([y_v, y_n])                                         # (2B,) visible first, then infrared
     f, logits, high = model(batch["x_v"], batch["x_r"])
@@ -359,13 +456,13 @@ def objective(model, batch, settings):
     loss = terms["L_id"] + terms["L_tri"]
     if settings.center != "none":
         name = {"cross": "L_cc", "center": "L_c", "hetero": "L_hc"}[settings.center]
-        terms[name] = sum(center_term(settings.center, f_k, y_v, y_n) for f_k in f)
+        terms[name] = sum(center_term(settings.center, f_k, y_v, y_n, settings.cc_distance) for f_k in f)
         loss = loss + settings.lam * terms[name]                      # Eq. (8), summed over the K parts
     if high is not None:
         terms["L_id^v"] = F.cross_entropy(high[0].float(), y_v)
         terms["L_id^n"] = F.cross_entropy(high[1].float(), y_n)
         loss = loss + terms["L_id^v"] + terms["L_id^n"]              # Eq. (9)
-    return loss, terms
+    return loss, terms, f
 
 
 def train(settings, trainset, run):
@@ -374,8 +471,12 @@ def train(settings, trainset, run):
     model = build(settings, trainset.num_classes).to(run.device)
     augment = data.Augment(settings.height, settings.width, pad=settings.pad, erasing=settings.erasing, extra=ltg)
     loader = data.train_loader(trainset, settings.P, settings.K, run.seed, augment, workers=run.workers)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
+    slow = [model.backbone] + ([model.f_v, model.f_n] if settings.attention == "mam" else [])
+    slow_ids = {id(p) for m in slow for p in m.parameters()}
+    groups = [{"params": [p for m in slow for p in m.parameters()], "lr": settings.backbone_lr_mult * settings.lr},
+              {"params": [p for p in model.parameters() if id(p) not in slow_ids], "lr": settings.lr}]
+    optimizer = torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum,  # release train.py:192-204
+                                weight_decay=settings.weight_decay, nesterov=settings.nesterov)
     schedule = common.WarmupMultiStep(optimizer, settings.milestones, warmup=settings.warmup)
     for epoch in run.epochs("train", settings.epochs, model=model, optimizer=optimizer, schedule=schedule,
                             loader=loader):
@@ -383,23 +484,30 @@ def train(settings, trainset, run):
         model.train()
         for it, batch in run.batches(loader, epoch):
             with run.autocast():
-                loss, terms = objective(model, batch, settings)
+                loss, terms, f = objective(model, batch, settings)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            y = torch.cat([batch["y_v"], batch["y_r"]])
+            for k, m_k in enumerate(f):                                # collapse alarm per part (issue 15)
+                run.watch(f"L_tri on part {k + 1} m_k", m_k, loss=L_tri_hard(m_k.detach(), y, settings.margin),
+                          margin=settings.margin)
             run.log(epoch, it, {"L": loss.detach(), **{k: v.detach() for k, v in terms.items()}},
-                    optimizer.param_groups[0]["lr"])
+                    optimizer.param_groups[-1]["lr"])
     return model
 
 
 @torch.no_grad()
 def extract(model, x, modality):
-    """Test feature: the K BNNeck part features, each L2-normalised, concatenated, L2-normalised: (B, K part_dim)."""
-    F_m = model.backbone(x)
-    A, _ = model.attend(F_m, modality)
-    f = model.part_features(F_m * A)
-    parts = [F.normalize(classify[0](f_k), dim=1) for classify, f_k in zip(model.classifiers, f)]
-    return F.normalize(torch.cat(parts, 1), dim=1)
+    """Test feature: the K BN part features, each L2-normalised, concatenated, L2-normalised: (B, K part_dim).
+    With flip_test (release test.py:109-119) the concatenations of the image and its mirror are summed first."""
+    def parts(x):
+        F_m = model.backbone(x)
+        A, _ = model.attend(F_m, modality)
+        return torch.cat([F.normalize(h_k, dim=1) for h_k in model.part_features(F_m * A)], 1)
+
+    e = parts(x) + parts(x.flip(3)) if model.flip_test else parts(x)
+    return F.normalize(e, dim=1)
 
 
 # ---------------------------------------------------------------- pictures (Fig. 9, Fig. 10)
@@ -413,13 +521,18 @@ def heat(maps, size):
     return (255 * rgb).astype(np.uint8)
 
 
-def grid(rows):
-    """A list of rows, each a list of (H, W, 3) uint8 images of one size -> one PIL image with 2-pixel gaps."""
+def grid(rows, labels=None, label_width=120):
+    """A list of rows, each a list of (H, W, 3) uint8 images of one size -> one PIL image with 2-pixel gaps; with
+    labels (one text per row, lines split by newlines) a white column on the left names each row."""
     h, w = rows[0][0].shape[:2]
-    canvas = Image.new("RGB", (max(len(r) for r in rows) * (w + 2), len(rows) * (h + 2)), "white")
+    left = label_width if labels else 0
+    canvas = Image.new("RGB", (left + max(len(r) for r in rows) * (w + 2), len(rows) * (h + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
     for i, row in enumerate(rows):
+        if labels:
+            draw.multiline_text((2, i * (h + 2) + 2), labels[i], fill="black")
         for j, image in enumerate(row):
-            canvas.paste(Image.fromarray(image), (j * (w + 2), i * (h + 2)))
+            canvas.paste(Image.fromarray(image), (left + j * (w + 2), i * (h + 2)))
     return canvas
 
 
@@ -438,7 +551,7 @@ def figures(model, settings, trainset, testset, out, n=8):
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     x_star, _, _ = ltg.transform(x, np.random.default_rng(0))
     after = (x_star.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    grid([list(images), list(after)]).save(out / "ltg.png")
+    grid([list(images), list(after)], ["training\nimages", "LTG output\n(p = 1)"]).save(out / "ltg.png")
     if settings.attention == "none":
         return
     model.eval()
@@ -452,4 +565,7 @@ def figures(model, settings, trainset, testset, out, n=8):
         rows[0] += list(shown)
         for row, m in zip(rows[1:], maps):
             row += list((0.5 * shown + 0.5 * heat(m, shown.shape[1:3])).astype(np.uint8))
-    grid(rows).save(out / "attention.png")
+    branch = {"mam": "MAM: f_v on visible,\nf_n on infrared", "spatial": "CBAM spatial,\nshared"}[settings.attention]
+    labels = [f"input: {n // 2} visible,\nthen {n // 2} infrared", "mean_c F\n(stage-3 map)",
+              f"attention A\n{branch}", "mean_c F (.) A\n(what PCB cuts)"]
+    grid(rows, labels).save(out / "attention.png")
