@@ -9,31 +9,48 @@ Implements
   alternating alpha steps on L_val and weight steps on L_train; the discrete architecture is the argmax per layer;
 - the genotype in the notation of Fig. 4 (one bit per BN layer, grouped by stage and block, '0' separate,
   '1' shared; in a stage's first block the downsample BN comes first, as in the authors' released loader), written
-  to OUT/genotype.txt with each layer's probabilities; the two architectures of Fig. 4 are built in;
+  to OUT/genotype.txt with each layer's probabilities; the two architectures of Fig. 4 are built in. The paper
+  fixes only the grouping; the order inside a block matters only for the s3_1 groups (SYSU "0001", RegDB "1100",
+  every other group is all 0 or all 1), and the authors' own config.cfg (53 space-separated ints) loads unchanged;
 - the objective (Eq. 4-10): L_CMMD with k(x, y) = (x . y)^2 per class (Eq. 4), the correlation consistency L_CC
   of row-normalised Gram matrices (Eq. 5-8), L_C3MMD (Eq. 9) and L_train = L_basic + L_C3MMD (Eq. 10),
-  L_basic = L_cls + L_triplet; L_val has the same form;
+  L_basic = L_cls + L_triplet; L_val has the same form (`--val-cls false`: without L_cls, see below);
 - phase 2: retraining the derived (or a given) architecture on the whole training set (Sec. 4.1);
 - the Table 1 ablations: --network one-stream | one-stream-in | two-stream | two-stream-in | two-stream-bn,
   --c3mmd both | search | retrain | none, --lambdas 0 5 (w/o CMMD), --lambdas 0.05 0 (w/o CC),
-  --class-specific false (CMMD -> MMD).
+  --class-specific false (CMMD -> MMD). `--c3mmd` defaults to both, so the baseline rows without C3MMD need an
+  explicit `--c3mmd none`. Table 1's Auto-ReID [30] row is not provided (a different search space, no code here).
 
-Choices where the paper is silent (taken from the authors' released training code where it exists):
+Readings and choices where the paper is silent:
 - Head: last stride 1, average pooling, BNNeck (bias frozen) and a bias-free classifier; L_cls on the BN
   feature, L_triplet (batch-hard, margin 0.4) on the pooled feature, L_C3MMD on the BN feature; test feature =
-  the L2-normalised BN feature. The released code averages four batch-hard terms (v-v, r-r, v-r, r-v); here
-  one batch-hard term mines over the whole two-modality batch.
+  the L2-normalised BN feature (all as the released code).
 - Architecture optimiser: first-order alternation as in DARTS [25] (Alg. 1 order: alpha step on a validation
   batch, then weight step on a training batch), Adam lr 3e-4, betas (0.5, 0.999), weight decay 1e-3, alpha = 0
-  at the start (p = 0.5 each). Validation batches are drawn in a cycle over the validation split.
-- Search length: the Sec. 4.1 recipe (120 epochs) on the search-train split. Phase 2 starts again from ImageNet.
-- L_val's L_cls uses the one classifier over all training identities (labels stay global): rows of validation
-  identities are trained only as negatives during the weight steps, so L_val's L_cls grows during the search;
-  alpha still gets the identity-agnostic L_triplet and L_C3MMD signal of the unseen identities.
+  at the start (p = 0.5 each). Validation batches are drawn in a cycle over the validation split. Alpha steps run
+  in train mode, so they also move the BN running statistics with validation images (as DARTS does); only a
+  `--phase search` supernet evaluation sees this, phase 2 starts again from ImageNet.
+- Search length: the Sec. 4.1 recipe (120 epochs) on the search-train split. No search code was released.
+- L_val (`val_cls`, default true = the paper's "same form as the training loss"): its L_cls uses the one
+  classifier over all training identities (labels stay global), whose rows of the validation identities are
+  trained only as negatives during the weight steps, so that term carries no identity information and grows
+  during the search; it also dominates L_val (at initialisation, measured by the review on one alpha half-step:
+  L_cls 1.95, L_triplet 3.22 against 0.05 L_CMMD 0.053 and 5 L_CC 0.005). `--val-cls false` drops it
+  (a deviation: L_val = L_triplet + L_C3MMD, identity-agnostic). Which genotypes each finds, and how stable they
+  are across seeds, is not measured yet (README); the default stays the paper's reading until it is.
 - Separate BNs and IN layers start from the (pretrained) BN they replace. IN = affine InstanceNorm2d, which
   normalises with instance statistics at test time too. The two-stream baselines separate the paper's stages 1-2:
   stem and layer1.
-- No EMA of the weights: the paper does not mention one (the released SYSU script averages with decay 0.997).
+- EMA (`ema_decay`, default 0 = none, as the paper): the released retraining keeps an exponential moving average
+  of the whole state (weights and BN running statistics), updated after every weight step, with decay 0.997 on
+  SYSU and 0.968 on RegDB, and copies it back into the training model after every `test_freq` epochs (2 on SYSU,
+  10 on RegDB); the published numbers are then those of the raw weights of the last epoch (its test scripts load
+  checkpoint['model'], `--ema` commented out). So the EMA periodically resets the training trajectory; it is not
+  an averaged model for evaluation. `--ema-decay D --ema-every E` does the same in phase 2 (and in the one-phase
+  baselines, whose released script train_base.py sets 0); the last epoch keeps its raw weights.
+- `--amp`: the backbone runs under bf16 autocast, but its output is cast to float32 before pooling and the BNNeck
+  runs outside autocast, so L_CMMD and L_CC (of order 1e-3 to 1e-2) see float32 features (bf16 rounding of the
+  feature map itself, about 4e-3 relative per element, remains; the released code has no AMP).
 
 Deviations:
 - L_CMMD is the SQUARED MMD (biased estimate) on L2-normalised features, averaged over the identities of the
@@ -42,8 +59,34 @@ Deviations:
   the released code's lambda1 = 0.05 goes with the square.
 - lambda1 (CMMD) = 0.05 and lambda2 (CC) = 5.0, the best values of the parameter analysis (Fig. 5) and of the
   released code; Sec. 4.1 prints them swapped (5.0, 0.05): `--lambdas 5.0 0.05`.
-- The backbone learns at 0.1 x lr (0.001) and the lr warms up linearly over 10 epochs (from 0.1 x, the project's
-  WarmupMultiStep; the released code warms up from 0.01 x); Sec. 4.1 states only lr 0.01, /10 at epochs 40, 70.
+- The backbone learns at 0.1 x lr (0.001) and the lr warms up linearly over 10 epochs (released code); Sec. 4.1
+  states only lr 0.01, /10 at epochs 40, 70. The warm-up is the project's WarmupMultiStep ((e + 1) / 10 x lr);
+  `--warmup-form release` gives the release's (0.01 + 0.99 e / 10) x lr.
+- From the release, where the paper is silent (each one flag, `--recipe release` sets the release's form):
+  L_triplet is one batch-hard term mining over the whole two-modality batch (`--triplet joint`; it mostly picks
+  cross-modal hardest positives), the release averages four batch-hard terms v-v, r-r, v-r, r-v
+  (`--triplet four-term`); the BNNeck and classifier keep PyTorch's initialisation (BN weight 1, Linear
+  U(+-1/sqrt(C)), std 0.013 for C = 2048), the release draws BN weight ~ N(1, 0.01) and classifier ~ N(0, 0.001)
+  (`--head-init release`); a batch holds 8 identities (Sec. 4.1), the release 16 (`--P 16`); images of an
+  identity are drawn without replacement (`--sampler community`: with replacement, as the release).
+- Data pipeline (data.py, not switchable here): random erasing writes 0 into the normalised tensor; the release's
+  RandomErasing writes 0.485 / 0.456 / 0.406 into the normalised tensor (utils/utils.py:110-112,
+  train_eval.py:98).
+
+Released code differs (JDAI-CV/CM-NAS at bbc77f4, phase 2 only: train_eval.py; `--recipe release` sets these):
+
+| setting | paper (default) | release | released file:line |
+|---|---|---|---|
+| P (identities per batch) | 8 (Sec. 4.1), 32 + 32 images | 16, 64 + 64 images, 348 iterations per SYSU epoch | train_sysu.sh:39-41, utils/utils.py:131-136, train_eval.py:216-217 |
+| sampler | without-replacement | community: images with replacement, int(N / 64) + 1 batches | utils/utils.py:131-136 |
+| ema_decay | 0 (no EMA) | 0.997 SYSU, 0.968 RegDB (RELEASE_REGDB) | train_sysu.sh:52, train_regdb.sh:70, train_eval.py:164-166, 303 |
+| ema_every | (unused) | EMA copied into the model every 2 (SYSU) / 10 (RegDB) epochs | train_sysu.sh:37, train_regdb.sh:55, train_eval.py:230, 245-246 |
+| triplet | joint: one batch-hard term | four-term: mean of v-v, r-r, v-r, r-v | train_eval.py:285-288 |
+| head_init | pytorch | release: BNNeck N(1, 0.01), classifier N(0, 0.001) | models/model_eval_op.py:273-274, models/utils.py:5-25 |
+| warmup_form | project: (e + 1) / 10 | release: 0.01 + 0.99 e / 10 | train_eval.py:42-43, 189, utils/lr_scheduler.py:25-35 |
+| phase / genotype | search, then retrain | retrain only, from config.cfg (= Fig. 4): `--phase retrain --genotype paper-sysu` | train_eval.py:155-159 |
+| erasing fill | 0 in the normalised tensor | ImageNet mean values in the normalised tensor (not reproduced) | utils/utils.py:110-112, train_eval.py:98 |
+| evaluated weights | final epoch | raw weights of the last epoch (checkpoint['model']) | train_eval.py:238-246, test.py:124-127 |
 """
 import copy
 import itertools
@@ -67,26 +110,65 @@ class Settings:
     width: int = 128
     epochs: int = 120                    # Sec. 4.1: training finishes at the 120th epoch (phase 2)
     search_epochs: int = 120             # paper silent: phase 1 follows the same recipe (Sec. 4.1)
-    P: int = 8                           # Sec. 4.1: 8 identities per batch
+    P: int = 8                           # Sec. 4.1: 8 identities per batch; release 16 (utils/utils.py:133)
     K: int = 4                           #   x 4 visible + 4 infrared images each
     lr: float = 0.01                     # Sec. 4.1: initial lr 0.01 (BNNeck and classifier)
-    backbone_lr: float = 0.001           # Deviation (released code): backbone at 0.1 x lr
+    backbone_lr: float = 0.001           # Deviation: backbone at 0.1 x lr (train_eval.py:185); Sec. 4.1 one lr
     betas: tuple = (0.5, 0.999)          # Sec. 4.1: Adam (beta1, beta2)
     weight_decay: float = 5e-4           # Sec. 4.1
     milestones: tuple = (40, 70)         # Sec. 4.1: lr / 10 at epochs 40 and 70
-    warmup: int = 10                     # Deviation (released code): linear warm-up epochs
+    warmup: int = 10                     # Deviation: linear warm-up epochs (train_eval.py:42); Sec. 4.1 none
+    warmup_form: str = "project"         # (e + 1) / warmup x lr; release "release" (utils/lr_scheduler.py:25-35)
     erasing: float = 0.5                 # Sec. 4.1: random erasing (probability from the released code)
     margin: float = 0.4                  # L_triplet margin; paper silent, released code 0.4
-    lambdas: tuple = (0.05, 5.0)         # Eq. (9) (lambda1 CMMD, lambda2 CC): Fig. 5; Sec. 4.1 prints (5.0, 0.05)
+    triplet: str = "joint"               # paper silent: one batch-hard term; release "four-term" (train_eval.py:285)
+    head_init: str = "pytorch"           # paper silent: PyTorch's init; release "release" (models/utils.py:5-25)
+    sampler: str = "without-replacement"  # project sampler (data.py); release "community" (utils/utils.py:131-136)
+    ema_decay: float = 0.0               # paper: no EMA; release 0.997 SYSU, 0.968 RegDB (train_*.sh --ema_decay)
+    ema_every: int = 2                   # with ema_decay > 0: epochs between copying the EMA back; release 2 / 10
+    lambdas: tuple = (0.05, 5.0)         # Deviation: Eq. (9) (lambda1 CMMD, lambda2 CC) of Fig. 5; Sec. 4.1 (5.0, 0.05)
     c3mmd: str = "both"                  # Table 1: phases using L_C3MMD: both | search | retrain | none
     class_specific: bool = True          # Table 1: false replaces L_CMMD by one L_MMD over the whole batch
     network: str = "cm-nas"              # Table 1 row, one of NETWORKS; the baselines train in one phase
     phase: str = "both"                  # Sec. 4.1: search (phase 1) | retrain (phase 2) | both
     genotype: str = ""                   # --phase retrain: paper-sysu | paper-regdb (Fig. 4) | FILE; '' = searched
     search_split: float = 0.8            # Sec. 4.1: identities split 8:2 into search-train / search-validation
+    val_cls: bool = True                 # Sec. 3.2: L_val has L_train's form; false: no L_cls (a deviation)
     arch_lr: float = 3e-4                # paper silent: DARTS [25] Adam for alpha
     arch_weight_decay: float = 1e-3      # paper silent: DARTS [25]
 
+
+NETWORKS = ("cm-nas", "one-stream", "one-stream-in", "two-stream", "two-stream-in", "two-stream-bn")
+PHASES = ("search", "retrain", "both")
+C3MMD_PHASES = ("both", "search", "retrain", "none")
+CHOICES = {"network": NETWORKS, "phase": PHASES, "c3mmd": C3MMD_PHASES, "triplet": ("joint", "four-term"),
+           "head_init": ("pytorch", "release"), "warmup_form": ("project", "release"), "sampler": data.SAMPLERS}
+LIMITS = {"ema_every": 1}
+
+# --recipe release: JDAI-CV/CM-NAS at bbc77f4, train_sysu.sh + train_eval.py (file:line of each value). The release
+# has phase 2 only; give --phase retrain --genotype paper-sysu for its run (not set here: the synthetic world's
+# resnet18 has no 53-bit genotype).
+RELEASE = dict(
+    arch="resnet50", pretrained="imagenet",    # train_eval.py:159 TwoStreamSwitchBNOp(pretrained=True), resnet50
+    height=256, width=128,                     # train_sysu.sh:47-48 --img_w 128 --img_h 256
+    epochs=120,                                # train_sysu.sh:38 --epochs 120
+    P=16, K=4,                                 # train_sysu.sh:39-41 --batch_size 64 --num_pos 4; utils/utils.py:133
+    sampler="community",                       # utils/utils.py:131-136 np.random.choice(idxs, num_pos), N/64 + 1
+    lr=0.01, backbone_lr=0.001,                # train_sysu.sh:43 --lr 0.01; train_eval.py:185 0.1 * lr
+    betas=(0.5, 0.999), weight_decay=5e-4,     # train_sysu.sh:44-46; train_eval.py:184-188 Adam
+    milestones=(40, 70),                       # train_eval.py:40 --steps [40, 70], :41 gamma 0.1
+    warmup=10, warmup_form="release",          # train_eval.py:42-43 warmup_epochs 10, factor 0.01
+    erasing=0.5,                               # train_eval.py:98 RandomErasing(p=0.5)
+    margin=0.4,                                # train_sysu.sh:55 --margin 0.4
+    triplet="four-term",                       # train_eval.py:285-288
+    head_init="release",                       # models/model_eval_op.py:273-274, models/utils.py:5-25
+    lambdas=(0.05, 5.0),                       # train_sysu.sh:53-54 --sp_lambda 5.0 --cmmd_lambda 0.05
+    ema_decay=0.997, ema_every=2,              # train_sysu.sh:52 --ema_decay 0.997, :37 --test_freq 2
+)
+# --recipe release --dataset regdb, on top of RELEASE
+RELEASE_REGDB = dict(
+    ema_decay=0.968, ema_every=10,             # train_regdb.sh:70 --ema_decay 0.968, :55 --test_freq 10
+)
 
 # CPU recipe for the built-in synthetic world: resnet18 from scratch, small images, short phases.
 SYNTHETIC = dict(arch="resnet18", pretrained="none", height=128, width=64, epochs=6, search_epochs=3,
@@ -94,9 +176,6 @@ SYNTHETIC = dict(arch="resnet18", pretrained="none", height=128, width=64, epoch
 SMOKE = dict(arch="resnet18", pretrained="none", height=64, width=32, epochs=1, search_epochs=1, P=4, K=2,
              warmup=1, milestones=())
 
-NETWORKS = ("cm-nas", "one-stream", "one-stream-in", "two-stream", "two-stream-in", "two-stream-bn")
-PHASES = ("search", "retrain", "both")
-C3MMD_PHASES = ("both", "search", "retrain", "none")
 PAPER_GENOTYPES = {  # Fig. 4, ResNet-50
     "paper-sysu": "0 | 0000 010 011 | 0001 000 111 101 | 1111 101 111 111 111 111 | 1111 111 111",
     "paper-regdb": "0 | 0000 000 110 | 1100 000 100 100 | 1111 111 111 111 111 111 | 1111 111 111",
@@ -257,6 +336,10 @@ class CMNASNet(nn.Module):
         self.bnneck = nn.BatchNorm1d(c)
         self.bnneck.bias.requires_grad_(False)              # BNNeck: no shift
         self.classifier = nn.Linear(c, num_classes, bias=False)
+        if settings.head_init == "release":                 # models/model_eval_op.py:273-274, models/utils.py:5-25
+            nn.init.normal_(self.bnneck.weight, 1.0, 0.01)
+            nn.init.zeros_(self.bnneck.bias)
+            nn.init.normal_(self.classifier.weight, std=0.001)
 
     def alphas(self):
         return [m.alpha for m in self.modules() if isinstance(m, MixedBN)]
@@ -273,8 +356,9 @@ class CMNASNet(nn.Module):
                 x = torch.cat([self.specific["v"](x_v), self.specific["r"](x_r)])
             else:
                 x = self.specific[modality](x)
-        f = self.body(x).mean(dim=(2, 3))                   # (B, C) average pooling
-        return f, self.bnneck(f)
+        f = self.body(x).float().mean(dim=(2, 3))           # (B, C) average pooling, float32 under --amp
+        with torch.autocast(x.device.type, enabled=False):  # the BNNeck (and so L_C3MMD's input) in float32
+            return f, self.bnneck(f)
 
 
 def build(settings, num_classes, meta=None):
@@ -319,12 +403,34 @@ def L_CMMD(f_v, f_r, y_v, y_r):
     """Eq. (4), squared (see Deviations): 1/C sum_c MMD^2(f^{c,vis}, f^{c,ir}) over the C identities of the batch,
     on L2-normalised features. f_v (n, d), f_r (n, d), y_v, y_r (n,)."""
     f_v, f_r = F.normalize(f_v, dim=1), F.normalize(f_r, dim=1)
-    return torch.stack([mmd2(f_v[y_v == c], f_r[y_r == c]) for c in y_v.unique()]).mean()   # Eq. (4)
+    return torch.stack([mmd2(f_v[y_v == c], f_r[y_r == c]) for c in y_v.unique()]).mean()   # Eq. (4); Deviation: squared
 
 
 def L_MMD(f_v, f_r):
     """Table 1 ablation 'CMMD -> MMD': one squared MMD between all visible and all infrared features."""
     return mmd2(F.normalize(f_v, dim=1), F.normalize(f_r, dim=1))
+
+
+def L_tri_cross(a, b, y_a, y_b, margin):
+    """Batch-hard triplet with anchors a (m, d) and candidates b (n, d): each anchor's farthest positive and closest
+    negative among b; mean of max(0, d_ap - d_an + margin). One of the release's four terms (train_eval.py:285-288);
+    b = a gives L_tri_hard."""
+    d = (a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1) - 2 * a @ b.t()).clamp(min=1e-12).sqrt()   # (m, n)
+    same = y_a[:, None] == y_b[None, :]
+    d_ap = d.masked_fill(~same, float("-inf")).amax(1)                # (m,)
+    d_an = d.masked_fill(same, float("inf")).amin(1)                  # (m,)
+    return F.relu(d_ap - d_an + margin).mean()
+
+
+def L_triplet(f, y, n, settings):
+    """L_triplet on the pooled features f (2n, C) = [visible; infrared], labels y (2n,): 'joint' one batch-hard
+    term over the whole batch; 'four-term' the release's mean of the v-v, r-r, v-r and r-v terms."""
+    if settings.triplet == "joint":
+        return L_tri_hard(f, y, settings.margin)
+    f_v, f_r, y_v, y_r = f[:n], f[n:], y[:n], y[n:]
+    return (L_tri_cross(f_v, f_v, y_v, y_v, settings.margin) + L_tri_cross(f_r, f_r, y_r, y_r, settings.margin)
+            + L_tri_cross(f_v, f_r, y_v, y_r, settings.margin)
+            + L_tri_cross(f_r, f_v, y_r, y_v, settings.margin)) / 4   # the release's form (paper silent)
 
 
 def L_CC(F_vis, F_ir):
@@ -335,19 +441,20 @@ def L_CC(F_vis, F_ir):
     return (G_vis - G_ir).pow(2).sum() / n ** 2             # Eq. (8)
 
 
-def L_train(model, batch, settings, c3mmd, run):
+def L_train(model, batch, settings, c3mmd, run, cls=True):
     """Eq. (10) on one batch: L_cls + L_triplet (+ L_C3MMD, Eq. 9) -> loss, its terms for the log.
-    L_val of Eq. (3) has the same form: it is this function on a validation batch."""
+    L_val of Eq. (3) has the same form: it is this function on a validation batch (cls False: without L_cls)."""
     x = torch.cat([batch["x_v"], batch["x_r"]])             # (2n, 3, H, W): visible first, then infrared
     y = torch.cat([batch["y_v"], batch["y_r"]])             # (2n,)
     with run.autocast():
-        f, f_bn = model(x)                                  # (2n, C) each
-        logits = model.classifier(f_bn)                     # (2n, classes)
-    f, f_bn = f.float(), f_bn.float()
-    terms = {"L_cls": F.cross_entropy(logits.float(), y), "L_triplet": L_tri_hard(f, y, settings.margin)}
-    loss = terms["L_cls"] + terms["L_triplet"]              # L_basic
+        f, f_bn = model(x)                                  # (2n, C) each, float32 (CMNASNet.forward)
+        logits = model.classifier(f_bn) if cls else None    # (2n, classes)
+    terms = {"L_triplet": L_triplet(f, y, len(batch["y_v"]), settings)}
+    if cls:
+        terms["L_cls"] = F.cross_entropy(logits.float(), y)
+    loss = terms["L_triplet"] + terms.get("L_cls", 0.0)     # L_basic
     if c3mmd:
-        lambda1, lambda2 = (float(v) for v in settings.lambdas)
+        lambda1, lambda2 = (float(v) for v in settings.lambdas)   # Deviation: Fig. 5's order; Sec. 4.1 swaps them
         F_vis, F_ir = f_bn.chunk(2)                         # Eq. (5): (n, C) each, identity-aligned rows
         if settings.class_specific:
             terms["L_CMMD"] = L_CMMD(F_vis, F_ir, batch["y_v"], batch["y_r"])
@@ -369,7 +476,46 @@ def weight_optimizer(settings, model):
     optimizer = torch.optim.Adam([{"params": backbone, "lr": settings.backbone_lr},
                                   {"params": head, "lr": settings.lr}],
                                  betas=tuple(settings.betas), weight_decay=settings.weight_decay)
-    return optimizer, common.WarmupMultiStep(optimizer, settings.milestones, warmup=settings.warmup)
+    schedule = (ReleaseWarmup if settings.warmup_form == "release" else common.WarmupMultiStep)
+    return optimizer, schedule(optimizer, settings.milestones, warmup=settings.warmup)
+
+
+class ReleaseWarmup(common.WarmupMultiStep):
+    """The release's warm-up (utils/lr_scheduler.py:25-35): f = 0.01 (1 - e / warmup) + e / warmup for e < warmup,
+    then gamma^(number of milestones <= e)."""
+
+    def factor(self, epoch):
+        if epoch < self.warmup:
+            return 0.01 + 0.99 * epoch / self.warmup
+        return self.gamma ** sum(epoch >= m for m in self.milestones)
+
+
+class EMA:
+    """Exponential moving average of a model's whole state (weights and BN running statistics), as the release's
+    EMA (utils/utils.py:233-255): after every weight step s <- decay s + (1 - decay) w; integer buffers
+    (num_batches_tracked) are copied. `copy_back` loads s into the model (train_eval.py:245-246)."""
+
+    def __init__(self, model, decay):
+        self.model, self.decay = model, decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self):
+        for k, v in self.model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].mul_(self.decay).add_(v, alpha=1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_back(self):
+        self.model.load_state_dict(self.shadow)
+
+    def state_dict(self):
+        return {"shadow": self.shadow}
+
+    def load_state_dict(self, state):
+        own = self.model.state_dict()
+        self.shadow = {k: v.to(own[k].device).clone() for k, v in state["shadow"].items()}
 
 
 def set_requires_grad(params, flag):
@@ -392,7 +538,8 @@ def search_step(model, batch, val_batch, settings, c3mmd, optimizer, arch_optimi
     weights = [p for group in optimizer.param_groups for p in group["params"]]
     alphas = arch_optimizer.param_groups[0]["params"]
     set_requires_grad(weights, False)
-    l_val, _ = L_train(model, val_batch, settings, c3mmd, run)   # Eq. (3) upper level: min_alpha L_val(w, alpha)
+    # Eq. (3) upper level: min_alpha L_val(w, alpha); Deviation: without L_cls when settings.val_cls is false
+    l_val, _ = L_train(model, val_batch, settings, c3mmd, run, cls=settings.val_cls)
     arch_optimizer.zero_grad(set_to_none=True)
     l_val.backward()
     arch_optimizer.step()
@@ -417,9 +564,10 @@ def search(settings, trainset, augment, run):
     val_ids = len(np.intersect1d(val_part.v.labels, val_part.r.labels))
     if val_ids < settings.P:
         run.print(f"[search] the validation split has {val_ids} identities: validation batches take P={val_ids}")
-    loader = data.train_loader(train_part, settings.P, settings.K, run.seed, augment, workers=run.workers)
+    loader = data.train_loader(train_part, settings.P, settings.K, run.seed, augment, workers=run.workers,
+                               sampler=settings.sampler)
     val_loader = data.train_loader(val_part, min(settings.P, val_ids), settings.K, run.seed + 1, augment,
-                                   workers=run.workers)
+                                   workers=run.workers, sampler=settings.sampler)
     model = CMNASNet(settings, trainset.num_classes).to(run.device)
     optimizer, schedule = weight_optimizer(settings, model)
     arch_optimizer = torch.optim.Adam(model.alphas(), lr=settings.arch_lr, betas=tuple(settings.betas),
@@ -450,24 +598,37 @@ def genotype_report(model):
 
 
 def fit(settings, model, trainset, augment, run, phase, c3mmd):
-    """Trains the weights of a fixed architecture with Eq. (10) (phase 2, or a Table 1 baseline)."""
-    loader = data.train_loader(trainset, settings.P, settings.K, run.seed, augment, workers=run.workers)
+    """Trains the weights of a fixed architecture with Eq. (10) (phase 2, or a Table 1 baseline). With
+    ema_decay > 0, the release's EMA: updated after every step, copied back into the model after every
+    `ema_every` epochs except the last (train_eval.py:230-246: the last epoch's raw weights are the ones tested)."""
+    loader = data.train_loader(trainset, settings.P, settings.K, run.seed, augment, workers=run.workers,
+                               sampler=settings.sampler)
     optimizer, schedule = weight_optimizer(settings, model)
+    ema = {"ema": EMA(model, settings.ema_decay)} if settings.ema_decay > 0 else {}
     for epoch in run.epochs(phase, settings.epochs, model=model, optimizer=optimizer, schedule=schedule,
-                            loader=loader):
+                            loader=loader, **ema):
         schedule.step_epoch(epoch)
         model.train()
         for it, batch in run.batches(loader, epoch):
             terms = weight_step(model, batch, settings, c3mmd, optimizer, run)
+            if ema:
+                ema["ema"].update()
             run.log(epoch, it, terms, optimizer.param_groups[1]["lr"])
+        if ema and (epoch + 1) % settings.ema_every == 0 and epoch + 1 < settings.epochs:
+            ema["ema"].copy_back()
     return model
 
 
 def check(settings):
-    for field, value, allowed in (("network", settings.network, NETWORKS), ("phase", settings.phase, PHASES),
-                                  ("c3mmd", settings.c3mmd, C3MMD_PHASES)):
+    for field, allowed in CHOICES.items():
+        value = getattr(settings, field)
         if value not in allowed:
-            raise common.UserError(f"--{field} {value!r} is not one of {', '.join(allowed)}")
+            raise common.UserError(f"--{field.replace('_', '-')} {value!r} is not one of {', '.join(allowed)}")
+    if not 0 <= settings.ema_decay < 1:
+        raise common.UserError(f"--ema-decay {settings.ema_decay} is not in [0, 1); 0 turns the EMA off "
+                               f"(the release: 0.997 SYSU, 0.968 RegDB)")
+    if settings.ema_every < 1:
+        raise common.UserError(f"--ema-every {settings.ema_every}: give the epochs between EMA copies, >= 1")
     if len(settings.lambdas) != 2:
         raise common.UserError(f"--lambdas takes two values (lambda1 for CMMD, lambda2 for CC), got {settings.lambdas}")
     if settings.network != "cm-nas" and (settings.phase != "both" or settings.genotype):

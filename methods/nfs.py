@@ -157,6 +157,7 @@ class Settings:
 
 
 CHOICES = {"phase": PHASES, "hessian": HESSIANS, "gate_sample": GATE_SAMPLES}
+LIMITS = {"search_epochs": 1}  # Alg. 1 without a search epoch would derive the gates from their initialisation
 
 
 # CPU recipe for the built-in synthetic world: a small network from scratch, a short search, then retraining.
