@@ -664,15 +664,7 @@ def main(argv=None):
     args, method, settings, sources, checkpoint, argv = parse(argv)
     device = pick_device(args.device)
     trials_of(args)
-    cache = Path(args.cache_dir)
-    if cache.exists() and not cache.is_dir():
-        raise UserError(f"--cache-dir {cache} is a file, not a directory; give a directory for the image caches")
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--cache-dir {cache}: cannot create it ({e.strerror}); give a writable directory") from None
-    if not os.access(cache, os.W_OK):
-        raise UserError(f"--cache-dir {cache} is not writable; give a writable directory for the image caches")
+    data.check_cache_dir(args.cache_dir)  # before anything is written: the synthetic world lives there too
     if args.dataset != "synthetic":
         check_root(args.dataset, args.data_root, args.smoke)
     existed = out_dir(args).is_dir()

@@ -795,6 +795,17 @@ def _check(name, value, low):
         raise UserError(f"synthetic world: {name}={value!r} is invalid; use an integer >= {low}")
 
 
+def _check_split_world(kind, **params):
+    """The parameters of a world with a test split (sysu, llcm), checked; returns them as a dict."""
+    for name, low in (("num_ids", 3), ("num_test", 1), ("images_per_cam", 1), ("height", 32), ("width", 16),
+                      ("seed", 0)):
+        _check(name, params[name], low)
+    if params["num_ids"] - params["num_test"] < 2:
+        raise UserError(f"synthetic {kind}: num_ids={params['num_ids']} leaves fewer than 2 training ids after "
+                        f"num_test={params['num_test']}; raise num_ids or lower num_test")
+    return params
+
+
 def _progress(log, kind, done, total, images, start):
     if done == total or done % max(1, total // 4) == 0:
         log(f"synthetic {kind}: {done}/{total} identities, {images} images, {time.time() - start:.1f}s")
@@ -809,14 +820,8 @@ def make_sysu(root, num_ids=140, num_test=40, images_per_cam=5, height=128, widt
     test identities at least one indoor visible camera), images_per_cam +- images_per_cam // 2 images each.
     height, width: nominal image size; each camera scales it (0.875 .. 1.25) and each image jitters +-6 %.
     """
-    params = dict(num_ids=num_ids, num_test=num_test, images_per_cam=images_per_cam, height=height,
-                  width=width, seed=seed)
-    for name, low in (("num_ids", 3), ("num_test", 1), ("images_per_cam", 1), ("height", 32), ("width", 16),
-                      ("seed", 0)):
-        _check(name, params[name], low)
-    if num_ids - num_test < 2:
-        raise UserError(f"synthetic sysu: num_ids={num_ids} leaves fewer than 2 training ids after "
-                        f"num_test={num_test}; raise num_ids or lower num_test")
+    params = _check_split_world("sysu", num_ids=num_ids, num_test=num_test, images_per_cam=images_per_cam,
+                                height=height, width=width, seed=seed)
     rng = np.random.default_rng([seed, 4])
     span = math.ceil(num_ids * 533 / 491)
     ids = np.sort(rng.choice(np.arange(1, span + 1), num_ids, replace=False))
@@ -915,14 +920,8 @@ def make_llcm(root, num_ids=60, num_test=20, images_per_cam=3, height=128, width
     idx/train_nir.txt as '<relative path> <label>', labels 0..N-1 in id order (the released lists' form; the
     training folder names are this world's choice, the real dataset's lists name their own paths).
     """
-    params = dict(num_ids=num_ids, num_test=num_test, images_per_cam=images_per_cam, height=height,
-                  width=width, seed=seed)
-    for name, low in (("num_ids", 3), ("num_test", 1), ("images_per_cam", 1), ("height", 32), ("width", 16),
-                      ("seed", 0)):
-        _check(name, params[name], low)
-    if num_ids - num_test < 2:
-        raise UserError(f"synthetic llcm: num_ids={num_ids} leaves fewer than 2 training ids after "
-                        f"num_test={num_test}; raise num_ids or lower num_test")
+    params = _check_split_world("llcm", num_ids=num_ids, num_test=num_test, images_per_cam=images_per_cam,
+                                height=height, width=width, seed=seed)
     rng = np.random.default_rng([seed, 8])
     ids = np.sort(rng.choice(np.arange(1, 2 * num_ids + 1), num_ids, replace=False))
     test = set(int(i) for i in rng.choice(ids, num_test, replace=False))

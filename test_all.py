@@ -4023,6 +4023,22 @@ def _mce_trainset(num_classes=3, per_class=4, height=32, width=16, seed=0):
     return _mce_data.TrainSet(images(), images(), num_classes)
 
 
+def _mce_memory_spies():
+    """(seen_W, seen_C, spy_L_W, spy_L_MI): stand-ins for mce.L_W and mce.L_MI that record a copy of the memories
+    W and the historical centroids C of every call, then compute the real loss."""
+    seen_W, seen_C = [], []
+    real_L_W, real_L_MI = _mce.L_W, _mce.L_MI
+
+    def spy_L_W(f, y, W, tau):
+        seen_W.append({m: w.clone() for m, w in W.items()})
+        return real_L_W(f, y, W, tau)
+
+    def spy_L_MI(f, C, tau, form="paper"):
+        seen_C.append({m: c.clone() for m, c in C.items()})
+        return real_L_MI(f, C, tau, form)
+    return seen_W, seen_C, spy_L_W, spy_L_MI
+
+
 def _mce_settings(**kw):
     return _mce.Settings(**{**_mce.SMOKE, "height": 32, "width": 16, "P": 2, "K": 2, **kw})
 
@@ -4239,16 +4255,7 @@ class TestMCETrain(unittest.TestCase):
         """Eq. 1: the first memories are the class means of the initial model; W moves every iteration (Eq. 3);
         C stays fixed during an epoch and is the class means of the model at the end of the previous one."""
         settings, trainset = _mce_settings(epochs=2), _mce_trainset()
-        seen_W, seen_C = [], []
-        real_L_W, real_L_MI = _mce.L_W, _mce.L_MI
-
-        def spy_L_W(f, y, W, tau):
-            seen_W.append({m: w.clone() for m, w in W.items()})
-            return real_L_W(f, y, W, tau)
-
-        def spy_L_MI(f, C, tau, form="paper"):
-            seen_C.append({m: c.clone() for m, c in C.items()})
-            return real_L_MI(f, C, tau, form)
+        seen_W, seen_C, spy_L_W, spy_L_MI = _mce_memory_spies()
 
         passes, real_pass = [], _mce.class_centroids
 
@@ -4284,16 +4291,7 @@ class TestMCETrain(unittest.TestCase):
         """reinit_memory (the release, train.py:184-212): W at the start of epoch 1 is the pass after epoch 0 (= C);
         agnostic_centroid "modality-mean": C^u is the unnormalised mean of the modality centroids."""
         settings = _mce_settings(epochs=2, reinit_memory=True, agnostic_centroid="modality-mean")
-        seen_W, seen_C = [], []
-        real_L_W, real_L_MI = _mce.L_W, _mce.L_MI
-
-        def spy_L_W(f, y, W, tau):
-            seen_W.append({m: w.clone() for m, w in W.items()})
-            return real_L_W(f, y, W, tau)
-
-        def spy_L_MI(f, C, tau, form="paper"):
-            seen_C.append({m: c.clone() for m, c in C.items()})
-            return real_L_MI(f, C, tau, form)
+        seen_W, seen_C, spy_L_W, spy_L_MI = _mce_memory_spies()
 
         with _mce_tempfile.TemporaryDirectory() as out, _mce_mock.patch.object(_mce, "L_W", spy_L_W), \
                 _mce_mock.patch.object(_mce, "L_MI", spy_L_MI):
