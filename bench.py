@@ -626,7 +626,7 @@ def bench_rfm():
             x = torch.from_numpy(blocks.repeat(16, 2).repeat(16, 3))
             line = []
             for f_g in rfm.F_G:
-                ltg = rfm.LTG(H, W, p=0.5, f_g=f_g)
+                ltg = rfm.LTG(p=0.5, f_g=f_g)
                 best, rects = 0.0, []
                 for r in range(3):
                     start = time.perf_counter()
@@ -640,7 +640,7 @@ def bench_rfm():
         images = data.ImageSet([f"{i}" for i in range(len(labels))], labels, np.ones(len(labels), np.int64),
                                rng.integers(0, 256, (len(labels), H, W, 3), dtype=np.uint8))
         trainset = data.TrainSet(images, images, 32)
-        for name, extra in (("without LTG", None), ("with LTG", rfm.LTG(H, W))):
+        for name, extra in (("without LTG", None), ("with LTG", rfm.LTG())):
             loader = data.train_loader(trainset, P, K, 0, data.Augment(H, W, erasing=0.0, extra=extra))
             start = time.perf_counter()
             n = sum(len(b["x_v"]) + len(b["x_r"]) for b in loader.epoch(0))

@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 
 from methods.common import UserError
+from synthetic import MARKER as SYNTHETIC_MARKER
 
 SYSU_VISIBLE_CAMS = (1, 2, 4, 5)
 SYSU_INFRARED_CAMS = (3, 6)
@@ -76,6 +77,14 @@ CACHE_SPARE_BYTES = 16 * 2 ** 20  # free space that must remain after the image 
 
 class DataError(UserError):
     """Bad dataset input (path, index file, image, protocol value)."""
+
+
+class BadImages(DataError):
+    """Unreadable image files; `bad` lists them as [(path, reason), ...] so that a loader can report every set's."""
+
+    def __init__(self, message, bad):
+        super().__init__(message)
+        self.bad = bad
 
 
 # ---------------------------------------------------------------- containers
@@ -196,10 +205,29 @@ def _bad_images_error(bad):
              + ["remove the files that are not images (such as Thumbs.db) from the identity folders"] * any(stray)
              + ["replace or re-extract the broken images"] * any(not d and not s for d, s in zip(denied, stray)))
     if len(bad) == 1:
-        return DataError(f"cannot read image {bad[0][0]} ({bad[0][1]}); " + ", ".join(fixes))
+        return BadImages(f"cannot read image {bad[0][0]} ({bad[0][1]}); " + ", ".join(fixes), bad)
     shown = "; ".join(f"{p} ({r})" for p, r in bad[:BAD_IMAGES_SHOWN])
     more = f"; and {len(bad) - BAD_IMAGES_SHOWN} more" if len(bad) > BAD_IMAGES_SHOWN else ""
-    return DataError(f"cannot read {len(bad)} images: {shown}{more}; " + ", ".join(fixes))
+    return BadImages(f"cannot read {len(bad)} images: {shown}{more}; " + ", ".join(fixes), bad)
+
+
+class _EverySet:
+    """cached_images for each image set of a dataset in turn; the unreadable images of every set are collected and
+    `check` raises them as one DataError, so a broken dataset needs one run to list its bad files, not one a set."""
+
+    def __init__(self, height, width, cache_dir, log):
+        self.args, self.log, self.bad = (height, width, cache_dir), log, []
+
+    def __call__(self, files, tag):
+        try:
+            return cached_images(files, *self.args, tag, self.log)
+        except BadImages as e:
+            self.bad += e.bad
+            return None
+
+    def check(self):
+        if self.bad:
+            raise _bad_images_error(self.bad)
 
 
 def _cache_key(files, height, width):
@@ -483,15 +511,16 @@ def _check_root(root, marker, name, layout):
     if _kind(os.path.join(root, marker), f"{name} directory") == "dir":
         return
     found = []
-    for dirpath, dirnames, _ in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        if marker in dirnames and dirpath != root:
-            found.append(dirpath)
+        if marker in dirnames and dirpath != root and SYNTHETIC_MARKER not in filenames:
+            found.append(dirpath)  # a generated world (a cache beside the dataset) is never the one meant
         if dirpath.count(os.sep) - root.rstrip(os.sep).count(os.sep) >= 2:
             dirnames[:] = []
     if found:
+        more = f" (or one of {', '.join(found[1:4])}{', ...' if len(found) > 4 else ''})" if len(found) > 1 else ""
         raise DataError(f"{root} has no {marker}/ directory; it looks like the parent of the dataset: "
-                        f"pass {found[0]} as the {name} root")
+                        f"pass {found[0]}{more} as the {name} root")
     raise DataError(f"{root} has no {marker}/ directory; expected the {name} layout: {layout}")
 
 
@@ -615,12 +644,13 @@ def load_sysu(root, height, width, cache_dir, log=print, expect_published=True, 
         return files
 
     rt = _root_tag(root) + ("-val" if split == "val" else "")
+    cache = _EverySet(height, width, cache_dir, log)
     train_files = scan(train_ids)
     label = {pid: i for i, pid in enumerate(train_ids)}
     train = {}
     for m, cams in (("v", SYSU_VISIBLE_CAMS), ("r", SYSU_INFRARED_CAMS)):
         s = _image_set([(f, label[pid], cam) for pid in train_ids for cam in cams for f in train_files[(pid, cam)]])
-        s.images = cached_images(s.files, height, width, cache_dir, f"sysu-{rt}-train-{m}", log)
+        s.images = cache(s.files, f"sysu-{rt}-train-{m}")
         train[m] = s
     trainset = TrainSet(train["v"], train["r"], len(train_ids))
 
@@ -628,8 +658,9 @@ def load_sysu(root, height, width, cache_dir, log=print, expect_published=True, 
     pools = {}
     for m, cams in (("v", SYSU_VISIBLE_CAMS), ("r", SYSU_INFRARED_CAMS)):
         s = _image_set([(f, pid, cam) for pid in test_ids for cam in cams for f in test_files[(pid, cam)]])
-        s.images = cached_images(s.files, height, width, cache_dir, f"sysu-{rt}-test-{m}", log)
+        s.images = cache(s.files, f"sysu-{rt}-test-{m}")
         pools[m] = s
+    cache.check()
     position = {f: i for i, f in enumerate(pools["v"].files)}
     queries = np.arange(len(pools["r"]), dtype=np.int64)
     protocols = []
@@ -743,18 +774,21 @@ def load_regdb(root, trial, height, width, cache_dir, log=print, expect_publishe
     train_labels = sorted({lab for m in "vr" for _, lab in lists[("train", m)]})
     relabel = {lab: i for i, lab in enumerate(train_labels)}
     rt = _root_tag(root)
+    cache = _EverySet(height, width, cache_dir, log)
     sets = {}
     for m, cam in (("v", 1), ("r", 2)):
         # one cache per modality over the union of this trial's train and test images: on the real data the
         # union is the same for every trial, so the ten trials share it
         union = sorted({f for part in ("train", "test") for f, _ in lists[(part, m)]})
-        images = cached_images(union, height, width, cache_dir, f"regdb-{rt}-{m}", log)
+        images = cache(union, f"regdb-{rt}-{m}")
         position = {f: i for i, f in enumerate(union)}
         for part in ("train", "test"):
             entries = lists[(part, m)]
             s = _image_set([(f, relabel[lab] if part == "train" else lab, cam) for f, lab in entries])
-            s.images = images[np.array([position[f] for f, _ in entries], dtype=np.int64)]
+            if images is not None:
+                s.images = images[np.array([position[f] for f, _ in entries], dtype=np.int64)]
             sets[(part, m)] = s
+    cache.check()
     trainset = TrainSet(sets[("train", "v")], sets[("train", "r")], len(train_labels))
     pools = {"v": sets[("test", "v")], "r": sets[("test", "r")]}
     all_v, all_r = np.arange(len(pools["v"]), dtype=np.int64), np.arange(len(pools["r"]), dtype=np.int64)
@@ -921,10 +955,11 @@ def load_llcm(root, height, width, cache_dir, log=print, expect_published=True, 
             raise DataError(f"identity {missing[0]} listed in {id_path} has no images under test_vis/ or test_nir/ "
                             f"({len(missing)} such ids); restore its images or remove it from the list")
     relabel = {lab: i for i, lab in enumerate(labels)}
+    cache = _EverySet(height, width, cache_dir, log)
     train = {}
     for m in "vr":
         s = _image_set([(f, relabel[lab], cam) for f, lab, cam in train_lists[m]])
-        s.images = cached_images(s.files, height, width, cache_dir, f"llcm-{rt}-train-{m}", log)
+        s.images = cache(s.files, f"llcm-{rt}-train-{m}")
         train[m] = s
     trainset = TrainSet(train["v"], train["r"], len(labels))
     cams = {"v": LLCM_VISIBLE_CAMS, "r": LLCM_INFRARED_CAMS}
@@ -932,8 +967,9 @@ def load_llcm(root, height, width, cache_dir, log=print, expect_published=True, 
     for m in "vr":
         s = _image_set([(f, pid, cam) for pid in sorted(test_ids) for cam in cams[m]
                         for f in files[m].get((pid, cam), [])])
-        s.images = cached_images(s.files, height, width, cache_dir, f"llcm-{rt}-test-{m}", log)
+        s.images = cache(s.files, f"llcm-{rt}-test-{m}")
         pools[m] = s
+    cache.check()
     position = {m: {f: i for i, f in enumerate(pools[m].files)} for m in "vr"}
     full = {m: np.arange(len(pools[m]), dtype=np.int64) for m in "vr"}
 
@@ -985,6 +1021,10 @@ class CrossModalitySampler:
                             f"both visible and infrared training images; lower P to at most {len(self.ids)}")
         self.pos_v = {i: np.flatnonzero(labels_v == i) for i in self.ids}
         self.pos_r = {i: np.flatnonzero(labels_r == i) for i in self.ids}
+        most = max(len(pos) for pos in (*self.pos_v.values(), *self.pos_r.values()))
+        if K > most:  # every identity would repeat images within its K: never a recipe, always a typo
+            raise DataError(f"sampler asked for K={K} images per identity and modality, but no identity has more than "
+                            f"{most} training images in one modality; lower K to at most {most}")
         self.P, self.K, self.seed, self.mode = P, K, seed, mode
         self.num_batches = max(len(labels_v), len(labels_r)) // (P * K) + (mode == "community")
 

@@ -35,6 +35,8 @@ Because a match's first occurrence in the de-duplicated list is the first match 
 de-duplicated rank is the number of distinct identities seen in the kept list up to the first match;
 that count is all step 4 needs.
 """
+import os
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -212,4 +214,11 @@ def ranked_list_picture(path, q_images, g_images, distmat, q_pids, g_pids, num_q
             draw.rectangle([x, y, x + w - 1, y + h - 1], fill=colour)
             canvas.paste(Image.fromarray(image), (x + border, y + border))
             draw.text((x + border, y + h + 1), text, fill="black")
-    canvas.save(path)
+    tmp = f"{path}.tmp"  # written whole, then renamed: a full disk never leaves half a picture
+    try:
+        canvas.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free disk space or give another --out") from None

@@ -554,7 +554,7 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
             broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
             if broken:  # the last steps diverged after the last logged (finite) loss; keep no such model.pt
                 raise UserError(f"training diverged: the final weights are not finite ({broken[0]}, ...); lower "
-                                f"the learning rate (--lr) and start again")
+                                f"the learning rate (--lr) and start again (--overwrite, or another --out)")
             common.save_atomic({"method": args.method, "dataset": args.dataset, "split": args.split,
                                 "settings": dataclasses.asdict(settings), "num_classes": trainset.num_classes,
                                 "meta": run.stored, "model": model.state_dict()}, trial_out / "model.pt")
@@ -567,7 +567,7 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
         t0 = time.time()
         per_trial.append(test(method, model, settings, testset, device, trial_out, log))
         if hasattr(method, "figures"):
-            method.figures(model, settings, trainset, testset, trial_out)
+            write_figures(method, model, settings, trainset, testset, trial_out)
         test_s += time.time() - t0
         log(f"tested in {time.time() - t0:.1f}s")
     fit = None
@@ -583,6 +583,20 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
         log(f"best evaluated epoch minus final epoch ({first}): rank-1 {out['best_minus_final'][first]['rank1']:+.2f}, "
             f"mAP {out['best_minus_final'][first]['mAP']:+.2f}")
     return out
+
+
+def write_figures(method, model, settings, trainset, testset, out):
+    """method.figures into a temporary folder, then each picture renamed into `out`: a full disk leaves no half
+    picture behind (main turns its OSError into one line)."""
+    tmp = out / ".figures.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        method.figures(model, settings, trainset, testset, tmp)
+        for p in sorted(tmp.iterdir()):
+            os.replace(p, out / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def parse(argv):
@@ -670,10 +684,17 @@ def main(argv=None):
     existed = out_dir(args).is_dir()
     out = prepare_out(args, args.method)  # refuses a non-empty directory unless it is a run to resume or replace
     try:
-        return _run(args, method, settings, sources, checkpoint, argv, device, out)
+        try:
+            return _run(args, method, settings, sources, checkpoint, argv, device, out)
+        except OSError as e:  # a full disk at a write that has no message of its own (log.txt, a picture)
+            if e.errno not in data._FULL_DISK:
+                raise
+            raise UserError(f"cannot write into {out} ({os.strerror(e.errno)}); free disk space or give another "
+                            f"--out") from None
     except UserError:
-        # a run that failed before it wrote any checkpoint leaves nothing behind (the directory was empty or new)
-        if not args.resume and not any(out.rglob("*.pt")):
+        # a run that failed before it wrote any checkpoint leaves nothing behind (the directory was empty or new);
+        # features.pt is no checkpoint: a failed --eval-only run leaves nothing either
+        if not args.resume and not any(p.name != "features.pt" for p in out.rglob("*.pt")):
             shutil.rmtree(out, ignore_errors=True)
             if existed:
                 out.mkdir(exist_ok=True)

@@ -937,6 +937,13 @@ _DT_BAD_INPUTS = [
      lambda r, c: _dt_garbage(r, _DT_SYSU_BAD12) + [_dt_pool()],
      _dt_data.DataError, ["cannot read 12 images", "{root}/cam1/0012/0001.jpg", "{root}/cam1/0012/0010.jpg",
                           "and 2 more", "replace or re-extract"], _DT_SYSU_BAD12),
+    ("every_bad_image_of_every_set", "sysu",   # a training and a test image: both named in one run
+     lambda r, c: _dt_garbage(r, ["cam2/0005/0002.jpg", "cam1/0012/0001.jpg"]),
+     _dt_data.DataError, ["cannot read 2 images", "{root}/cam2/0005/0002.jpg", "{root}/cam1/0012/0001.jpg"], []),
+    ("every_bad_image_of_every_set_regdb", "regdb",   # a visible and a thermal image
+     lambda r, c: _dt_garbage(r, ["Visible/1/male_front_v_00001_1.bmp", "Thermal/5/male_front_t_00005_2.bmp"]),
+     _dt_data.DataError, ["cannot read 2 images", "{root}/Visible/1/male_front_v_00001_1.bmp",
+                          "{root}/Thermal/5/male_front_t_00005_2.bmp"], []),
     ("every_bad_image_reported_in_process", "sysu",
      lambda r, c: _dt_garbage(r, _DT_SYSU_BAD12[:3]),
      _dt_data.DataError, ["cannot read 3 images", "{root}/cam1/0012/0003.jpg"], []),
@@ -1521,6 +1528,8 @@ class TestReliabilityCLI(_DTTree):
 
     def test_table(self):
         import dataclasses
+        import errno
+        from unittest import mock
         import torch
         from methods import agw
         with tempfile.TemporaryDirectory() as tmp:
@@ -1539,8 +1548,14 @@ class TestReliabilityCLI(_DTTree):
             (tmp / "a-file").write_text("not a directory")
             (tmp / "text.pth").write_text("hello")
             torch.save([1, 2, 3], tmp / "list.pth")
+            parent = tmp / "parent"  # D02c: the dataset at fix/SYSU-MM01, a generated world sorted before it
+            _dt_shutil.copytree(self.sysu, parent / "fix" / "SYSU-MM01")
+            (parent / "cache" / "synthetic-sysu-0" / "exp").mkdir(parents=True)
+            (parent / "cache" / "synthetic-sysu-0" / "synthetic.json").write_text("{}")
             rows = [  # (case, argv, exit status, a word of the message)
                 ("D15f", smoke + ["--data-root", self.sysu], 2, "pass --dataset sysu"),
+                ("D02c", smoke + ["--dataset", "sysu", "--data-root", str(parent)], 2,
+                 f"pass {parent / 'fix' / 'SYSU-MM01'} as the SYSU-MM01 root"),
                 ("R04", smoke + ["--eval-only", "--checkpoint", ckpt("sysu.pt", dataset="sysu")], 2,
                  "was trained on sysu"),
                 ("R10", ["--resume", str(run), "--lr", "0.5", "--epochs", "8"], 2, "--epochs, --lr would change"),
@@ -1551,8 +1566,12 @@ class TestReliabilityCLI(_DTTree):
                 ("F02", smoke + ["--epochs", "-1"], 2, "--epochs -1: must be >= 1"),
                 ("F02b", smoke + ["--epochs", "0"], 2, "--epochs 0: must be >= 1"),
                 ("F12e", ["--method", "cmnas", "--smoke", "--epochs", "0", "--search-epochs", "0"], 2, "--epochs 0"),
+                ("F12d", ["--method", "nfs", "--smoke", "--cache-dir", TEST_CACHE, "--search-epochs", "0"], 2,
+                 "--search-epochs 0: must be >= 1"),
                 ("F10i", smoke + ["--erasing", "2"], 2, "probability"),
                 ("D14f", smoke + ["--trial", "5"], 2, "only for --dataset regdb"),
+                ("D14g", smoke + ["--dataset", "sysu", "--data-root", self.sysu, "--trial", "0"], 2,
+                 "only for --dataset regdb"),
                 ("R08d", smoke + ["--checkpoint", ckpt("plain.pt")], 2, "only read with --eval-only"),
                 ("F04", smoke + ["--height", "7"], 2, "at least 16"),
                 ("F04b", smoke + ["--height", "0"], 2, "--height 0: must be >= 1"),
@@ -1562,11 +1581,16 @@ class TestReliabilityCLI(_DTTree):
                 ("F10f", smoke + ["--seed=-1"], 2, "--seed -1: must be >= 0"),
                 ("F10e", smoke + ["--lr=-1"], 2, "--lr -1.0: must be > 0"),
                 ("F03c", smoke + ["--K", "0"], 2, "--K 0: must be >= 1"),
+                ("F03e", smoke + ["--K", "500"], 2, "lower K to at most"),
                 ("F08b", smoke + ["--pretrained", str(tmp / "text.pth")], 2, "cannot be read"),
                 ("F08d", smoke + ["--pretrained", str(tmp / "list.pth")], 2, "holds a list"),
                 ("R09", ["--eval-only", "--checkpoint", ckpt("common.pt", method="common") and
                          str(torch.save({"method": "common", "settings": {}, "model": {}, "num_classes": 1},
                                         tmp / "common.pt") or tmp / "common.pt")], 2, "none of agw"),
+                *[(case, ["--eval-only", "--checkpoint", str(torch.save(
+                    {"method": name, "settings": {}, "model": {}, "num_classes": 1}, tmp / f"{case}.pt")
+                    or tmp / f"{case}.pt")], 2, f"names method {name!r}, which is none of")
+                  for case, name in (("R09b", "os"), ("R09c", "..evil"))],
                 ("R09e", ["--eval-only", "--checkpoint", str(torch.save(
                     {"method": "agw", "settings": {**settings, "bogus": 1}, "model": {}, "num_classes": 3},
                     tmp / "bogus.pt") or tmp / "bogus.pt")], 2, "['bogus']"),
@@ -1574,10 +1598,26 @@ class TestReliabilityCLI(_DTTree):
                 ("O01b", smoke + ["--out", str(tmp / "a-file"), "--overwrite"], 2, "is a file"),
                 ("O01c", smoke + ["--out", str(tmp / "a-file" / "sub")], 2, "cannot write there"),
                 ("F11", ["--method", "agw", "--smoke", "--cache-dir", str(tmp / "a-file")], 2, "is a file"),
+                ("F11b", smoke + ["--dataset", "sysu", "--data-root", self.sysu, "--cache-dir", str(tmp / "a-file")], 2,
+                 "cache directory"),
                 ("F10d", smoke + ["--lr", "1e6", "--backbone-lr", "1e6"], 2, "diverged"),
+                ("O02", smoke + ["--out", str(tmp / "read-only" / "run")], 2, "cannot write there (Read-only file"),
+                ("O02b", smoke + ["--out", str(tmp / "read-only")], 2, "cannot write there (Read-only file"),
             ]
+            read_only = tmp / "read-only"  # O02, O02b: a mocked read-only file system below this directory
+            read_only.mkdir()
+
+            real_mkdir = Path.mkdir
+
+            def read_only_fs(real):
+                def write(path, *a, **k):  # mkdir of a directory that exists succeeds (exist_ok), as on Linux
+                    if read_only in (path, *path.parents) and not (real is real_mkdir and path.is_dir()):
+                        raise OSError(errno.EROFS, "Read-only file system", str(path))
+                    return real(path, *a, **k)
+                return write
             for case, argv, status, word in rows:
-                with self.subTest(case=case):
+                with self.subTest(case=case), mock.patch.object(Path, "mkdir", read_only_fs(Path.mkdir)), \
+                        mock.patch.object(Path, "write_text", read_only_fs(Path.write_text)):
                     if "--out" not in argv and "--resume" not in argv:
                         argv = argv + ["--out", str(tmp / "out" / case)]
                     got, message = reid_outcome(argv)
@@ -1619,6 +1659,98 @@ class TestReliabilityCLI(_DTTree):
             self.assertIn("free disk space", p.stderr)
             self.assertNotIn("Traceback", p.stderr)
             self.assertFalse(out.exists() and list(out.rglob("*.tmp")), "a temporary file was left behind")
+
+    def test_full_disk_at_each_output(self):
+        """O04 features.pt, the ranked-list pictures, O03 results.json and log.txt: a full disk at any of them is
+        one line naming the file (or the run directory) and 'free disk space'; no temporary or half-written file
+        stays behind. --eval-only writes no checkpoint, so a file-size limit between the sizes of features.pt and
+        of a picture stops at the picture; results.json and log.txt get a mocked write."""
+        import errno
+        import pathlib
+        import resource
+        import signal
+        from unittest import mock
+        import reid
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            run = tmp / "run"
+            self.assertEqual(reid_cli("--method", "agw", "--smoke", "--cache-dir", TEST_CACHE, "--out",
+                                      str(run)).returncode, 0)
+            feats, picture = (run / "features.pt").stat().st_size, (run / "ranked-all-single.png").stat().st_size
+            self.assertLess(feats, picture)  # the limits below rely on it
+            evaluate = ["--eval-only", "--checkpoint", str(run / "model.pt"), "--smoke", "--cache-dir", TEST_CACHE]
+            for case, limit, word in (("O04", feats // 2, "features.pt"), ("picture", (feats + picture) // 2,
+                                                                           "ranked-all-single.png")):
+                with self.subTest(case=case):
+                    def small_disk():
+                        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+                    out = tmp / case
+                    p = subprocess.run([sys.executable, str(HERE / "reid.py"), *evaluate, "--out", str(out)],
+                                       capture_output=True, text=True, timeout=600, preexec_fn=small_disk)
+                    self.assertEqual(p.returncode, 2, p.stderr[-2000:])
+                    self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+                    self.assertIn(f"cannot write {out / word}", p.stderr)
+                    self.assertIn("free disk space", p.stderr)
+                    self.assertFalse(out.exists(), "a failed --eval-only run left files behind")
+            real_write_text, real_open = pathlib.Path.write_text, open
+
+            def full_at_results(path, text, *a, **k):  # half the file reaches the disk, then ENOSPC
+                if path.name.startswith("results.json"):
+                    real_write_text(path, text[:len(text) // 2], *a, **k)
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real_write_text(path, text, *a, **k)
+
+            class FullLog:
+                def __init__(self, f):
+                    self.f = f
+
+                def write(self, line):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+                def __getattr__(self, name):
+                    return getattr(self.f, name)
+
+            def full_at_log(path, *a, **k):
+                f = real_open(path, *a, **k)
+                return FullLog(f) if str(path).endswith("log.txt") else f
+
+            for case, patch, word in (("O03", mock.patch.object(pathlib.Path, "write_text", full_at_results),
+                                       "results.json"),
+                                      ("log", mock.patch.object(reid, "open", full_at_log, create=True), "")):
+                with self.subTest(case=case), patch:
+                    out = tmp / case
+                    status, message = reid_outcome([*evaluate, "--out", str(out)])
+                    self.assertEqual(status, 2, message)
+                    self.assertIn(f"cannot write {out / word}" if word else f"cannot write into {out}", message)
+                    self.assertIn("free disk space", message)
+                    self.assertFalse(out.exists(), "a failed --eval-only run left files behind")
+
+    def test_kill_9_then_resume(self):
+        """SIGKILL in the middle of epoch 2 of 3, then --resume: results and weights equal an uninterrupted run's."""
+        import signal
+        import torch
+        with tempfile.TemporaryDirectory() as tmp:
+            argv = ["--method", "agw", "--smoke", "--epochs", "3", "--log-every", "1", "--cache-dir", TEST_CACHE]
+            whole, killed = Path(tmp) / "whole", Path(tmp) / "killed"
+            self.assertEqual(reid_cli(*argv, "--out", str(whole)).returncode, 0)
+            p = subprocess.Popen([sys.executable, str(HERE / "reid.py"), *argv, "--out", str(killed)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=str(HERE))
+            for line in p.stdout:
+                if line.startswith("[train] ep 2/3 it 1/"):
+                    p.send_signal(signal.SIGKILL)
+                    break
+            p.stdout.close()
+            self.assertEqual(p.wait(timeout=60), -signal.SIGKILL)
+            self.assertFalse((killed / "results.json").exists())
+            p = reid_cli("--resume", str(killed))
+            self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+            self.assertIn("resumed from", p.stdout)
+            a, b = (json.loads((d / "results.json").read_text()) for d in (whole, killed))
+            self.assertEqual((a["results"], a["fit"]), (b["results"], b["fit"]))
+            wa, wb = (torch.load(d / "model.pt", weights_only=True)["model"] for d in (whole, killed))
+            for k in wa:
+                self.assertTrue(torch.equal(wa[k], wb[k]), k)
 
 
 class TestRecipesEndToEnd(unittest.TestCase):
@@ -3594,6 +3726,329 @@ class TestSSFTTraining(unittest.TestCase):
                 _ss.check_settings(_ss_settings(**bad))
 
 
+def _ss_ce(logits, y):
+    """Cross-entropy written out: mean of logsumexp(row) - row[y]."""
+    return sum(float(_ss_torch.logsumexp(logits[i], 0) - logits[i, y[i]]) for i in range(len(y))) / len(y)
+
+
+def _ss_hard(anchors, candidates, y_a, y_c, margin):
+    """Batch-hard triplet term by loops: mean over anchors of max(0, margin + farthest positive - closest negative)."""
+    losses = []
+    for i in range(len(anchors)):
+        dist = [float((anchors[i] - candidates[j]).norm()) for j in range(len(candidates))]
+        pos = max(dist[j] for j in range(len(candidates)) if y_c[j] == y_a[i])
+        neg = min(dist[j] for j in range(len(candidates)) if y_c[j] != y_a[i])
+        losses.append(max(margin + pos - neg, 0.0))
+    return sum(losses) / len(losses)
+
+
+def _ss_batch(B=4, seed=2):
+    g = _ss_torch.Generator().manual_seed(seed)
+    y = _ss_torch.arange(B) // 2
+    return {"x_v": _ss_torch.randn(B, 3, 32, 16, generator=g), "x_r": _ss_torch.randn(B, 3, 32, 16, generator=g),
+            "y_v": y, "y_r": y}
+
+
+class TestSSFTAdversarialForms(unittest.TestCase):
+    """--pa-form scale-free and --ma-form confusion (deviations), and the scale argument against the literal L_pa."""
+
+    def projection(self, c=2, seed=0):
+        _ss_torch.manual_seed(seed)
+        return _ss_torch.nn.ModuleDict({m: _ss_torch.nn.Linear(c, c, bias=False) for m in "vr"})
+
+    def test_literal_L_pa_scales_with_the_features(self):
+        """Eq. (15) is linear in the scale of P and H: the reason its min-max has no bound."""
+        projection = self.projection(6)
+        P, H, is_r = _ss_features(4, 3, 6)
+        with _ss_torch.no_grad():
+            base = float(_ss.L_pa(projection, P, H, is_r))
+            for s in (0.5, 2.0, 4.0):
+                self.assertAlmostEqual(float(_ss.L_pa(projection, s * P, s * H, is_r)), s * base, places=4)
+
+    def test_scale_free_L_pa_invariant_to_scale(self):
+        projection = self.projection(6)
+        P, H, is_r = _ss_features(4, 3, 6, seed=1)
+        with _ss_torch.no_grad():
+            base = float(_ss.L_pa(projection, P, H, is_r, "scale-free"))
+            for s in (0.01, 2.0, 4.0, 100.0):
+                self.assertAlmostEqual(float(_ss.L_pa(projection, s * P, s * H, is_r, "scale-free")), base, places=5)
+                self.assertAlmostEqual(float(_ss.L_pa(projection, s * P, H, is_r, "scale-free")), base, places=5)
+
+    def test_scale_free_L_pa_hand_computed(self):
+        projection = self.projection()
+        with _ss_torch.no_grad():
+            projection["v"].weight.copy_(_ss_torch.eye(2))
+            projection["r"].weight.copy_(_ss_torch.tensor([[0.0, 1], [1, 0]]))
+        P = _ss_torch.tensor([[3.0, 4], [0, 2]])
+        H = _ss_torch.tensor([[0.0, 5], [7, 0]])
+        # visible: P/|P| = (0.6, 0.8), H/|H| = (0, 1): |(0.6, -0.2)| = sqrt(0.4)
+        # infrared: swap((0, 1)) = (1, 0) = H/|H|: 0
+        with _ss_torch.no_grad():
+            value = float(_ss.L_pa(projection, P, H, _ss_torch.tensor([False, True]), "scale-free"))
+        self.assertAlmostEqual(value, _ss_math.sqrt(0.4) / 2, places=6)
+
+    def test_confusion_L_ma_hand_computed(self):
+        discriminator = _ss_torch.nn.Linear(2, 2, bias=False)
+        with _ss_torch.no_grad():
+            discriminator.weight.copy_(_ss_torch.eye(2))
+        H = _ss_torch.tensor([[1.0, 0], [0, 2]])                 # logits = H
+        # row (1, 0): -1/2 [log(e / (e + 1)) + log(1 / (e + 1))] = log(1 + e) - 1/2; row (0, 2): log(1 + e^2) - 1
+        e = _ss_math.e
+        expected = 0.5 * ((_ss_math.log(1 + e) - 0.5) + (_ss_math.log(1 + e ** 2) - 1))
+        with _ss_torch.no_grad():
+            self.assertAlmostEqual(float(_ss.L_conf(discriminator, H)), expected, places=6)
+
+    def test_confusion_L_ma_minimum_at_uniform(self):
+        identity = _ss_torch.nn.Identity()                       # the 'discriminator' returns H as its logits
+        values = {}
+        for p in (0.01, 0.1, 0.3, 0.45, 0.5, 0.55, 0.7, 0.9, 0.99):
+            logits = _ss_torch.tensor([[_ss_math.log(p), _ss_math.log(1 - p)]])
+            values[p] = float(_ss.L_conf(identity, logits))
+            self.assertAlmostEqual(values[p], -0.5 * (_ss_math.log(p) + _ss_math.log(1 - p)), places=5)
+        self.assertAlmostEqual(values[0.5], _ss_math.log(2), places=6)
+        self.assertEqual(min(values, key=values.get), 0.5)
+        H = _ss_torch.zeros(3, 2, requires_grad=True)            # uniform predictions: a stationary point
+        _ss.L_conf(identity, H).backward()
+        _ss_torch.testing.assert_close(H.grad, _ss_torch.zeros(3, 2))
+
+    def test_choices_are_checked(self):
+        for bad in (dict(pa_form="normalised"), dict(ma_form="uniform")):
+            with self.assertRaises(_ss_UserError):
+                _ss.check_settings(_ss_settings(**bad))
+        self.assertEqual(_ss.CHOICES["pa_form"], ("literal", "scale-free"))
+        self.assertEqual(_ss.CHOICES["ma_form"], ("literal", "confusion"))
+
+
+class TestSSFTWiring(unittest.TestCase):
+    """Eq. 1 and Eq. 16 wiring, the Eq. 18-20 composition inside min_step, the Sec. 4.1 defaults, the test distance."""
+
+    def test_sec41_defaults(self):
+        s = _ss.Settings()
+        paper = dict(arch="resnet50", pretrained="imagenet", lr=3.5e-4, epochs=120, milestones=(40, 70), warmup=0,
+                     k=4, lambda1=1.0, lambda2=0.2, lambda3=0.2, P=8, K=4, aug=True, ssft_test="transductive",
+                     pa_form="literal", ma_form="literal")
+        for name, value in paper.items():
+            self.assertEqual(getattr(s, name), value, name)
+        for switch in ("shl", "spl", "moa", "pa", "re", "sht", "spt"):    # Table 3 row 11: everything on
+            self.assertIs(getattr(s, switch), True, switch)
+        self.assertEqual(_ss.ERASING, 0.5)                                # BoT's random erasing, Sec. 4.1 (2)
+
+    def test_optimisers_and_logged_norm(self):
+        """train() builds Adam for the network and Adam for the adversaries at the Settings' lr and weight decay,
+        and every progress line prints ||H||."""
+        import numpy as _np
+        from unittest import mock as _mock
+        import data as _data
+        from methods import common as _common
+        made = []
+
+        class Recording(_ss_torch.optim.Adam):
+            def __init__(self, params, **kw):
+                super().__init__(params, **kw)
+                made.append(self)
+
+        rng = _np.random.default_rng(0)
+
+        def image_set(per_id, ids=4):
+            labels = _np.repeat(_np.arange(ids), per_id)
+            images = rng.integers(0, 256, (len(labels), 32, 16, 3), dtype=_np.uint8)
+            return _data.ImageSet([f"i{i}" for i in range(len(labels))], labels, _np.ones_like(labels), images)
+
+        s = _ss_settings(epochs=1, milestones=(), lr=3.5e-4)
+        lines = []
+        with _ss_tempfile.TemporaryDirectory() as tmp, _mock.patch.object(_ss.torch.optim, "Adam", Recording):
+            run = _common.Run(tmp, "cpu", log=lines.append, max_its=1, log_every=1)
+            model = _ss.train(s, _data.TrainSet(image_set(4), image_set(2), 4), run)
+        self.assertEqual(len(made), 2)
+        net, adv = _ss.split_parameters(model)
+        for opt, params in zip(made, (net, adv)):
+            self.assertEqual([id(p) for g in opt.param_groups for p in g["params"]], [id(p) for p in params])
+            self.assertEqual(opt.defaults["lr"], 3.5e-4)
+            self.assertEqual(opt.defaults["weight_decay"], 5e-4)
+            self.assertEqual(opt.defaults["betas"], (0.9, 0.999))
+        self.assertTrue(any(" ||H|| " in line for line in lines), lines)
+
+    def test_eq1_parameter_identity(self):
+        """Conv1^v, Conv1^r, Conv2^S, Conv2^v, Conv2^r, the feature blocks and heads own disjoint parameters that
+        together are the model's; Conv1 = stem + layer1 + layer2, Conv2 = layer3 + layer4 of a ResNet."""
+        from methods import common as _common
+        model = _ss.build(_ss_settings(), 3)
+        parts = {"conv1.v": model.conv1["v"], "conv1.r": model.conv1["r"], "conv2_s": model.conv2_s,
+                 "conv2.v": model.conv2["v"], "conv2.r": model.conv2["r"], "feat_s": model.feat_s,
+                 "feat.v": model.feat["v"], "feat.r": model.feat["r"], "classifier_h": model.classifier_h,
+                 "classifier_p.v": model.classifier_p["v"], "classifier_p.r": model.classifier_p["r"],
+                 "sstn": model.sstn, "decoder.v": model.decoder["v"], "decoder.r": model.decoder["r"],
+                 "discriminator": model.discriminator, "projection.v": model.projection["v"],
+                 "projection.r": model.projection["r"]}
+        owned = {name: {id(p) for p in m.parameters()} for name, m in parts.items()}
+        names = list(owned)
+        for i, a in enumerate(names):
+            self.assertTrue(owned[a], a)
+            for b in names[i + 1:]:
+                self.assertFalse(owned[a] & owned[b], f"{a} and {b} share parameters")
+        self.assertEqual(set().union(*owned.values()), {id(p) for p in model.parameters()})
+        _, adv = _ss.split_parameters(model)
+        self.assertEqual({id(p) for p in adv}, owned["discriminator"] | owned["projection.v"] | owned["projection.r"])
+        net = _common.resnet("resnet18", "none")
+        count = lambda modules: sum(p.numel() for m in modules for p in m.parameters())
+        stem_to_2 = count([net.conv1, net.bn1, net.layer1, net.layer2])
+        for m in "vr":
+            self.assertEqual(count([model.conv1[m]]), stem_to_2)
+            self.assertEqual(count([model.conv2[m]]), count([net.layer3, net.layer4]))
+        self.assertEqual(count([model.conv2_s]), count([net.layer3, net.layer4]))
+        with _ss_torch.no_grad():                                        # last stride 1: maps at stride 16
+            out = model.eval().encode(_ss_torch.randn(2, 3, 64, 32), _ss_torch.randn(2, 3, 64, 32))
+        self.assertEqual(tuple(out["S"].shape[2:]), (4, 2))
+        self.assertEqual(tuple(out["Pmap"].shape[2:]), (4, 2))
+
+    def test_eq1_gradient_paths(self):
+        """In eval mode (no BN batch coupling), visible P depends only on Conv1^v, Conv2^v, Feat^v; infrared H only
+        on Conv1^r, Conv2^S, Feat^S."""
+        model = _ss.build(_ss_settings(), 3).eval()
+        b = _ss_batch()
+
+        def reached(select):
+            model.zero_grad(set_to_none=True)
+            select(model.encode(b["x_v"], b["x_r"])).sum().backward()
+            return {name for name, m in (("conv1.v", model.conv1["v"]), ("conv1.r", model.conv1["r"]),
+                                         ("conv2_s", model.conv2_s), ("conv2.v", model.conv2["v"]),
+                                         ("conv2.r", model.conv2["r"]), ("feat_s", model.feat_s),
+                                         ("feat.v", model.feat["v"]), ("feat.r", model.feat["r"]))
+                    if any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in m.parameters())}
+
+        self.assertEqual(reached(lambda o: o["P"][:4]), {"conv1.v", "conv2.v", "feat.v"})
+        self.assertEqual(reached(lambda o: o["P"][4:]), {"conv1.r", "conv2.r", "feat.r"})
+        self.assertEqual(reached(lambda o: o["H"][:4]), {"conv1.v", "conv2_s", "feat_s"})
+        self.assertEqual(reached(lambda o: o["H"][4:]), {"conv1.r", "conv2_s", "feat_s"})
+
+    def test_eq16_decoder_wiring(self):
+        """X^_m = De^m([P^m; H^m]) on the maps H and P are pooled from: visible rows through De^v, infrared through
+        De^r, specific channels first."""
+        _ss_torch.manual_seed(0)
+        model = _ss.build(_ss_settings(), 3).eval()
+        b = _ss_batch()
+        with _ss_torch.no_grad():
+            out = model(b["x_v"], b["x_r"])
+            enc = model.encode(b["x_v"], b["x_r"])
+            _ss_torch.testing.assert_close(out["H"], enc["H"])                # eval mode: the same encoding
+            for m, rows in (("v", slice(0, 4)), ("r", slice(4, 8))):
+                expected = model.decoder[m](_ss_torch.cat([enc["Pmap"][rows], enc["S"][rows]], dim=1))
+                _ss_torch.testing.assert_close(out["X_hat"][rows], expected)
+                other = model.decoder["r" if m == "v" else "v"](_ss_torch.cat([enc["Pmap"][rows], enc["S"][rows]], 1))
+                swapped = model.decoder[m](_ss_torch.cat([enc["S"][rows], enc["Pmap"][rows]], dim=1))
+                self.assertFalse(_ss_torch.allclose(out["X_hat"][rows], other))
+                self.assertFalse(_ss_torch.allclose(out["X_hat"][rows], swapped))
+            self.assertEqual(out["X_hat"].shape, _ss_torch.cat([b["x_v"], b["x_r"]]).shape)
+
+    def min_step_grads(self, s, seed=0):
+        """(logs, {param: grad}) of one min step with lr 0 (the parameters stay, the gradients remain)."""
+        _ss_torch.manual_seed(seed)
+        model = _ss.build(s, 2).train()
+        net, _ = _ss.split_parameters(model)
+        b = _ss_batch()
+        logs = _ss.min_step(model, model(b["x_v"], b["x_r"]), b, s, _ss_torch.optim.SGD(net, lr=0.0), net)
+        return model, b, logs, [p.grad.clone() if p.grad is not None else _ss_torch.zeros_like(p) for p in net]
+
+    def test_eq18_20_composition(self):
+        """L(H), L(P), L(T) (Eq. 18) recomputed with loops and a written-out cross-entropy; L_min (Eq. 19-20,
+        in each form) rebuilt from them has the gradient min_step applied; ||H|| is logged, not optimised."""
+        for pa_form, ma_form in (("literal", "literal"), ("scale-free", "confusion")):
+            s = _ss_settings(pa_form=pa_form, ma_form=ma_form, rho1=0.5, rho2=0.2)
+            model, b, logs, grads = self.min_step_grads(s)
+            model.zero_grad(set_to_none=True)
+            _ss_torch.manual_seed(0)
+            out = model(b["x_v"], b["x_r"])                # same parameters, same batch: the same forward
+            y, yv, yr = _ss_torch.cat([b["y_v"], b["y_r"]]), b["y_v"], b["y_r"]
+            with _ss_torch.no_grad():
+                H, P, T = out["H_tri"], out["P_tri"], out["T_tri"]
+                L_H = _ss_ce(out["logits_H"], y) + 0.5 * (_ss_hard(H[:4], H[4:], yv, yr, 0.5)
+                                                          + _ss_hard(H[4:], H[:4], yr, yv, 0.5))
+                L_P = (0.5 * (_ss_ce(out["logits_P"][0], yv) + _ss_ce(out["logits_P"][1], yr))
+                       + 0.5 * (_ss_hard(P[:4], P[:4], yv, yv, 0.2) + _ss_hard(P[4:], P[4:], yr, yr, 0.2)))
+                L_T = _ss_ce(out["logits_T"], y) + 0.25 * (
+                    _ss_hard(T[:4], T[4:], yv, yr, 0.5) + _ss_hard(T[4:], T[:4], yr, yv, 0.5)
+                    + _ss_hard(T[:4], T[:4], yv, yv, 0.2) + _ss_hard(T[4:], T[4:], yr, yr, 0.2))
+            for name, value in (("L(H)", L_H), ("L(P)", L_P), ("L(T)", L_T)):
+                self.assertAlmostEqual(float(logs[name]), value, places=4, msg=name)
+            self.assertAlmostEqual(float(logs["||H||"]), float(out["H"].detach().norm(dim=1).mean()), places=4)
+            # L_min from the logged (now verified) terms and the weights of Eq. (20), differentiated again
+            Hf, Pf = out["H"], out["P"]
+            x = _ss_torch.cat([b["x_v"], b["x_r"]])
+            L_re = ((out["X_hat"] - x) ** 2).mean()
+            p = _ss_torch.softmax(model.discriminator(Hf), dim=1)                          # (8, 2)
+            if ma_form == "literal":
+                adversarial_ma = -0.2 * -_ss_torch.log(_ss_torch.cat([p[:4, 0], p[4:, 1]])).mean()
+            else:
+                adversarial_ma = 0.2 * -0.5 * _ss_torch.log(p).sum(1).mean()
+            if pa_form == "scale-free":
+                Pf, Hf = Pf / Pf.norm(dim=1, keepdim=True), Hf / Hf.norm(dim=1, keepdim=True)
+            proj = _ss_torch.cat([Pf[:4] @ model.projection["v"].weight.t(), Pf[4:] @ model.projection["r"].weight.t()])
+            L_pa = (proj - Hf).norm(dim=1).mean()
+            feat = (_ss.L_c(out["logits_H"], y) + 0.5 * _ss.L_cmT(H[:4], H[4:], yv, yr, 0.5)
+                    + 0.5 * (_ss.L_c(out["logits_P"][0], yv) + _ss.L_c(out["logits_P"][1], yr))
+                    + 0.5 * _ss.L_smT(P[:4], P[4:], yv, yr, 0.2)
+                    + _ss.L_c(out["logits_T"], y) + 0.25 * _ss.L_t(T[:4], T[4:], yv, yr, 0.5, 0.2))
+            self.assertAlmostEqual(float(feat.detach()), L_H + L_P + L_T, places=4)        # Eq. (19)
+            L_min = feat + 1.0 * L_re + adversarial_ma - 0.2 * L_pa                        # Eq. (20)
+            net, _ = _ss.split_parameters(model)
+            reference = _ss_torch.autograd.grad(L_min, net, allow_unused=True)
+            for g, r in zip(grads, reference):
+                _ss_torch.testing.assert_close(g, r if r is not None else _ss_torch.zeros_like(g),
+                                               atol=1e-5, rtol=1e-4)
+
+    def test_distance_label_free_and_order_invariant(self):
+        """distance sees only [H | P | m] rows (no labels, no cameras), and permuting the queries and the gallery
+        permutes its result the same way."""
+        self.assertEqual(list(_ss_inspect.signature(_ss.distance).parameters),
+                         ["model", "q_feat", "g_feat", "settings"])
+        _ss_torch.manual_seed(0)
+        model = _ss.build(_ss_settings(), 5).eval()
+        with _ss_torch.no_grad():
+            q = _ss.extract(model, _ss_torch.randn(7, 3, 32, 16), "r")
+            g = _ss.extract(model, _ss_torch.randn(9, 3, 32, 16), "v")
+        self.assertEqual(q.shape[1], 2 * model.c + 1)
+        pq, pg = _ss_torch.randperm(7), _ss_torch.randperm(9)
+        for mode in _ss.TEST_MODES:
+            s = _ss_settings(ssft_test=mode)
+            dist = _ss.distance(model, q, g, s)
+            permuted = _ss.distance(model, q[pq], g[pg], s)
+            self.assertTrue(_ss_torch.equal(permuted, dist[pq][:, pg]), mode)      # exactly, not to rounding
+
+    def test_distance_eval_mode_and_H_fallback(self):
+        """distance puts the model in eval mode (BN running statistics); without SSTN (Table 3 rows 1-5) it is the
+        Euclidean distance of the L2-normalised H."""
+        _ss_torch.manual_seed(0)
+        model = _ss.build(_ss_settings(), 5)
+        with _ss_torch.no_grad():
+            model.sstn.feat.layer.running_mean.normal_()
+            q = _ss.extract(model.eval(), _ss_torch.randn(3, 3, 32, 16), "r")
+            g = _ss.extract(model, _ss_torch.randn(4, 3, 32, 16), "v")
+        expected = _ss.distance(model, q, g, _ss_settings())
+        model.train()
+        _ss_torch.testing.assert_close(_ss.distance(model, q, g, _ss_settings()), expected)
+        self.assertFalse(model.training)
+        bare_s = _ss_settings(sht=False, spt=False)
+        bare = _ss.build(bare_s, 5).eval()
+        with _ss_torch.no_grad():
+            q = _ss.extract(bare, _ss_torch.randn(3, 3, 32, 16), "r")
+            g = _ss.extract(bare, _ss_torch.randn(4, 3, 32, 16), "v")
+        c = bare.c
+        Hq, Hg = q[:, :c] / q[:, :c].norm(dim=1, keepdim=True), g[:, :c] / g[:, :c].norm(dim=1, keepdim=True)
+        expected = _ss_torch.tensor([[float((Hq[i] - Hg[j]).norm()) for j in range(4)] for i in range(3)])
+        _ss_torch.testing.assert_close(_ss.distance(bare, q, g, bare_s), expected, atol=1e-5, rtol=0)
+
+    def test_single_query_chunk_from_free_memory(self):
+        from unittest import mock as _mock
+        cpu = _ss_torch.device("cpu")
+        self.assertEqual(_ss.single_query_chunk(3010, 2048, cpu), 2)       # SYSU-MM01 multi-shot size on CPU
+        cuda = _ss_torch.device("cuda")
+        with _mock.patch.object(_ss.torch.cuda, "mem_get_info", return_value=(100 * 2 ** 30, 140 * 2 ** 30)):
+            # half of 100 GiB over 4 float32 blocks of 3010 x 2048 x n elements: n = 544
+            self.assertEqual(_ss.single_query_chunk(3010, 2048, cuda), 50 * 2 ** 30 // (4 * 4 * 3010 * 2048))
+        with _mock.patch.object(_ss.torch.cuda, "mem_get_info", return_value=(2 ** 20, 140 * 2 ** 30)):
+            self.assertEqual(_ss.single_query_chunk(3010, 2048, cuda), 2)  # never below the CPU bound
+
+
 class TestSSFTSmoke(unittest.TestCase):
     def reid(self, *flags):
         done = _ss_subprocess.run([_ss_sys.executable, "reid.py", "--method", "ssft", "--smoke", *flags],
@@ -3606,7 +4061,7 @@ class TestSSFTSmoke(unittest.TestCase):
         with _ss_tempfile.TemporaryDirectory() as tmp:
             out = _ss_os.path.join(tmp, "train")
             stdout = self.reid("--out", out)                                     # transductive test (default)
-            for term in ("L_max", "L(H)", "L(P)", "L(T)", "L_re", "L_ma", "L_pa"):
+            for term in ("L_max", "L(H)", "L(P)", "L(T)", "L_re", "L_ma", "L_pa", "||H||"):
                 self.assertIn(f" {term} ", stdout)
             self.assertTrue(_ss_os.path.isfile(_ss_os.path.join(out, "reconstruction.png")))
             # the same model through the single-query path (Eq. 22): a test-time flag given with --eval-only wins
@@ -3687,7 +4142,7 @@ class TestRFMLTG(unittest.TestCase):
 
     def test_range_and_memory_matrix(self):
         x = self.images()
-        ltg = _rfm.LTG(32, 16, p=1.0)
+        ltg = _rfm.LTG(p=1.0)
         I, M, rects = ltg.transform(x, _rfm_np.random.default_rng(0))
         self.assertTrue(bool(((I >= 0) & (I <= 1)).all()))          # alpha_max = 1 / max keeps I* <= 1
         nonzero = x > 0
@@ -3700,7 +4155,7 @@ class TestRFMLTG(unittest.TestCase):
     def test_matches_alg1_restated(self):
         x = self.images()
         for f_g in _rfm.F_G:
-            ltg = _RFMRecordingLTG(32, 16, p=0.7, f_g=f_g, max_rects=30)
+            ltg = _RFMRecordingLTG(p=0.7, f_g=f_g, max_rects=30)
             I, M, rects = ltg.transform(x, _rfm_np.random.default_rng(3))
             steps = list(zip(ltg.drawn[0::2], ltg.drawn[1::2]))
             for i in range(len(x)):
@@ -3713,18 +4168,18 @@ class TestRFMLTG(unittest.TestCase):
 
     def test_p_zero_is_identity(self):
         x = self.images()
-        I, M, rects = _rfm.LTG(32, 16, p=0.0).transform(x, _rfm_np.random.default_rng(0))
+        I, M, rects = _rfm.LTG(p=0.0).transform(x, _rfm_np.random.default_rng(0))
         self.assertTrue(bool(_rfm_torch.equal(I, x)) and bool((M == 1).all()) and int(rects.sum()) == 0)
 
     def test_bound_on_rectangles(self):
         # t_min = 0 is never reached with uniform factors: Alg. 1 would loop forever, the bound stops it
-        ltg = _rfm.LTG(32, 16, p=1.0, f_g="uniform", t_min=0.0, max_rects=7)
+        ltg = _rfm.LTG(p=1.0, f_g="uniform", t_min=0.0, max_rects=7)
         _, _, rects = ltg.transform(self.images(), _rfm_np.random.default_rng(0))
         self.assertTrue(bool((rects == 7).all()))
 
     def test_constant_is_one_black_rectangle(self):
         x = self.images()[2:]
-        I, _, rects = _rfm.LTG(32, 16, p=1.0, f_g="constant").transform(x, _rfm_np.random.default_rng(0))
+        I, _, rects = _rfm.LTG(p=1.0, f_g="constant").transform(x, _rfm_np.random.default_rng(0))
         self.assertTrue(bool((rects == 1).all()))
         for image in I:
             black = (image == 0).all(0)
@@ -3734,7 +4189,7 @@ class TestRFMLTG(unittest.TestCase):
             self.assertTrue(0.01 * 32 * 16 <= box.numel() <= 0.5 * 32 * 16)
 
     def test_rectangles_inside_with_the_drawn_area_and_aspect(self):
-        ltg = _rfm.LTG(128, 64)
+        ltg = _rfm.LTG()
         rng = _rfm_np.random.default_rng(0)
         for _ in range(300):
             y, x, h, w = ltg.rectangle(rng, 128, 64)
@@ -3748,7 +4203,7 @@ class TestRFMLTG(unittest.TestCase):
         cdf = {"uniform": lambda t: t, "beta0.5": lambda t: 2 / _rfm_np.pi * _rfm_np.arcsin(_rfm_np.sqrt(t))}
         var = {"uniform": 1 / 12, "beta0.5": 1 / 8, "beta0.3": 1 / (4 * 1.6)}       # Beta(a, a): 1 / (4 (2a + 1))
         for f_g in var:
-            ltg = _rfm.LTG(8, 8, p=1.0, f_g=f_g, t_min=0.0, max_rects=1)
+            ltg = _rfm.LTG(p=1.0, f_g=f_g, t_min=0.0, max_rects=1)
             I, _, _ = ltg.transform(x, _rfm_np.random.default_rng(0))
             f = _rfm_np.sort(I.flatten(2).amin(2).flatten().double().numpy())      # (6000,) the draws
             self.assertAlmostEqual(f.mean(), 0.5, delta=0.02)
@@ -3758,7 +4213,7 @@ class TestRFMLTG(unittest.TestCase):
                 self.assertLess(ks, 0.03)
 
     def test_hook_changes_both_modalities_and_is_deterministic(self):
-        ltg = _rfm.LTG(32, 16, p=1.0)
+        ltg = _rfm.LTG(p=1.0)
         batch = {"x_v": self.images(4), "x_r": self.images(4) * 0.5, "y_v": _rfm_torch.arange(4),
                  "y_r": _rfm_torch.arange(4)}
         a = ltg(batch, _rfm_torch.Generator().manual_seed(5))
@@ -3769,10 +4224,12 @@ class TestRFMLTG(unittest.TestCase):
             self.assertTrue(bool(_rfm_torch.equal(a[k], b[k])))
 
     def test_bad_settings(self):
-        for kwargs in (dict(f_g="beta"), dict(area=(0.5, 0.1)), dict(area=(0.95, 1.0), aspect=(8.0, 9.0)),
-                       dict(p=1.5), dict(max_rects=0)):
+        for kwargs in (dict(f_g="beta"), dict(ltg_area=(0.5, 0.1)), dict(ltg_area=(0.95, 1.0), ltg_aspect=(8.0, 9.0)),
+                       dict(ltg_p=1.5), dict(ltg_max_rects=0)):
+            settings = _rfm.Settings(**{**_rfm.SMOKE, "height": 32, "width": 16, **kwargs})
             with self.assertRaises(_RFMUserError):
-                _rfm.LTG(32, 16, **kwargs)
+                _rfm.check(settings)
+            _rfm.check(_rfm.Settings(**{**_rfm.SMOKE, "height": 32, "width": 16, **kwargs, "ltg": False}))
 
 
 class TestRFMLosses(unittest.TestCase):
@@ -3884,17 +4341,38 @@ class TestRFMModel(unittest.TestCase):
             self.assertAlmostEqual(loss.item(), sum(lam[k] * v.item() for k, v in terms.items()), places=3)
             loss.backward()
 
+    def test_pcb_on_layer4(self):
+        """--pcb-map stage4 (finding 6): Table II's baseline as PCB [29], the stripes cut from a shared layer4 (last
+        stride 1) on F; parameters = the stage-3 baseline + one layer4 + the wider FC of each part head."""
+        x = _rfm_torch.randn(2, 3, 64, 32)
+        count = lambda m: sum(p.numel() for p in m.parameters())
+        base = _rfm.build(self.settings(attention="none"), 10).eval()
+        pcb = _rfm.build(self.settings(attention="none", pcb_map="stage4"), 10).eval()
+        layer4 = _rfm_common.stages(_rfm_common.resnet("resnet18", "none", last_stride=1))[3]
+        self.assertEqual(count(pcb) - count(base), count(layer4) + 4 * (512 - 256) * 16)   # resnet18: C3 256, C4 512
+        with _rfm_torch.no_grad():
+            F_m = pcb.backbone(x)
+            h = pcb.part_features(F_m)
+            map4 = pcb.f_S(F_m)
+            self.assertEqual(map4.shape[2:], F_m.shape[2:])                                  # stride 1
+            _rfm_torch.testing.assert_close(h[1], pcb.reduce[1](map4[:, :, 1].mean(-1)))   # part 2 = row 2 of layer4
+        with self.assertRaises(_RFMUserError):
+            _rfm.check(self.settings(pcb_map="stage4"))                                       # with MAM: refused
+
     def test_bad_settings(self):
-        for kw in (dict(center="hc"), dict(attention="cbam"), dict(parts=5), dict(parts=0)):
+        for kw in (dict(center="hc"), dict(attention="cbam"), dict(parts=5), dict(parts=0), dict(pcb_map="layer5")):
             with self.assertRaises(_RFMUserError):
                 _rfm.check(self.settings(**kw))
 
 
-def _rfm_world(n_ids=6, n=4, seed=0):
+def _rfm_world(n_ids=6, n=4, seed=0, noise_seed=None):
     """A tiny two-modality world: each identity a smooth random 3x32x16 pattern; visible = pattern + noise,
-    infrared = its grey level + noise. -> x_v, x_r (n_ids * n, 3, 32, 16), y (n_ids * n,)."""
+    infrared = its grey level + noise. -> x_v, x_r (n_ids * n, 3, 32, 16), y (n_ids * n,). The patterns come
+    from `seed`; the noise too, or from `noise_seed` (the same identities seen again with new noise)."""
     g = _rfm_torch.Generator().manual_seed(seed)
     pattern = _rfm_torch.nn.functional.interpolate(_rfm_torch.rand(n_ids, 3, 8, 4, generator=g), size=(32, 16))
+    if noise_seed is not None:
+        g = _rfm_torch.Generator().manual_seed(10_000 + noise_seed)
     y = _rfm_torch.arange(n_ids).repeat_interleave(n)
     x_v = pattern[y] + 0.1 * _rfm_torch.randn(len(y), 3, 32, 16, generator=g)
     x_r = pattern[y].mean(1, keepdim=True).expand(-1, 3, -1, -1) + 0.1 * _rfm_torch.randn(len(y), 3, 32, 16,
@@ -3905,19 +4383,22 @@ def _rfm_world(n_ids=6, n=4, seed=0):
 class TestRFMCollapse(unittest.TestCase):
     def test_short_training_separates_identities(self):
         """Finding 1 of the review: with L_tri and L_cc on the raw FC output and lambda = 3 the part features
-        collapse to one point. On the release's placement (unit BN output) a short training on a tiny world makes
-        same-identity part features clearly closer than other-identity ones."""
+        collapse towards one point. On the release's placement (unit BN output) 30 steps on a tiny world of six
+        identities (new noise each step) make same-identity part features far closer than other-identity ones,
+        and the features stay spread. With the losses put back on the raw FC output both assertions fail
+        (checked by hand: same / other 0.17 and 0.13, other / norm 0.076 and 0.070 for the two parts; here
+        0.016 / 0.017 and 1.53 / 1.54)."""
         _rfm_torch.manual_seed(0)
         settings = _rfm.Settings(**{**_rfm.SYNTHETIC, "height": 32, "width": 16, "parts": 2, "part_dim": 16})
         model = _rfm.build(settings, 6)
         opt = _rfm_torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9, weight_decay=5e-4)
-        for it in range(60):
-            x_v, x_r, y = _rfm_world(seed=it + 1)
+        for it in range(30):
+            x_v, x_r, y = _rfm_world(noise_seed=it + 1)
             loss, terms, _ = _rfm.objective(model, {"x_v": x_v, "x_r": x_r, "y_v": y, "y_r": y}, settings)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        x_v, x_r, y = _rfm_world(seed=1000)                            # batch statistics, as the losses see
+        x_v, x_r, y = _rfm_world(noise_seed=1000)                      # batch statistics, as the losses see
         with _rfm_torch.no_grad():
             f, _, _ = model(x_v, x_r)
         y2 = _rfm_torch.cat([y, y])
@@ -3925,8 +4406,8 @@ class TestRFMCollapse(unittest.TestCase):
         other = y2[:, None] != y2[None, :]
         for f_k in f:
             d = _rfm_torch.cdist(f_k, f_k)
-            self.assertLess(float(d[same].mean()), 0.7 * float(d[other].mean()))
-            self.assertGreater(float(d[other].mean()), 0.05 * float(f_k.norm(dim=1).mean()))  # not a point
+            self.assertLess(float(d[same].mean()), 0.1 * float(d[other].mean()))
+            self.assertGreater(float(d[other].mean()), 0.5 * float(f_k.norm(dim=1).mean()))   # not a point
 
 
 class TestRFMAlarm(unittest.TestCase):

@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -134,8 +135,12 @@ def save_atomic(obj, path):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a full disk surfaces from torch.save as a RuntimeError
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({type(e).__name__}: {str(e).splitlines()[0][:80]}); free disk "
-                        f"space or give another --out") from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short"
+        try:
+            why += f"; {shutil.disk_usage(path.parent).free / 2 ** 20:.1f} MB free there"
+        except OSError:
+            pass
+        raise UserError(f"cannot write {path} ({why}); free disk space or give another --out") from None
 
 
 def load_checkpoint(path):

@@ -6,6 +6,8 @@ Implements:
   image are rescaled per channel by alpha = f_g / max(region) until the memory matrix M of cumulative factors
   reaches t_min somewhere. An image transform on both modalities, run as the data.Augment `extra` hook on the
   float [0, 1] batch: Alg. 1's loop per image, each rectangle's update vectorised over channels and pixels.
+  `LinearTransformationGenerator` is the algorithm alone (numpy, copyable as it is); `LTG` the adapter (checks
+  the flags, the loader hook).
   f_g: Beta(0.5, 0.5), Beta(0.3, 0.3), uniform, or the constant 0, Table III. `constant` is one black rectangle
   (pixel 0 before normalisation) of Alg. 1's size, NOT random erasing [31] (mean-colour fill, corner-inside
   sampler): Table III's "Random Erasing" row is `--ltg false --erasing 0.5` (data.Augment's random erasing).
@@ -22,17 +24,18 @@ Implements:
   (--attention none|spatial|mam). Table II's baseline (--ltg false --center none --attention none) reads the
   paper's "PCB baseline" as PCB on the Residual-Block 3 map of Fig. 4, so it has NO layer4 at all (resnet18 at the
   SYNTHETIC recipe: 2.8 M parameters against 19.6 M with MAM, whose two layer4 copies train from scratch on CPU);
-  the +MAM rows mix attention with that capacity. The PCB-on-layer4 reading (PCB [29]) is not implemented yet.
+  the +MAM rows mix attention with that capacity. `--pcb-map stage4` (with `--attention none`) is the other
+  reading, PCB [29] as published: a shared Residual-Block 4 (last stride 1) on F, the stripes cut from its map.
   Table IV's `center` is a batch-centre variant of Eq. (5) (centres = mini-batch class means), not the learned
   centres of [32].
 - Pictures (figures): LTG samples under their inputs (Fig. 9) and attention maps over test images (Fig. 10).
 
-Readings where the paper is ambiguous or silent:
+Readings and choices:
 - Alg. 1 writes W_r = S_r / r_r, which is not a length; we use W_r = sqrt(S_r / r_r) (H_r W_r = S_r, H_r / W_r =
   r_r), as random erasing [31], whose parameters the LTG takes. Corners are integer pixels, uniform in the image;
   a rectangle that leaves the image is redrawn (area, aspect and corner together), exactly as Alg. 1's loop. The
   release keeps a size that fits and then draws the corner inside (random_erasing.py:88-93), which favours larger
-  rectangles: mean area 0.152 (here) against 0.203 (release) of the image (review, finding 12).
+  rectangles on average.
 - f_g is drawn per channel (Alg. 1 calls f_g inside the channel loop). Alg. 1 bounds the image by 1
   (alpha_max = 1 / max), so a rescaled region's maximum is f_g <= 1: outputs stay in [0, 1], but can exceed the
   input's own maximum when that is below 1.
@@ -40,11 +43,10 @@ Readings where the paper is ambiguous or silent:
 - Eq. (5)-(6) centres are the class (per modality) means of the mini-batch features, gradients flowing through
   them; D is the Euclidean distance (Sec. IV-C), not its square; both losses are divided by the batch size N
   (Sec. V-D says center and cross-center loss are normalised so); `--cc-distance squared-unit` is the release's
-  form. Before issue 15 the metric losses sat on the raw FC output and, with lambda = 3, collapsed every part
-  feature to a point (review finding 1: L_tri at K x margin, same-id = other-id distance); they now sit on the
-  L2-normalised BN output as in the release, and the training log warns (common.Run.watch) if L_tri stays at
-  its margin for an epoch or the features' pairwise distance falls below 5 % of their norm. The
-  hetero-center loss is the one of [33]: squared distance of the two modality centres, summed over the
+  form. The metric losses sit on the L2-normalised BN output of each part head, as in the release: on the raw FC
+  output, with lambda = 3, every part feature collapses to one point (TestRFMCollapse). The training log warns
+  (common.Run.watch) if L_tri stays at its margin for an epoch or the features' pairwise distance falls below
+  5 % of their norm. The hetero-center loss is the one of [33]: squared distance of the two modality centres, summed over the
   identities (its 'default' in Table IV; HC-Loss*(3.0) = --lam 3/N).
 - Each part is reduced by a fully connected layer ("we attach the constraints after a fully connected layer",
   Sec. IV-A); the paper says nothing of normalisation, so the head is the release's ClassBlock: Linear(C, 512) ->
@@ -60,10 +62,8 @@ Deviations:
 - Alg. 1 loops until min(M) <= t_min with no bound; here an image gets at most `ltg_max_rects` rectangles (50:
   more than the 99th percentile of what Beta(0.5, 0.5) needs at t_min = 1e-6, about 13 on average).
 - A rectangle channel that is all zero keeps alpha = 1 (alpha_max = 1 / 0 is undefined; no factor changes it).
-- L_id of each part, L_id^v and L_id^n sit on a BNNeck [30] (BatchNorm1d with frozen shift, bias-free linear
-  classifier) after f_k and after the average pooled f_v(F^v), f_n(F^n); the paper names only the classifier.
-  Without the BN, the metric losses shrink f_k to a point faster than cross-entropy learns (seen from scratch on
-  the synthetic world).
+- L_id^v and L_id^n sit on a BNNeck [30] (BatchNorm1d with frozen shift, bias-free linear
+  classifier) after the average pooled f_v(F^v), f_n(F^n); the paper names only the classifier.
 - With images too small for 12 stripes on the stage-3 map (CPU recipes), K is a setting and must not exceed the
   map's height; resnet18/34 are allowed for CPU runs (the paper uses ResNet-50).
 - The global L_id^v / L_id^n heads are a BNNeck + FC; the release uses ClassBlock(2048 -> 512, BN, Dropout, FC).
@@ -129,6 +129,8 @@ class Settings:
     lam: float = 3.0                     # Sec. V-A, Fig. 8: lambda = 3 in Eq. (8)
     center: str = "cross"                # Table IV: cross (Eq. 6) | center (Eq. 5) | hetero ([33]) | none
     attention: str = "mam"               # Table V: mam (Eq. 7) | spatial (CBAM [43]) | none
+    pcb_map: str = "stage3"              # Fig. 4: PCB cuts the Residual-Block 3 map; stage4 (only with attention
+                                         #   none): Table II's "PCB baseline" read as PCB [29], on layer4's map
     ltg: bool = True                     # Table II: the LTG on or off
     ltg_p: float = 0.5                   # Sec. V-A: LTG probability p = 0.5
     ltg_area: tuple = (0.02, 0.4)        # Sec. V-A: s_min, s_max (fraction of the image area)
@@ -139,7 +141,8 @@ class Settings:
 
 
 CHOICES = {"f_g": ("beta0.5", "beta0.3", "uniform", "constant"), "center": ("cross", "center", "hetero", "none"),
-           "attention": ("mam", "spatial", "none"), "cc_distance": ("euclidean", "squared-unit")}
+           "attention": ("mam", "spatial", "none"), "cc_distance": ("euclidean", "squared-unit"),
+           "pcb_map": ("stage3", "stage4")}
 
 # The values with which the authors' release (stone96123/RFM at 4d0c685) runs.
 RELEASE = dict(
@@ -181,30 +184,15 @@ ATTENTIONS = CHOICES["attention"]   # Table V (and Table II's MAM on/off)
 
 # ---------------------------------------------------------------- Alg. 1: linear transformation generator
 
-class LTG:
-    """Alg. 1 as the data.Augment `extra` hook: applied to every image of 'x_v' and 'x_r' (B, 3, H, W) in [0, 1].
+class LinearTransformationGenerator:
+    """Alg. 1, portable (numpy only, nothing of this project): `transform(x, rng)` runs the LTG on each image of
+    x (N, C, H, W) in [0, 1], every draw from the numpy Generator rng; the parameters are taken as given.
 
     Each image runs Alg. 1's loop; the work inside a rectangle is vectorised over channels and pixels. (Stepping
     all images of a batch together costs whole-image passes per step while rectangles cover a fifth of an image,
-    and the batch waits for its slowest image: about 10x slower on a CPU.) Picklable (loader worker processes
-    get a copy); every draw comes from a numpy Generator seeded from the loader's torch.Generator, so a batch
-    depends only on (seed, epoch, batch index)."""
+    and the batch waits for its slowest image: about 10x slower on a CPU.)"""
 
-    def __init__(self, height, width, p=0.5, area=(0.02, 0.4), aspect=(0.3, 3.33), f_g="beta0.5", t_min=1e-6,
-                 max_rects=50):
-        if f_g not in F_G:
-            raise common.UserError(f"--f-g {f_g!r} is not an f_g of Table III; choose one of {', '.join(F_G)}")
-        if not (len(area) == 2 and 0 < area[0] <= area[1] <= 1 and len(aspect) == 2 and 0 < aspect[0] <= aspect[1]):
-            raise common.UserError(f"--ltg-area {area} / --ltg-aspect {aspect}: give two increasing numbers each, "
-                                   f"areas in (0, 1] (fractions of the image) and aspects > 0, e.g. 0.02 0.4 / 0.3 3.33")
-        r = np.linspace(aspect[0], aspect[1], 101)
-        s = area[0] * height * width
-        if not np.any((np.rint(np.sqrt(s * r)) <= height) & (np.rint(np.sqrt(s / r)) <= width)):
-            raise common.UserError(f"--ltg-area {area} --ltg-aspect {aspect}: no rectangle fits a {height}x{width} "
-                                   f"image; lower the area or bring the aspect range nearer {height / width:.2f}")
-        if not (0 <= p <= 1 and t_min >= 0 and max_rects >= 1):
-            raise common.UserError(f"LTG: need 0 <= --ltg-p <= 1 (got {p}), --t-min >= 0 (got {t_min}) and "
-                                   f"--ltg-max-rects >= 1 (got {max_rects})")
+    def __init__(self, p=0.5, area=(0.02, 0.4), aspect=(0.3, 3.33), f_g="beta0.5", t_min=1e-6, max_rects=50):
         self.p, self.area, self.aspect, self.f_g, self.t_min, self.max_rects = p, area, aspect, f_g, t_min, max_rects
 
     def draw_f_g(self, rng, n):
@@ -255,6 +243,12 @@ class LTG:
         M = np.ones_like(I)
         rects = np.array([self.image(I[i], M[i], rng) for i in range(len(I))])
         return torch.from_numpy(I), torch.from_numpy(M), torch.from_numpy(rects)
+
+
+class LTG(LinearTransformationGenerator):
+    """The adapter, data.Augment's `extra` hook: Alg. 1 on 'x_v' and 'x_r' (B, 3, H, W) in [0, 1]. Picklable
+    (loader worker processes get a copy); the draws come from a numpy Generator seeded from the loader's
+    torch.Generator, so a batch depends only on (seed, epoch, batch index). `check` validates the flags."""
 
     def __call__(self, batch, g):
         rng = np.random.default_rng(int(torch.randint(2 ** 62, (1,), generator=g)))
@@ -317,8 +311,9 @@ class RFM(nn.Module):
             self.id_v, self.id_n = classifier(c[3], num_classes), classifier(c[3], num_classes)  # L_id^v, L_id^n
         elif self.attention == "spatial":
             self.spatial = SpatialAttention()
+        self.f_S = layer4 if settings.pcb_map == "stage4" else None   # PCB [29]: shared layer4 (attention none)
         self.parts = settings.parts
-        heads = [part_head(c[2], settings.part_dim, settings.part_dropout, num_classes) for _ in range(settings.parts)]
+        heads = [part_head(c[3] if self.f_S is not None else c[2], settings.part_dim, settings.part_dropout, num_classes) for _ in range(settings.parts)]
         self.reduce = nn.ModuleList(h[0] for h in heads)           # FC -> BN per part
         self.classifiers = nn.ModuleList(h[1] for h in heads)      # Dropout -> FC per part
         self.flip_test = settings.flip_test
@@ -334,8 +329,11 @@ class RFM(nn.Module):
 
     def part_features(self, F_att):
         """PCB: (B, C3, h, w) -> K part features (B, part_dim): K stripes, average pooled, FC then BN (the release's
-        placement, model.py:104-122; the paper says only "after a fully connected layer")."""
-        V = F.adaptive_avg_pool2d(F_att, (self.parts, 1)).flatten(2)           # (B, C3, K): V_1..V_K
+        placement, model.py:104-122; the paper says only "after a fully connected layer"). With pcb_map stage4
+        the stripes are cut from the shared layer4's map (B, C4, h, w) of F_att instead."""
+        if self.f_S is not None:
+            F_att = self.f_S(F_att)                                            # (B, C4, h, w), stride 1
+        V = F.adaptive_avg_pool2d(F_att, (self.parts, 1)).flatten(2)           # (B, C, K): V_1..V_K
         return [reduce(V[:, :, k]) for k, reduce in enumerate(self.reduce)]    # BN(FC(V_k)), (B, part_dim) each
 
     def forward(self, x_v, x_r):
@@ -433,6 +431,25 @@ def check(settings):
     if settings.cc_distance not in CHOICES["cc_distance"]:
         raise common.UserError(f"--cc-distance {settings.cc_distance!r}: choose one of "
                                f"{', '.join(CHOICES['cc_distance'])}")
+    if settings.pcb_map not in CHOICES["pcb_map"]:
+        raise common.UserError(f"--pcb-map {settings.pcb_map!r}: choose one of {', '.join(CHOICES['pcb_map'])}")
+    if settings.pcb_map == "stage4" and settings.attention != "none":
+        raise common.UserError(f"--pcb-map stage4 is the PCB reading of Table II's baseline, which has no attention; "
+                               f"add --attention none, or keep --pcb-map stage3 with --attention {settings.attention}")
+    if settings.ltg:                                                  # the LTG's parameters, Alg. 1
+        area, aspect, H, W = settings.ltg_area, settings.ltg_aspect, settings.height, settings.width
+        if settings.f_g not in F_G:
+            raise common.UserError(f"--f-g {settings.f_g!r} is not an f_g of Table III; choose one of {', '.join(F_G)}")
+        if not (len(area) == 2 and 0 < area[0] <= area[1] <= 1 and len(aspect) == 2 and 0 < aspect[0] <= aspect[1]):
+            raise common.UserError(f"--ltg-area {area} / --ltg-aspect {aspect}: give two increasing numbers each, areas "
+                                   f"in (0, 1] (fractions of the image) and aspects > 0, e.g. 0.02 0.4 / 0.3 3.33")
+        r, S = np.linspace(aspect[0], aspect[1], 101), area[0] * H * W
+        if not np.any((np.rint(np.sqrt(S * r)) <= H) & (np.rint(np.sqrt(S / r)) <= W)):
+            raise common.UserError(f"--ltg-area {area} --ltg-aspect {aspect}: no rectangle fits a {H}x{W} image; "
+                                   f"lower the area or bring the aspect range nearer {H / W:.2f}")
+        if not (0 <= settings.ltg_p <= 1 and settings.t_min >= 0 and settings.ltg_max_rects >= 1):
+            raise common.UserError(f"LTG: need 0 <= --ltg-p <= 1 (got {settings.ltg_p}), --t-min >= 0 (got "
+                                   f"{settings.t_min}) and --ltg-max-rects >= 1 (got {settings.ltg_max_rects})")
     rows = stage3_height(settings.height)
     if not 1 <= settings.parts <= rows:
         raise common.UserError(f"--parts {settings.parts}: the Residual-Block 3 map of a {settings.height}-pixel "
@@ -440,7 +457,7 @@ def check(settings):
 
 
 def make_ltg(settings):
-    return LTG(settings.height, settings.width, settings.ltg_p, settings.ltg_area, settings.ltg_aspect,
+    return LTG(settings.ltg_p, settings.ltg_area, settings.ltg_aspect,
                settings.f_g, settings.t_min, settings.ltg_max_rects)
 
 
@@ -471,7 +488,8 @@ def train(settings, trainset, run):
     model = build(settings, trainset.num_classes).to(run.device)
     augment = data.Augment(settings.height, settings.width, pad=settings.pad, erasing=settings.erasing, extra=ltg)
     loader = data.train_loader(trainset, settings.P, settings.K, run.seed, augment, workers=run.workers)
-    slow = [model.backbone] + ([model.f_v, model.f_n] if settings.attention == "mam" else [])
+    slow = [model.backbone] + ([model.f_v, model.f_n] if settings.attention == "mam" else []) + \
+        ([model.f_S] if model.f_S is not None else [])                # every pretrained stage at 0.1 x lr
     slow_ids = {id(p) for m in slow for p in m.parameters()}
     groups = [{"params": [p for m in slow for p in m.parameters()], "lr": settings.backbone_lr_mult * settings.lr},
               {"params": [p for p in model.parameters() if id(p) not in slow_ids], "lr": settings.lr}]
@@ -489,7 +507,7 @@ def train(settings, trainset, run):
             loss.backward()
             optimizer.step()
             y = torch.cat([batch["y_v"], batch["y_r"]])
-            for k, m_k in enumerate(f):                                # collapse alarm per part (issue 15)
+            for k, m_k in enumerate(f):                                # collapse alarm per part
                 run.watch(f"L_tri on part {k + 1} m_k", m_k, loss=L_tri_hard(m_k.detach(), y, settings.margin),
                           margin=settings.margin)
             run.log(epoch, it, {"L": loss.detach(), **{k: v.detach() for k, v in terms.items()}},

@@ -20,37 +20,88 @@ Implements
   projections Theta^m;
 - testing (Sec. 3.4, 4.5): `distance` runs SSTN over all queries and the gallery together (`--ssft-test
   transductive`, the paper's main tables) or once per query with the amplified affinity of Eq. 22 (`--ssft-test
-  single-query`, Table 5); the transferred features T are L2-normalised and compared by Euclidean distance.
-  Both work on sparse neighbour lists and in chunks, so SYSU-MM01 multi-shot (~3,800 queries + 3,000 gallery) needs
-  no N x N matrix: memory O(N (k + c)) plus fixed-size chunks (and the Nq x Ng result);
+  single-query`, Table 5). Both work on sparse neighbour lists and in chunks, so SYSU-MM01 multi-shot (~3,800
+  queries + 3,000 gallery) needs no N x N matrix: memory O(N (k + c)) plus bounded chunks (and the Nq x Ng result).
+  No identity or camera label enters the test graph: `distance` sees only the trial's [H | P | m] rows, and its
+  result does not depend on the order of queries or gallery;
 - Fig. 3 (`figures`): images and their reconstructions from the shared, the specific and both features.
-- Table 3 ablations: --shl, --spl, --moa, --pa, --re, --sht, --spt; Table 4: --aug false (FC feature blocks, no
-  random erasing).
+- Table 3 ablations as flags (every row keeps ShL):
+    row 1   --spl false --moa false --pa false --re false --sht false --spt false
+    row 2   --moa false --pa false --re false --sht false --spt false
+    row 3   --pa false --re false --sht false --spt false
+    row 4   --re false --sht false --spt false
+    row 5   --sht false --spt false
+    row 6   --moa false --pa false --re false
+    row 7   --pa false --re false
+    row 8   --re false
+    row 9   --spt false
+    row 10  --sht false
+    row 11  the defaults
+  Rows 1-5 test on H (no SSTN), rows 6-11 on T. `--shl false` is an extra switch, not a Table 3 row: it drops only
+  L(H); the shared stream stays and still feeds SSTN, L_ma, L_pa and the test. Table 4 'wo aug': add --aug false
+  (FC feature blocks, no random erasing; crop and flip stay).
 
 Test-time feature layout (what `extract` returns and `distance` reads), one row per image:
     [H (c) | P (c) | m (1)]   H: shared feature, P: specific feature (feature-block outputs), m: 0 visible, 1 infrared.
 With --spl false the P segment is absent: [H (c) | m (1)]. c = 2048 for ResNet-50, 512 for ResNet-18/34.
 
-Choices where the paper is silent:
+Readings and choices where the paper is silent:
+- Test representation: only the transferred feature T = Feat^t(Z~) (its BN output with BNNeck) is L2-normalised and
+  compared; H and P enter only as SSTN's input. Sec. 3.4's "All features are L2-normalized" could also be read
+  as a concatenation such as [H; T] or [H; P; T]; that reading is not provided. Without SSTN (Table 3 rows 1-5)
+  the test compares H.
+- SSTN during training: the affinity A is differentiable, so L(T)'s gradients reach H and P through the kept
+  top-k values of d (Eq. 6-8) as well as through Z (the paper does not say whether A is a constant). Each sample is
+  its own first intra-modality neighbour (d = 1), so k = 4 keeps 3 other intra- and 4 inter-modality neighbours,
+  as Eq. 22's explicit k A^{q,q} self term suggests. A is asymmetric (top-k per row) and its row degrees
+  d_ii = sum_j A_ij (Eq. 10) are used on both sides of D^-1/2 A D^-1/2, as written; this is not the symmetric GCN
+  normalisation.
 - Margins rho1 (L_cmT) = rho2 (L_smT) = 0.3, BoT's triplet margin (the paper gives none).
 - With BNNeck (BoT [30]) each feature block returns the pooled feature for the triplet terms and its BN output for
   everything else (classifiers, SSTN's Z and affinities, L_ma, L_pa, the test); without it both are the FC output.
+- Classifiers: four bias-free linear layers, one shared by both modalities on H, one per modality on P (Eq. 2),
+  one on T (Eq. 12). Of BoT's tricks only the two Sec. 4.1 names are used (BNNeck, random erasing p = 0.5): no
+  label smoothing, no warm-up, no centre loss.
 - The decoders read the feature maps that H^m and P^m are pooled from (Eq. 16's [P^m; H^m] as maps of c + c
   channels at stride 16): four x2 sub-pixel layers then restore the input size, which is why the last stride is 1.
   The first three layers output 64 channels with ReLU, the fourth the 3 image channels; the target is the
-  (normalised, augmented) input and L_re is the mean squared error per pixel.
+  (normalised, augmented, random-erased) input and L_re is the mean squared error per pixel.
 - The modality discriminator is Linear(c, c/2), ReLU, Linear(c/2, c/2), ReLU, Linear(c/2, 2).
 - W of Eq. (10) maps the 3c-dimensional Z to c dimensions (bias-free); Feat^t is a feature block as above.
 - Ablations ShT / SpT set the untransferred segments of Z to zero; the affinities (Eq. 6) are unchanged. With
   neither, there is no SSTN and the test compares the shared features H.
-- Adam weight decay 5e-4 (BoT); no warm-up (Sec. 4.1 names none); image size 256 x 128 (BoT's; not stated);
-  one lr schedule for both optimisers.
+- Optimisers: Adam (betas 0.9, 0.999) with weight decay 5e-4 (BoT's, coupled L2) for the network; the adversaries
+  (Theta_D, Theta^m) have their own Adam with the same lr, betas, weight decay and lr schedule. No warm-up (Sec.
+  4.1 names none); image size 256 x 128 (BoT's; not stated). An epoch is data.py's max(#visible, #infrared) //
+  (P K) batches (695 on SYSU-MM01).
 - Each iteration does one forward pass of the network, then the max step on its (detached) features, then the min
   step against the updated discriminator and projections: the alternation of Eq. 21, one step of each per batch.
+- Eq. (15) and (20) are implemented literally, and the min-max they define has no bound (the default). The network
+  minimises -l3 L_pa with L_pa = ||Theta^m P - H||, which is linear in the scale of its inputs: rescaling H and P
+  by s rescales the projection error of every Theta, the adversary's best one included, by exactly s, so the
+  network can raise L_pa by growing its features rather than by decorrelating them (the review measured on CPU,
+  with Theta fitted for 200 steps: 9.7, 19.4, 38.8 for s = 1, 2, 4; 85 % of Feat^S's BN gains received a
+  negative min-step gradient from this term, i.e. descent grows ||H||). Only weight decay resists, and the test's
+  L2 normalisation makes the growth free. Likewise -l2 L_ma is the saturating minimax form: the network is rewarded
+  for pushing the discriminator's cross-entropy towards +inf (flipping the modalities), not for confusing them.
+  The training log prints the mean ||H|| of each logged batch (term `||H||`, not part of any loss) so a run shows
+  whether this happens; --pa-form scale-free and --ma-form confusion (Deviations) remove the two incentives.
+  Measured on --split val, synthetic world, one seed each (`python reid.py --method ssft --split val`, then with
+  `--pa-form scale-free`): literal: ||H|| grew from 22.7 (first logged batch; sqrt(c) = 22.6 is BN's unit gain)
+  to 26.8 (last epoch), and L_pa ended at 29.6, above ||H|| itself (the error of Theta = 0): the adversary lost the
+  game; all-search single-shot R1 / mAP 18.6 / 30.8, training fit R1 / mAP 43.6 / 44.1. Scale-free: ||H|| 22.4 ->
+  21.6, L_pa 1.02 -> 0.69 (unit vectors: below Theta = 0's 1); 19.1 / 30.1, fit 50.5 / 53.6. The val difference is
+  within one trial-std (2.0-2.4 R1), so the default stays the paper's literal form; the scale-free run fits its
+  training identities better and its features do not grow.
 
-Deviations:
+Deviations (each marked `# Deviation:` in the code):
 - Eq. (3), (4), (13) sum over all triplets; here every anchor takes its hardest positive and hardest negative in the
   batch (batch-hard mining of Hermans et al. [17], the paper's reference for L_smT), averaged over anchors.
+- `--pa-form scale-free` (default literal): L_pa (Eq. 15) on L2-normalised P and H, in both steps; the projection
+  error no longer grows with the features' scale.
+- `--ma-form confusion` (default literal): the network's term of Eq. (20) becomes +l2 L_conf, the discriminator's
+  cross-entropy against the uniform target (minimal, log 2, where it predicts 1/2 for each modality), instead of
+  -l2 L_ma. The max step (the discriminator minimising L_ma, Eq. 21) is unchanged.
 """
 from dataclasses import dataclass
 
@@ -64,8 +115,15 @@ import data
 from methods import common
 
 ERASING = 0.5               # random-erasing probability of the 'w aug' rows (BoT [30], Zhong et al. [54])
-CHUNK_ELEMENTS = 2 ** 24    # test-time SSTN: floats per temporary tensor (64 MB), bounds memory at any test size
+CHUNK_ELEMENTS = 2 ** 24    # test-time SSTN: elements per temporary block, bounds memory at any test size: the
+                            # transductive d blocks are float64 (128 MB), and each chunk also makes a float64
+                            # normalised copy of its modality's features (N_m x c x 8 bytes); single-query on
+                            # CUDA uses a share of the free memory instead (`single_query_chunk`)
+SINGLE_QUERY_LIVE = 4       # float32 (Ng, n, c) blocks alive at once in single-query SSTN (two of the previous
+                            # chunk until they are replaced, a product and its result)
 TEST_MODES = ("transductive", "single-query")
+PA_FORMS = ("literal", "scale-free")
+MA_FORMS = ("literal", "confusion")
 
 
 @dataclass
@@ -88,7 +146,7 @@ class Settings:
     rho1: float = 0.3                    # margin of L_cmT (Eq. 4, 13); not given in the paper, BoT's 0.3
     rho2: float = 0.3                    # margin of L_smT (Eq. 3, 13); not given in the paper, BoT's 0.3
     aug: bool = True                     # Table 4 'w aug': BNNeck feature blocks + random erasing; false: FC, none
-    shl: bool = True                     # Table 3 ShL: shared feature learning L(H)
+    shl: bool = True                     # L(H) of Eq. (18); an extra switch: every Table 3 row has ShL
     spl: bool = True                     # Table 3 SpL: the specific streams and L(P)
     moa: bool = True                     # Table 3 MoA: modality adaptation, L_ma (Eq. 14)
     pa: bool = True                      # Table 3 PA: project adversarial learning, L_pa (Eq. 15)
@@ -96,18 +154,23 @@ class Settings:
     sht: bool = True                     # Table 3 ShT: SSTN transfers the shared features
     spt: bool = True                     # Table 3 SpT: SSTN transfers the specific features
     ssft_test: str = "transductive"      # Sec. 3.4 / Table 1-2: all queries + gallery; 'single-query': Eq. 22
+    pa_form: str = "literal"             # Eq. (15) as written; 'scale-free': a deviation, L_pa on L2-normalised P, H
+    ma_form: str = "literal"             # Eq. (20) as written (-l2 L_ma); 'confusion': a deviation, the network
+                                         #   pushes the discriminator toward p(m | H) = 1/2 (see L_conf)
 
 
 # CPU recipe for the built-in synthetic world: a small network trained from scratch.
 SYNTHETIC = dict(arch="resnet18", pretrained="none", height=96, width=48, epochs=10, lr=1e-3, milestones=(7, 9))
 SMOKE = dict(arch="resnet18", pretrained="none", height=32, width=16, epochs=1, P=4, K=2, milestones=())
+CHOICES = {"ssft_test": TEST_MODES, "pa_form": PA_FORMS, "ma_form": MA_FORMS}
 
 
 def check_settings(settings):
     """Settings a user can get wrong, with the fix."""
-    if settings.ssft_test not in TEST_MODES:
-        raise common.UserError(f"--ssft-test {settings.ssft_test!r} is not a test mode; choose one of "
-                               f"{', '.join(TEST_MODES)}")
+    for name, allowed in CHOICES.items():
+        if getattr(settings, name) not in allowed:
+            raise common.UserError(f"--{name.replace('_', '-')} {getattr(settings, name)!r} is not one of "
+                                   f"{', '.join(allowed)}; choose one of them")
     if not settings.spl and (settings.sht or settings.spt or settings.pa or settings.re):
         raise common.UserError("--spl false removes the specific features, which SSTN's intra-modality affinity "
                                "(Eq. 6), L_pa and the decoders need; add --sht false --spt false --pa false --re false")
@@ -255,7 +318,9 @@ def pairwise_distance(x, y):
 def d(a, b):
     """Eq. (7): d(a, b) = 1 - 0.5 ||a/|a| - b/|b|||, (N, c) x (M, c) -> (N, M); a similarity in [0, 1]:
     1 for the same direction, 0 for opposite ones. In float64 (never autocast): in float32 the Gram-matrix distance
-    of two near-identical unit vectors is sqrt(rounding noise) ~ 3e-4, enough to reorder near neighbours."""
+    of two near-identical unit vectors is sqrt(rounding noise) ~ 3e-4, enough to reorder near neighbours. This
+    protects the test, which runs in float32. At training time with --amp, H and P come out of the autocast forward
+    in bf16 already, so there the neighbour order is set at bf16 precision anyway."""
     dtype = torch.promote_types(a.dtype, torch.float32)
     a, b = F.normalize(a.double(), dim=1), F.normalize(b.double(), dim=1)
     return (1 - 0.5 * pairwise_distance(a, b)).to(dtype)                    # Eq. (7)
@@ -321,7 +386,7 @@ def L_tri_hard(f, y, margin):
 
 def L_smT(f_v, f_r, y_v, y_r, rho2):
     """Eq. (3): single-modality triplet: anchors, positives and negatives of the same modality, both modalities."""
-    return L_tri_hard(f_v, y_v, rho2) + L_tri_hard(f_r, y_r, rho2)    # Eq. (3)
+    return L_tri_hard(f_v, y_v, rho2) + L_tri_hard(f_r, y_r, rho2)    # Eq. (3); Deviation: batch-hard, not all triplets
 
 
 def L_cmT(f_v, f_r, y_v, y_r, rho1):
@@ -330,14 +395,14 @@ def L_cmT(f_v, f_r, y_v, y_r, rho1):
     dist = pairwise_distance(f_v, f_r)                                 # (B_v, B_r)
     same = y_v[:, None] == y_r[None, :]
     pos, neg = dist.masked_fill(~same, float("-inf")), dist.masked_fill(same, float("inf"))
-    loss_v = F.relu(rho1 + pos.amax(1) - neg.amin(1)).mean()           # anchors R, candidates I
-    loss_r = F.relu(rho1 + pos.amax(0) - neg.amin(0)).mean()           # anchors I, candidates R
+    loss_v = F.relu(rho1 + pos.amax(1) - neg.amin(1)).mean()           # anchors R, candidates I; Deviation: batch-hard
+    loss_r = F.relu(rho1 + pos.amax(0) - neg.amin(0)).mean()           # anchors I, candidates R; Deviation: batch-hard
     return loss_v + loss_r                                             # Eq. (4)
 
 
 def L_t(T_v, T_r, y_v, y_r, rho1, rho2):
     """Eq. (13): L_t(T) = L_cmT(T) + L_smT(T) on the transferred features."""
-    return L_cmT(T_v, T_r, y_v, y_r, rho1) + L_smT(T_v, T_r, y_v, y_r, rho2)   # Eq. (13)
+    return L_cmT(T_v, T_r, y_v, y_r, rho1) + L_smT(T_v, T_r, y_v, y_r, rho2)   # Eq. (13); Deviation: batch-hard
 
 
 def L_ma(discriminator, H, is_r):
@@ -345,9 +410,21 @@ def L_ma(discriminator, H, is_r):
     return F.cross_entropy(discriminator(H), is_r.long())             # Eq. (14), modality labels 0 = v, 1 = r
 
 
-def L_pa(projection, P, H, is_r):
+def L_conf(discriminator, H):
+    """--ma-form confusion, a deviation from Eq. (20)'s -l2 L_ma (Eq. 14): E[-1/2 sum_m log p(m | H_i, Theta_D)],
+    the discriminator's cross-entropy against the uniform target. It is at its minimum, log 2, where the
+    discriminator predicts 1/2 for both modalities; the network minimises it (+l2 L_conf in L_min) instead of
+    maximising L_ma, which rewards flipping the modalities without bound. H (N, c)."""
+    return -F.log_softmax(discriminator(H), dim=1).mean(1).mean()   # Deviation: uniform target, not -L_ma
+
+
+def L_pa(projection, P, H, is_r, form="literal"):
     """Eq. (15): E[ ||Theta^m P_i^m - H_i^m|| ], projection error of specific onto shared features (L2 norm).
-    projection: {'v': Theta^R, 'r': Theta^I}; P, H (N, c); is_r (N,) bool."""
+    projection: {'v': Theta^R, 'r': Theta^I}; P, H (N, c); is_r (N,) bool.
+    form 'scale-free' (--pa-form, a deviation): P and H are L2-normalised first, so rescaling either changes
+    nothing and the network cannot raise the adversary's error by growing ||H|| (see the module docstring)."""
+    if form == "scale-free":
+        P, H = F.normalize(P, dim=1), F.normalize(H, dim=1)           # Deviation: Eq. (15) on unit-length P, H
     projected = torch.where(is_r[:, None], projection["r"](P), projection["v"](P))   # Theta^m P_i^m, (N, c)
     return (projected - H).norm(dim=1).mean()                         # Eq. (15)
 
@@ -369,12 +446,13 @@ def max_step(model, out, settings, optimizer):
     is_r = torch.arange(len(H), device=H.device) >= len(H) // 2               # (2B,) infrared rows
     L_max = 0.0
     if settings.moa:
-        L_max = L_max - settings.lambda2 * L_ma(model.discriminator, H, is_r)
+        L_max = L_max - settings.lambda2 * L_ma(model.discriminator, H, is_r)              # Eq. (20): - l2 L_ma
     if settings.pa:
-        L_max = L_max - settings.lambda3 * L_pa(model.projection, out["P"].detach(), H, is_r)
+        L_max = L_max - settings.lambda3 * L_pa(model.projection, out["P"].detach(), H, is_r,
+                                                settings.pa_form)                          # Eq. (20): - l3 L_pa
     optimizer.zero_grad(set_to_none=True)
-    (-L_max).backward()                                                      # gradient ascent on L_max, Eq. (20)
-    optimizer.step()
+    (-L_max).backward()                                   # Eq. (21): max over Theta_D, Theta^m, by ascent on L_max
+    optimizer.step()                                      # Eq. (21)
     return L_max.detach()
 
 
@@ -382,7 +460,8 @@ def min_step(model, out, batch, settings, optimizer, net_params):
     """Min step of Eq. (21): minimise L_min = L_feat + l1 L_re - l2 L_ma - l3 L_pa (Eq. 18-20) over the network
     Theta_N (`net_params`) only; the discriminator and projections are fixed. The minus signs make the network
     fool them: shared features whose modality cannot be told, specific features that do not project onto the
-    shared ones. Returns the loss terms for the progress line."""
+    shared ones. --ma-form confusion replaces -l2 L_ma by +l2 L_conf, --pa-form scale-free normalises L_pa's
+    inputs (deviations). Returns the loss terms for the progress line, and the mean ||H|| of the batch."""
     s = settings
     y_v, y_r = batch["y_v"], batch["y_r"]
     B = len(y_v)
@@ -406,15 +485,19 @@ def min_step(model, out, batch, settings, optimizer, net_params):
     if s.re:
         l_re = L_re(out["X_hat"], torch.cat([batch["x_v"], batch["x_r"]]).float())
         L_min, logs["L_re"] = L_min + s.lambda1 * l_re, l_re.detach()       # Eq. (20): + l1 L_re
-    if s.moa:
+    if s.moa and s.ma_form == "confusion":
+        l_conf = L_conf(model.discriminator, H)
+        L_min, logs["L_conf"] = L_min + s.lambda2 * l_conf, l_conf.detach()  # Deviation: + l2 L_conf, not - l2 L_ma
+    elif s.moa:
         l_ma = L_ma(model.discriminator, H, is_r)
         L_min, logs["L_ma"] = L_min - s.lambda2 * l_ma, l_ma.detach()       # Eq. (20): - l2 L_ma
     if s.pa:
-        l_pa = L_pa(model.projection, out["P"], H, is_r)
+        l_pa = L_pa(model.projection, out["P"], H, is_r, s.pa_form)
         L_min, logs["L_pa"] = L_min - s.lambda3 * l_pa, l_pa.detach()       # Eq. (20): - l3 L_pa
+    logs["||H||"] = H.detach().norm(dim=1).mean()         # logged only, not in L_min: Eq. (15), (20) can grow it
     optimizer.zero_grad(set_to_none=True)
-    L_min.backward(inputs=net_params)                                        # gradients reach Theta_N only
-    optimizer.step()
+    L_min.backward(inputs=net_params)                      # Eq. (21): min over Theta_N; gradients reach Theta_N only
+    optimizer.step()                                       # Eq. (21)
     return logs
 
 
@@ -510,7 +593,7 @@ def sstn_single_query(model, Hq, Pq, q_is_r, Hg, Pg, g_is_r, k):
     Y_nb = Y_G[c_GG]                                                         # (Ng, k, c) Z W of each gallery neighbour
     a_qq = k * 1.0                                                           # Eq. (22): k A^{q,q} = k d(P^q, P^q) = k
     A_qG = d(Hq, Hg)                                                         # (Nq, Ng) A^{q,G}, as large as the result
-    chunk = max(1, CHUNK_ELEMENTS // (Ng * c))
+    chunk = single_query_chunk(Ng, c, Hq.device)
     out = []
     for s in range(0, Nq, chunk):
         q = slice(s, s + chunk)
@@ -531,6 +614,17 @@ def sstn_single_query(model, Hq, Pq, q_is_r, Hg, Pg, g_is_r, k):
         cos = torch.einsum("gnc,nc->ng", T_G, T_q) / T_G.norm(dim=2).t().clamp(min=1e-12)        # (n, Ng)
         out.append((2 - 2 * cos).clamp(min=0).sqrt())
     return torch.cat(out)
+
+
+def single_query_chunk(Ng, c, device):
+    """Queries per chunk of `sstn_single_query`: each (Ng, n, c) block holds CHUNK_ELEMENTS elements, or on CUDA
+    as many as lets its SINGLE_QUERY_LIVE float32 blocks fill half the free memory (if that is more). At SYSU-MM01
+    multi-shot size (Ng = 3,010, c = 2048) CHUNK_ELEMENTS alone allows 2 queries, i.e. ~1,900 chunks a trial."""
+    elements = CHUNK_ELEMENTS
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        elements = max(elements, free // (2 * SINGLE_QUERY_LIVE * 4))
+    return max(1, elements // (Ng * c))
 
 
 @torch.no_grad()
