@@ -318,13 +318,13 @@ def mean_std(values):
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def aggregate_seeds(per_seed):
+def aggregate_seeds(per_seed, keys=KEYS):
     """--seeds: {setting: {key: mean over seeds, key_std: sample std over seeds, 'per_seed': {key: [...]}}}
     from the per-seed results (each per-seed value is already the mean over that seed's gallery trials)."""
     out = {}
     for name in per_seed[0]:
         out[name] = {"per_seed": {}}
-        for key in KEYS:
+        for key in keys:
             values = [r[name][key] for r in per_seed]
             out[name][key], out[name][key + "_std"] = mean_std(values)
             out[name]["per_seed"][key] = values
@@ -533,13 +533,16 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
             common.load_model_state(model, checkpoint["model"], args.checkpoint)
             model = model.to(device)
         else:
-            curve = []
+            curve_file = trial_out / "curve.json"      # --eval-every: kept on disk, so --resume continues it
+            curve = json.loads(curve_file.read_text()) if args.resume and curve_file.exists() else []
 
             def evaluate(phase, epoch, model):
                 r = evaluation.run_protocol(extract_pools(method, model, testset, device), testset,
                                             distance_fn(method, model, settings), device)
-                curve.append({"phase": phase, "epoch": epoch + 1,
-                              **{n: {k: v[k] for k in ("rank1", "mAP", "mINP")} for n, v in r.items()}})
+                point = {"phase": phase, "epoch": epoch + 1,
+                         **{n: {k: v[k] for k in ("rank1", "mAP", "mINP")} for n, v in r.items()}}
+                curve[:] = [c for c in curve if (c["phase"], c["epoch"]) != (phase, epoch + 1)] + [point]
+                write_json(curve_file, curve)
                 first = next(iter(r))
                 log(f"[{phase}] epoch {epoch + 1}: {args.split} {first} rank-1 {r[first]['rank1']:.2f} "
                     f"mAP {r[first]['mAP']:.2f}")
@@ -549,8 +552,8 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
             if args.resume and not [p for p in trial_out.glob("*.pt") if p.name not in ("model.pt", "features.pt")]:
                 log(f"--resume: {trial_out} holds no checkpoint yet; training starts at epoch 1")
             model = method.train(settings, trainset, run)
-            train_s += time.time() - t0
-            log(f"trained in {time.time() - t0:.1f}s")
+            train_s += sum(run.seconds.values())  # every phase's epochs, those of earlier (resumed) sessions too
+            log(f"trained in {time.time() - t0:.1f}s ({sum(run.seconds.values()):.1f}s of epochs over all sessions)")
             broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
             if broken:  # the last steps diverged after the last logged (finite) loss; keep no such model.pt
                 raise UserError(f"training diverged: the final weights are not finite ({broken[0]}, ...); lower "
@@ -575,7 +578,7 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
         fit = {k: float(np.mean([f[k] for f in fits])) for k in ("rank1", "mAP", "chance_rank1")}
     results = per_trial[0] if len(per_trial) == 1 else average_trials(per_trial)
     out = {"results": results, "fit": fit, "time": {"train_s": train_s, "test_s": test_s}}
-    if curves and len(per_trial) == 1:  # how much selecting the best epoch on these ids would have gained
+    if curves and curves[0] and len(per_trial) == 1:  # what selecting the best epoch on these ids would gain
         out["curve"] = curves[0]
         out["best_minus_final"] = {n: {k: max(c[n][k] for c in curves[0]) - results[n][k] for k in ("rank1", "mAP")}
                                    for n in results}
@@ -759,6 +762,8 @@ def _run(args, method, settings, sources, checkpoint, argv, device, out):
         summary.update(seed=None, seeds=seeds, results=aggregate_seeds([p["results"] for p in per_seed]),
                        fit=aggregate_fit(fits) if fits else None,
                        time={k: sum(p["time"][k] for p in per_seed) for k in ("train_s", "test_s")})
+        if all("best_minus_final" in p for p in per_seed):
+            summary["best_minus_final"] = aggregate_seeds([p["best_minus_final"] for p in per_seed], ("rank1", "mAP"))
         head = f"mean ± std over {len(seeds)} seeds"
     write_json(out / "results.json", summary)
     split = " on the validation identities (--split val)" if args.split == "val" else ""
@@ -766,6 +771,10 @@ def _run(args, method, settings, sources, checkpoint, argv, device, out):
     fit = summary["fit"]
     if fit:
         log(f"training fit: rank-1 {fit['rank1']:.1f}, mAP {fit['mAP']:.1f} (chance {fit['chance_rank1']:.1f})")
+    if args.seeds is not None and "best_minus_final" in summary:
+        gap = next(iter(summary["best_minus_final"].items()))
+        log(f"best evaluated epoch minus final epoch ({gap[0]}, {head}): rank-1 {gap[1]['rank1']:+.2f} ± "
+            f"{gap[1]['rank1_std']:.2f}, mAP {gap[1]['mAP']:+.2f} ± {gap[1]['mAP_std']:.2f}")
     log(f"results: {out / 'results.json'}")
     log_file.close()
     return summary["results"]

@@ -1761,6 +1761,15 @@ class TestRecipesEndToEnd(unittest.TestCase):
             common = ("--split", "val", "--epochs", "2")
             plain = reid_smoke("agw", Path(tmp) / "plain", *common)
             curve = reid_smoke("agw", Path(tmp) / "curve", *common, "--eval-every", "1")
+            import reid
+            reid.main(["--resume", str(Path(tmp) / "curve")])     # a finished run resumed: the curve is on disk
+            resumed = json.loads((Path(tmp) / "curve" / "results.json").read_text())
+            seeds = reid_smoke("agw", Path(tmp) / "seeds", *common, "--eval-every", "1", "--seeds", "0", "1")
+        self.assertEqual((resumed["curve"], resumed["best_minus_final"]), (curve["curve"], curve["best_minus_final"]))
+        self.assertEqual(resumed["time"]["train_s"], curve["time"]["train_s"])     # training time kept, not reset
+        per_seed = seeds["best_minus_final"]["all-single"]["per_seed"]["rank1"]
+        self.assertEqual(per_seed[0], curve["best_minus_final"]["all-single"]["rank1"])   # seed 0 = the run above
+        self.assertAlmostEqual(seeds["best_minus_final"]["all-single"]["rank1"], sum(per_seed) / 2)
         self.assertEqual(plain["results"], curve["results"])
         self.assertEqual([c["epoch"] for c in curve["curve"]], [1, 2])
         self.assertEqual(curve["curve"][-1]["all-single"]["rank1"], curve["results"]["all-single"]["rank1"])

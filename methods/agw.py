@@ -1,7 +1,8 @@
 """AGW: the cross-modality baseline of Ye et al., "Deep Learning for Person Re-identification: A Survey and
-Outlook", TPAMI 2021 (the 'AGW' rows that NFS, CM-NAS, cm-SSFT, RFM and MCE compare against).
+Outlook", TPAMI 2021 (the 'AGW' rows that NFS, CM-NAS, cm-SSFT, RFM and MCE compare against), as the survey
+describes it for visible-infrared Re-ID.
 
-Implements, as the survey describes it for visible-infrared Re-ID:
+Implements:
 - a two-stream ResNet-50: modality-specific stem (conv1, bn1, relu, maxpool), shared layer1-4, last stride 1;
 - non-local attention blocks after layer2 blocks 2-3 and layer3 blocks 3-5 (0-indexed);
 - generalised-mean (GeM) pooling with p = 3, then a BNNeck (BatchNorm1d, bias frozen) and a bias-free classifier;
@@ -96,6 +97,7 @@ SMOKE = dict(arch="resnet18", pretrained="none", height=64, width=32, epochs=1, 
              warmup=1, milestones=())
 
 
+# Original; copied verbatim into mce.py, test_all.TestCopies keeps the copies equal
 class NonLocal(nn.Module):
     """Non-local block (dot-product form): z = W_z(softmax-free affinity(theta, phi) g) + x, W_z's BN starts at 0."""
 
@@ -117,6 +119,7 @@ class NonLocal(nn.Module):
         return self.W(y) + x
 
 
+# Original; copied verbatim into mce.py, test_all.TestCopies keeps the copies equal
 def with_non_local(stage, c, num, inner):
     """`stage` with a non-local block (inner width `inner`) after each of its last `num` residual blocks."""
     blocks = list(stage)
@@ -129,6 +132,7 @@ def with_non_local(stage, c, num, inner):
     return nn.Sequential(*out)
 
 
+# Original; copied verbatim into mce.py, test_all.TestCopies keeps the copies equal
 def gem(x, p):
     """Generalised-mean pooling over H, W: (mean x^p)^(1/p); x >= 0 after ReLU. (B, C, H, W) -> (B, C)."""
     return x.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
@@ -171,17 +175,21 @@ def build(settings, num_classes, meta=None):
     return AGW(settings, num_classes)
 
 
+# Original; copied verbatim into nfs.py, ssft.py and mce.py, test_all.TestCopies keeps the copies equal
 def pairwise_distance(x, y):
     """Euclidean distances (N, M) between rows of x (N, d) and y (M, d)."""
     d2 = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1) - 2 * x @ y.t()
     return d2.clamp(min=1e-12).sqrt()
 
 
+# Original; copied verbatim into nfs.py, test_all.TestCopies keeps the copies equal
 def L_wrt(f, y):
-    """Weighted-regularisation triplet (AGW): softmax-weighted positive and negative distances, soft margin.
+    """Weighted-regularisation triplet of the AGW survey, averaged over the anchors i of the batch:
 
-    For anchor i: d_p = sum_j w_ij d_ij over positives with w_ij ∝ exp(d_ij); d_n = sum_k w_ik d_ik over negatives
-    with w_ik ∝ exp(-d_ik); loss = log(1 + exp(d_p - d_n)), averaged over anchors."""
+    L_wrt(i) = log(1 + exp(sum_{j in P_i} w^p_ij d^p_ij - sum_{k in N_i} w^n_ik d^n_ik)),
+    w^p_ij = exp(d^p_ij) / sum_{d in P_i} exp(d),   w^n_ik = exp(-d^n_ik) / sum_{d in N_i} exp(-d),
+    with P_i / N_i the positives / negatives of anchor i in the batch and d the Euclidean distance.
+    Reading: P_i includes i itself (d_ii ~ 0; the survey does not say), as the community loss does. f (N, d), y (N,)."""
     d = pairwise_distance(f, f)                                      # (N, N)
     pos = (y[:, None] == y[None, :]).float()
     neg = 1.0 - pos

@@ -1,7 +1,7 @@
 """CM-NAS: Fu, Hu, Wu, Shi, Mei, He, "CM-NAS: Cross-Modality Neural Architecture Search for Visible-Infrared
 Person Re-Identification", ICCV 2021.
 
-Implements
+Implements:
 - the BN-oriented search space (Sec. 3.2, Fig. 3): every BatchNorm2d of a torchvision ResNet (53 for ResNet-50:
   stem, 16 bottlenecks x 3, 4 downsample paths) becomes a searchable unit with o1 = separate visible / infrared
   BN and o2 = one shared BN, mixed by the softmax of its architecture parameters alpha (Eq. 1-2);
@@ -21,7 +21,7 @@ Implements
   --class-specific false (CMMD -> MMD). `--c3mmd` defaults to both, so the baseline rows without C3MMD need an
   explicit `--c3mmd none`. Table 1's Auto-ReID [30] row is not provided (a different search space, no code here).
 
-Readings and choices where the paper is silent:
+Readings and choices:
 - Head: last stride 1, average pooling, BNNeck (bias frozen) and a bias-free classifier; L_cls on the BN
   feature, L_triplet (batch-hard, margin 0.4) on the pooled feature, L_C3MMD on the BN feature; test feature =
   the L2-normalised BN feature (all as the released code).
@@ -34,8 +34,8 @@ Readings and choices where the paper is silent:
 - L_val (`val_cls`, default true = the paper's "same form as the training loss"): its L_cls uses the one
   classifier over all training identities (labels stay global), whose rows of the validation identities are
   trained only as negatives during the weight steps, so that term carries no identity information and grows
-  during the search; it also dominates L_val (at initialisation, measured by the review on one alpha half-step:
-  L_cls 1.95, L_triplet 3.22 against 0.05 L_CMMD 0.053 and 5 L_CC 0.005). `--val-cls false` drops it
+  during the search; it also dominates L_val (at initialisation a cross-entropy of the order of log(#classes),
+  far above the lambda-weighted L_CMMD and L_CC). `--val-cls false` drops it
   (a deviation: L_val = L_triplet + L_C3MMD, identity-agnostic). Which genotypes each finds, and how stable they
   are across seeds, is not measured yet (README); the default stays the paper's reading until it is.
 - Separate BNs and IN layers start from the (pretrained) BN they replace. IN = affine InstanceNorm2d, which
@@ -51,6 +51,16 @@ Readings and choices where the paper is silent:
 - `--amp`: the backbone runs under bf16 autocast, but its output is cast to float32 before pooling and the BNNeck
   runs outside autocast, so L_CMMD and L_CC (of order 1e-3 to 1e-2) see float32 features (bf16 rounding of the
   feature map itself, about 4e-3 relative per element, remains; the released code has no AMP).
+- From the release, where the paper is silent (each one flag, `--recipe release` sets the release's form):
+  L_triplet is one batch-hard term mining over the whole two-modality batch (`--triplet joint`; it mostly picks
+  cross-modal hardest positives), the release averages four batch-hard terms v-v, r-r, v-r, r-v
+  (`--triplet four-term`); the BNNeck and classifier keep PyTorch's initialisation (BN weight 1, Linear
+  U(+-1/sqrt(C)), std 0.013 for C = 2048), the release draws BN weight ~ N(1, 0.01) and classifier ~ N(0, 0.001)
+  (`--head-init release`); a batch holds 8 identities (Sec. 4.1), the release 16 (`--P 16`); images of an
+  identity are drawn without replacement (`--sampler community`: with replacement, as the release).
+- Data pipeline (data.py, not switchable here): random erasing writes 0 into the normalised tensor; the release's
+  RandomErasing writes 0.485 / 0.456 / 0.406 into the normalised tensor (utils/utils.py:110-112,
+  train_eval.py:98).
 
 Deviations:
 - L_CMMD is the SQUARED MMD (biased estimate) on L2-normalised features, averaged over the identities of the
@@ -62,16 +72,6 @@ Deviations:
 - The backbone learns at 0.1 x lr (0.001) and the lr warms up linearly over 10 epochs (released code); Sec. 4.1
   states only lr 0.01, /10 at epochs 40, 70. The warm-up is the project's WarmupMultiStep ((e + 1) / 10 x lr);
   `--warmup-form release` gives the release's (0.01 + 0.99 e / 10) x lr.
-- From the release, where the paper is silent (each one flag, `--recipe release` sets the release's form):
-  L_triplet is one batch-hard term mining over the whole two-modality batch (`--triplet joint`; it mostly picks
-  cross-modal hardest positives), the release averages four batch-hard terms v-v, r-r, v-r, r-v
-  (`--triplet four-term`); the BNNeck and classifier keep PyTorch's initialisation (BN weight 1, Linear
-  U(+-1/sqrt(C)), std 0.013 for C = 2048), the release draws BN weight ~ N(1, 0.01) and classifier ~ N(0, 0.001)
-  (`--head-init release`); a batch holds 8 identities (Sec. 4.1), the release 16 (`--P 16`); images of an
-  identity are drawn without replacement (`--sampler community`: with replacement, as the release).
-- Data pipeline (data.py, not switchable here): random erasing writes 0 into the normalised tensor; the release's
-  RandomErasing writes 0.485 / 0.456 / 0.406 into the normalised tensor (utils/utils.py:110-112,
-  train_eval.py:98).
 
 Released code differs (JDAI-CV/CM-NAS at bbc77f4, phase 2 only: train_eval.py; `--recipe release` sets these):
 
@@ -378,6 +378,7 @@ def build(settings, num_classes, meta=None):
 
 # ---------------------------------------------------------------- losses (Eq. 4-10)
 
+# Copy of rfm.L_tri_hard; test_all.TestCopies keeps them equal
 def L_tri_hard(f, y, margin):
     """Triplet loss with online hard mining (batch hard): for each anchor, the farthest positive and the closest
     negative in the batch; mean over anchors of max(0, d_ap - d_an + margin). f (N, d), y (N,)."""
@@ -400,9 +401,10 @@ def mmd2(a, b):
 
 
 def L_CMMD(f_v, f_r, y_v, y_r):
-    """Eq. (4), squared (see Deviations): 1/C sum_c MMD^2(f^{c,vis}, f^{c,ir}) over the C identities of the batch,
-    on L2-normalised features. f_v (n, d), f_r (n, d), y_v, y_r (n,)."""
-    f_v, f_r = F.normalize(f_v, dim=1), F.normalize(f_r, dim=1)
+    """Eq. (4), squared: L_CMMD = 1/C sum_c ||1/m^c sum_i psi(f_i^{c,vis}) - 1/n^c sum_j psi(f_j^{c,ir})||_H^2 over
+    the C identities of the batch, k(x, y) = psi(x) . psi(y) = (x . y)^2 (mmd2). Deviation: the square of Eq. (4)'s
+    RKHS norm, on L2-normalised features, as the released code. f_v (n, d), f_r (n, d), y_v, y_r (n,)."""
+    f_v, f_r = F.normalize(f_v, dim=1), F.normalize(f_r, dim=1)       # Deviation: L2-normalised (released code)
     return torch.stack([mmd2(f_v[y_v == c], f_r[y_r == c]) for c in y_v.unique()]).mean()   # Eq. (4); Deviation: squared
 
 
@@ -426,7 +428,7 @@ def L_triplet(f, y, n, settings):
     """L_triplet on the pooled features f (2n, C) = [visible; infrared], labels y (2n,): 'joint' one batch-hard
     term over the whole batch; 'four-term' the release's mean of the v-v, r-r, v-r and r-v terms."""
     if settings.triplet == "joint":
-        return L_tri_hard(f, y, settings.margin)
+        return L_tri_hard(f, y, settings.margin)                        # Choice: one batch-hard term (paper silent)
     f_v, f_r, y_v, y_r = f[:n], f[n:], y[:n], y[n:]
     return (L_tri_cross(f_v, f_v, y_v, y_v, settings.margin) + L_tri_cross(f_r, f_r, y_r, y_r, settings.margin)
             + L_tri_cross(f_v, f_r, y_v, y_r, settings.margin)
@@ -434,7 +436,9 @@ def L_triplet(f, y, n, settings):
 
 
 def L_CC(F_vis, F_ir):
-    """Eq. (5)-(8): F_vis, F_ir (n, d), row i of both from the same identity."""
+    """Eq. (5)-(8), correlation consistency: L_CC = 1/n^2 ||G_vis - G_ir||_F^2 (Eq. 8), with the correlation
+    matrices G~_vis = F_vis F_vis^T, G~_ir = F_ir F_ir^T (Eq. 6) and G their rows L2-normalised (Eq. 7).
+    F_vis, F_ir (n, d) (Eq. 5): row i of both from the same identity."""
     G_vis = F.normalize(F_vis @ F_vis.t(), dim=1)           # Eq. (6), (7): (n, n), rows L2-normalised
     G_ir = F.normalize(F_ir @ F_ir.t(), dim=1)
     n = F_vis.shape[0]
@@ -442,7 +446,8 @@ def L_CC(F_vis, F_ir):
 
 
 def L_train(model, batch, settings, c3mmd, run, cls=True):
-    """Eq. (10) on one batch: L_cls + L_triplet (+ L_C3MMD, Eq. 9) -> loss, its terms for the log.
+    """Eq. (10) on one batch: L_train = L_basic + L_C3MMD, L_basic = L_cls + L_triplet, L_C3MMD = lambda1 L_CMMD +
+    lambda2 L_CC (Eq. 9; without it when c3mmd is false) -> loss, its terms for the log.
     L_val of Eq. (3) has the same form: it is this function on a validation batch (cls False: without L_cls)."""
     x = torch.cat([batch["x_v"], batch["x_r"]])             # (2n, 3, H, W): visible first, then infrared
     y = torch.cat([batch["y_v"], batch["y_r"]])             # (2n,)

@@ -186,7 +186,7 @@ class Run:
     iteration, or when the epoch's mean pairwise distance of the feature fell below 5 % of its mean norm.
 
     `epochs` restores every named object from OUT/<phase>.pt when it exists (resume) and saves them, with the
-    RNG states, atomically after every epoch. The loader is seeded per (seed, epoch, batch), so a resumed run ends
+    RNG states and the phase's training seconds so far (`seconds`), atomically after every epoch. The loader is seeded per (seed, epoch, batch), so a resumed run ends
     with the same weights as an uninterrupted one.
     """
 
@@ -198,6 +198,7 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_every, self.print = log_every, log
         self.stored = {}
+        self.seconds = {}  # phase -> wall seconds of its finished epochs, over every resume (kept in checkpoints)
         self._phase, self._num_epochs, self._its, self._timer = "", 0, 0, None
 
     def autocast(self):
@@ -225,14 +226,16 @@ class Run:
                     obj.load_state_dict(state[name])
             set_rng_state(state["rng"])
             self.stored.update(state["meta"])
+            self.seconds[phase] = state.get("seconds", 0.0)
             start = state["epoch"] + 1
             self.print(f"[{phase}] resumed from {path} after epoch {start}/{num_epochs}")
         self._phase, self._num_epochs = phase, num_epochs
         for epoch in range(start, num_epochs):
             t0 = time.time()
             yield epoch
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.time() - t0
             state = {name: obj.state_dict() for name, obj in objects.items()}
-            state.update(epoch=epoch, rng=rng_state(), meta=dict(self.stored))
+            state.update(epoch=epoch, rng=rng_state(), meta=dict(self.stored), seconds=self.seconds[phase])
             save_atomic(state, path)
             self.print(f"[{phase}] epoch {epoch + 1}/{num_epochs} done in {time.time() - t0:.1f}s")
             if self.evaluate and phase != "search" and (epoch + 1) % self.eval_every == 0 and "model" in objects:

@@ -1,6 +1,7 @@
 """NFS: Chen, Wan, Li, Jing and Sun, "Neural Feature Search for RGB-Infrared Person Re-Identification", CVPR 2021.
 
-No code of this paper was ever published; this file is the first implementation.
+No code of this paper was ever published; this file is the first implementation. Readings and choices are tagged
+`# Choice:` on the line they change, deviations `# Deviation:`.
 
 Implements:
 - the two-stream baseline (Sec. 3.1, supplement Table 5): modality-specific conv1 block, shared ResNet stages
@@ -11,11 +12,8 @@ Implements:
   configured input size, Eq. 3) and a channel-level field P_L^m in R^C, initialised uniformly; P~ = sigmoid(P);
   binary gates G select features (Eq. 4);
 - the gate sampler (Eq. 6-9): x ~ ContinuousBernoulli(P~) by the inverse CDF of u ~ U(0, 1), with the normalising
-  constant C(P~) of Eq. 8 computed stably near P~ = 1/2; the hard gate thresholds x at its own (1 - P~)-quantile,
-  G = [x > F^-1(1 - P~)], so that G ~ Bernoulli(P~) as Eq. 6 writes; the backward pass is the straight-through
-  estimator dG/dP~ = 1 (Eq. 9). The continuous Bernoulli serves only as the sampler: the sample carries no
-  gradient (F^-1 is increasing, so G = [u > 1 - P~] exactly), and Eq. 9's identity is the whole gradient that
-  reaches P; nothing is relaxed in the forward pass;
+  constant C(P~) of Eq. 8 computed stably near P~ = 1/2; hard gates G ~ Bernoulli(P~) (Eq. 6); the backward pass
+  is the straight-through estimator dG/dP~ = 1 (Eq. 9);
 - the bilevel search (Eq. 5, Alg. 1): an 80/20 image split (line 1); alternating a weight step on D_train with
   L_train (line 3) and a gate step on D_val with L_val at the virtual weights W' = W - xi grad_W L_train (line 4,
   second order: the Hessian-vector product exactly by autograd, or by DARTS's finite differences with
@@ -30,7 +28,12 @@ Implements:
   the channel gate) and OUT/features.png (channel-mean feature maps of the first searched stage before and after
   its gates, for test images of both modalities).
 
-Readings and choices where the paper is silent or ambiguous (marked `Choice:` in the code):
+Readings and choices:
+- The hard gate thresholds the continuous-Bernoulli sample at its own (1 - P~)-quantile, G = [x > F^-1(1 - P~)],
+  so that G ~ Bernoulli(P~) as Eq. 6 writes. The continuous Bernoulli serves only as the sampler: the sample
+  carries no gradient (F^-1 is increasing, so G = [u > 1 - P~] exactly), and Eq. 9, taken literally, is the whole
+  gradient that reaches P: the gradient reaching a hard gate is passed unchanged to P~ (and through the sigmoid
+  to P); nothing is relaxed in the forward pass.
 - The pixel-level field: Sec. 3.2 says the pixel subspace holds "vectors in each spatial position" (one gate per
   position, shared over channels), but gives the field the shape P_L^m in R^{C_out x W/2 x H/2} (one gate per
   element). The stated shape is followed: one pixel gate per (channel, position).
@@ -41,9 +44,7 @@ Readings and choices where the paper is silent or ambiguous (marked `Choice:` in
   P~ > 0.5 (`threshold`, Alg. 1 line 5). Search-time keep rate at initialisation: a feature is kept with
   probability P~_pix P~_ch, so a search cell keeps E[sigmoid(U(0, 1))]^2 = ln((1 + e) / 2)^2 = 38.5 % of its
   output per image (each searched stage drops about 62 % of its features at random), while the derived network
-  at the same point keeps 100 %. (With `--gate-sample round`, 31.6 %: the review measured 31.9 % on one cell.)
-- Eq. 9 is taken literally: the gradient reaching a hard gate is passed unchanged to P~ (and through the sigmoid
-  to P).
+  at the same point keeps 100 %. (With `--gate-sample round`: E[sigmoid(U(0, 1) / 2)]^2 = 31.6 %.)
 - xi of the virtual step is the current learning rate of each weight's parameter group (DARTS [28]); the virtual
   step is the plain gradient step Alg. 1 writes (DARTS adds momentum and weight decay). BN running statistics are
   restored after every gate step, so only weight steps move them.
@@ -57,12 +58,11 @@ Readings and choices where the paper is silent or ambiguous (marked `Choice:` in
   identity), so both parts hold every identity (data.TrainSet.split_images).
 - The second-order term is exact by default (autograd through grad_W L_train). DARTS's finite difference
   (`--hessian finite-difference`, eps = 0.01 / ||xi grad_W' L_val||) is kept as an option: on a ResNet its step
-  crosses ReLU kinks, and measured here (resnet18, random images; `python bench.py nfs`, README) its gate gradient
-  differs from the exact one by 8.3 times the exact one's norm (measured with the earlier rounding gate rule). It
-  converges only for steps (1e-6 in float64) that float32 cannot resolve. The exact term costs about 1.25x the time
-  and 1.5x the memory of the finite difference. With `--amp`, the finite-difference evaluations run in float32:
-  its step, about 2e-6 per weight on a ResNet-50, is below bf16 resolution (the review measured 5.9 % of weights
-  changing their bf16 value), so under bf16 the difference would be rounding noise.
+  crosses ReLU kinks, so its gate gradient is far from the exact one, and it approaches it only for steps that
+  float32 cannot resolve. The exact term costs more time and memory. `python bench.py nfs` measures both (the
+  figures are in the README's "Speed and memory"). With `--amp`, the finite-difference evaluations run in float32:
+  its step, of norm 0.01 over all weights (about 2e-6 per weight on a ResNet-50), is below bf16 resolution, so
+  under bf16 the difference would be rounding noise.
 - Gate optimiser: Adam, lr 3e-4, betas (0.5, 0.999) (DARTS's architecture optimiser) without weight decay:
   the per-element gradients of the fields are far smaller than DARTS's 1e-3 decay term, which would otherwise
   drive every P to 0 regardless of the loss.
@@ -80,13 +80,13 @@ Readings and choices where the paper is silent or ambiguous (marked `Choice:` in
 - The search and retrain networks start from the same initial weights (built under the run seed with the CPU
   generator only; the other generators, CUDA's included, are left untouched).
 - `--phase search` returns the search network, tested with its derived gates. Its BatchNorm running statistics were
-  gathered under the stochastic gates (about 38 % of the features kept at initialisation, against the derived
-  gates' 72-100 % in the review's smoke-size run, where a running mean of 0.32 met an eval input mean of 0.92
-  under the earlier rounding rule), so they are re-estimated first: one no-grad pass over an epoch of D_train
-  batches with the derived gates, BN in train mode, cumulative average (reestimate_bn). Re-estimating rather than
-  refusing: the number then says how good the searched gates are with the search's weights, a cheap check of a
-  search before its retraining, which a refusal would take away. It is still not Alg. 1 line 7's result (weights
-  trained on 80 % of the images under random gates); `--phase both` gives that. The run's meta says so (nfs_bn).
+  gathered under the stochastic gates (about 38 % of the features kept at initialisation, against all of them
+  under the derived gates at that point), so they do not match the derived network's inputs and are re-estimated
+  first: one no-grad pass over an epoch of D_train batches with the derived gates, BN in train mode, cumulative
+  average (reestimate_bn). Re-estimating rather than refusing: the number then says how good the searched gates
+  are with the search's weights, a cheap check of a search before its retraining, which a refusal would take
+  away. It is still not Alg. 1 line 7's result (weights trained on 80 % of the images under random gates);
+  `--phase both` gives that. The run's meta says so (nfs_bn).
 
 Deviations:
 - Alg. 1 line 4 writes the virtual step without a step size (W - grad_W L_train); this file scales it by xi
@@ -94,8 +94,8 @@ Deviations:
 - For float32 sampling P~ is clamped to [1e-6, 1 - 1e-6]: a saturated gate (|P| > 13.8) flips with probability
   1e-6 instead of exp(-|P|).
 - `--gate-sample round` (not the default) rounds the sample, G = [x > 1/2]: then P(G = 1) = sqrt(P~) / (sqrt(P~) +
-  sqrt(1 - P~)) = sigmoid(P / 2), not Eq. 6's P~. It is the rule this file used before issue 18 (the README rows
-  measured before it), kept for comparison.
+  sqrt(1 - P~)) = sigmoid(P / 2), not Eq. 6's P~. It is the rule of earlier versions of this file, kept for
+  comparison.
 
 Released code differs: no code was released, so there is no RELEASE recipe (`--recipe release` refuses).
 """
@@ -153,7 +153,7 @@ class Settings:
     first_order: bool = False            # Alg. 1 line 4 is second order; true: grad of L_val at W
     hessian: str = "autograd"            # Choice: second-order term exact (autograd), or finite-difference (DARTS)
     gate_sample: str = "quantile"        # Eq. 6: G ~ Bernoulli(P~), x above its (1 - P~)-quantile; Deviation:
-                                         #   "round", G = [x > 1/2], P(G = 1) = sigmoid(P / 2) (before issue 18)
+                                         #   "round", G = [x > 1/2], P(G = 1) = sigmoid(P / 2) (the earlier rule)
 
 
 CHOICES = {"phase": PHASES, "hessian": HESSIANS, "gate_sample": GATE_SAMPLES}
@@ -207,7 +207,7 @@ def gate(P, u, rule="quantile"):
     with torch.no_grad():
         x = sample_cb(P_tilde, u)                               # Eq. (6)-(7)
         if rule == "quantile":
-            lam = P_tilde.clamp(LAMBDA_EPS, 1 - LAMBDA_EPS)    # the clamp sample_cb applies
+            lam = P_tilde.clamp(LAMBDA_EPS, 1 - LAMBDA_EPS)    # Deviation: the float32 clamp sample_cb applies
             q = sample_cb(lam, 1 - lam)                         # F^-1(1 - P~): P(x > q) = P~, Eq. (6)
         else:
             q = 0.5                                             # Deviation: "round", P(G = 1) = sigma(P / 2)
@@ -404,17 +404,21 @@ def build(settings, num_classes, meta=None):
 
 # ---------------------------------------------------------------- losses
 
+# Copy of agw.pairwise_distance; test_all.TestCopies keeps them equal
 def pairwise_distance(x, y):
     """Euclidean distances (N, M) between rows of x (N, d) and y (M, d)."""
     d2 = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1) - 2 * x @ y.t()
     return d2.clamp(min=1e-12).sqrt()
 
 
+# Copy of agw.L_wrt; test_all.TestCopies keeps them equal
 def L_wrt(f, y):
-    """Weighted-regularisation triplet (AGW): softmax-weighted positive and negative distances, soft margin.
+    """Weighted-regularisation triplet of the AGW survey, averaged over the anchors i of the batch:
 
-    For anchor i: d_p = sum_j w_ij d_ij over positives with w_ij ∝ exp(d_ij); d_n = sum_k w_ik d_ik over negatives
-    with w_ik ∝ exp(-d_ik); loss = log(1 + exp(d_p - d_n)), averaged over anchors."""
+    L_wrt(i) = log(1 + exp(sum_{j in P_i} w^p_ij d^p_ij - sum_{k in N_i} w^n_ik d^n_ik)),
+    w^p_ij = exp(d^p_ij) / sum_{d in P_i} exp(d),   w^n_ik = exp(-d^n_ik) / sum_{d in N_i} exp(-d),
+    with P_i / N_i the positives / negatives of anchor i in the batch and d the Euclidean distance.
+    Reading: P_i includes i itself (d_ii ~ 0; the survey does not say), as the community loss does. f (N, d), y (N,)."""
     d = pairwise_distance(f, f)                                      # (N, N)
     pos = (y[:, None] == y[None, :]).float()
     neg = 1.0 - pos
@@ -426,14 +430,16 @@ def L_wrt(f, y):
 
 
 def L_c(f_v, f_r, y_v, y_r, T):
-    """Cross-modality contrastive loss (Eq. 10-13) of visible f_v (N_v, d) and infrared f_r (N_r, d) embeddings.
+    """Cross-modality contrastive loss (Eq. 10-13) of visible f_v (N_v, d) and infrared f_r (N_r, d) embeddings:
 
+    L_c = Label (D_E)^2 + (1 - Label) (D_T)^2 (Eq. 13) per pair (i_rgb, i_ir), with Label = [ID(i_rgb) = ID(i_ir)]
+    (Eq. 10), D_E = ||i_rgb - i_ir||_2 (Eq. 11) and D_T = max(0, T - ||i_rgb - i_ir||_2) (Eq. 12).
     Choice: every (visible, infrared) pair of the batch is a pair, and Eq. (13) is averaged over them."""
     label = (y_v[:, None] == y_r[None, :]).float()                  # Eq. (10), (N_v, N_r)
     D = pairwise_distance(f_v, f_r)                                  # ||i_rgb - i_ir||_2, (N_v, N_r)
     D_E = D                                                          # Eq. (11)
     D_T = (T - D).clamp(min=0)                                       # Eq. (12)
-    return (label * D_E.pow(2) + (1 - label) * D_T.pow(2)).mean()    # Eq. (13)
+    return (label * D_E.pow(2) + (1 - label) * D_T.pow(2)).mean()    # Eq. (13); Choice: mean over all pairs
 
 
 def L(model, batch, settings, autocast=contextlib.nullcontext, noise=None, params=None):
@@ -446,7 +452,7 @@ def L(model, batch, settings, autocast=contextlib.nullcontext, noise=None, param
     if f.dtype in (torch.float16, torch.bfloat16):                  # autocast output: losses in float32
         f, logits = f.float(), logits.float()
     y = torch.cat([batch["y_v"], batch["y_r"]])                      # (2PK,) visible first, then infrared
-    terms = {"L_id": F.cross_entropy(logits, y), "L_tri": L_wrt(f, y)}      # L_tri on f, L_id on BN(f)
+    terms = {"L_id": F.cross_entropy(logits, y), "L_tri": L_wrt(f, y)}      # Choice: L_tri on f, L_id on BN(f)
     loss = terms["L_id"] + terms["L_tri"]                            # Eq. (1)
     if settings.contrastive:
         n_v = len(batch["x_v"])

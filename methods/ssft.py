@@ -1,8 +1,9 @@
 """cm-SSFT: Lu et al., "Cross-modality Person re-identification with Shared-Specific Feature Transfer", CVPR 2020.
 
 No implementation was ever published; this is the first. The paper's RGB modality R is `v` here, infrared I is `r`.
+Each deviation is tagged `# Deviation:` on the line it changes.
 
-Implements
+Implements:
 - the two-stream feature extractor (Sec. 3.1): per-modality Conv1^m (stem, layer1, layer2), a shared Conv2^S and
   per-modality Conv2^m (layer3, layer4, last stride 1), global average pooling and feature blocks Feat (BNNeck, or
   fully-connected with --aug false): shared features H^m and specific features P^m (Eq. 1); classification L_c
@@ -39,13 +40,12 @@ Implements
     row 11  the defaults
   Rows 1-5 test on H (no SSTN), rows 6-11 on T. `--shl false` is an extra switch, not a Table 3 row: it drops only
   L(H); the shared stream stays and still feeds SSTN, L_ma, L_pa and the test. Table 4 'wo aug': add --aug false
-  (FC feature blocks, no random erasing; crop and flip stay).
+  (FC feature blocks, no random erasing; crop and flip stay);
+- the test-time feature layout (what `extract` returns and `distance` reads), one row per image:
+    [H (c) | P (c) | m (1)]   H: shared feature, P: specific feature (feature-block outputs), m: 0 visible, 1 infrared;
+  with --spl false the P segment is absent: [H (c) | m (1)]. c = 2048 for ResNet-50, 512 for ResNet-18/34.
 
-Test-time feature layout (what `extract` returns and `distance` reads), one row per image:
-    [H (c) | P (c) | m (1)]   H: shared feature, P: specific feature (feature-block outputs), m: 0 visible, 1 infrared.
-With --spl false the P segment is absent: [H (c) | m (1)]. c = 2048 for ResNet-50, 512 for ResNet-18/34.
-
-Readings and choices where the paper is silent:
+Readings and choices:
 - Test representation: only the transferred feature T = Feat^t(Z~) (its BN output with BNNeck) is L2-normalised and
   compared; H and P enter only as SSTN's input. Sec. 3.4's "All features are L2-normalized" could also be read
   as a concatenation such as [H; T] or [H; P; T]; that reading is not provided. Without SSTN (Table 3 rows 1-5)
@@ -79,22 +79,15 @@ Readings and choices where the paper is silent:
 - Eq. (15) and (20) are implemented literally, and the min-max they define has no bound (the default). The network
   minimises -l3 L_pa with L_pa = ||Theta^m P - H||, which is linear in the scale of its inputs: rescaling H and P
   by s rescales the projection error of every Theta, the adversary's best one included, by exactly s, so the
-  network can raise L_pa by growing its features rather than by decorrelating them (the review measured on CPU,
-  with Theta fitted for 200 steps: 9.7, 19.4, 38.8 for s = 1, 2, 4; 85 % of Feat^S's BN gains received a
-  negative min-step gradient from this term, i.e. descent grows ||H||). Only weight decay resists, and the test's
-  L2 normalisation makes the growth free. Likewise -l2 L_ma is the saturating minimax form: the network is rewarded
-  for pushing the discriminator's cross-entropy towards +inf (flipping the modalities), not for confusing them.
-  The training log prints the mean ||H|| of each logged batch (term `||H||`, not part of any loss) so a run shows
-  whether this happens; --pa-form scale-free and --ma-form confusion (Deviations) remove the two incentives.
-  Measured on --split val, synthetic world, one seed each (`python reid.py --method ssft --split val`, then with
-  `--pa-form scale-free`): literal: ||H|| grew from 22.7 (first logged batch; sqrt(c) = 22.6 is BN's unit gain)
-  to 26.8 (last epoch), and L_pa ended at 29.6, above ||H|| itself (the error of Theta = 0): the adversary lost the
-  game; all-search single-shot R1 / mAP 18.6 / 30.8, training fit R1 / mAP 43.6 / 44.1. Scale-free: ||H|| 22.4 ->
-  21.6, L_pa 1.02 -> 0.69 (unit vectors: below Theta = 0's 1); 19.1 / 30.1, fit 50.5 / 53.6. The val difference is
-  within one trial-std (2.0-2.4 R1), so the default stays the paper's literal form; the scale-free run fits its
-  training identities better and its features do not grow.
+  network can raise L_pa by growing its features rather than by decorrelating them. Only weight decay resists,
+  and the test's L2 normalisation makes the growth free. Likewise -l2 L_ma is the saturating minimax form: the
+  network is rewarded for pushing the discriminator's cross-entropy towards +inf (flipping the modalities), not
+  for confusing them. The training log prints the mean ||H|| of each logged batch (term `||H||`, not part of any
+  loss) so a run shows whether this happens; --pa-form scale-free and --ma-form confusion (Deviations) remove the
+  two incentives. The default stays the paper's literal form: on --split val the scale-free form did not differ
+  from it by more than one trial-std (the numbers and the commands: README, "Deviations from the papers").
 
-Deviations (each marked `# Deviation:` in the code):
+Deviations:
 - Eq. (3), (4), (13) sum over all triplets; here every anchor takes its hardest positive and hardest negative in the
   batch (batch-hard mining of Hermans et al. [17], the paper's reference for L_smT), averaged over anchors.
 - `--pa-form scale-free` (default literal): L_pa (Eq. 15) on L2-normalised P and H, in both steps; the projection
@@ -309,6 +302,7 @@ def build(settings, num_classes, meta=None):
 
 # ---------------------------------------------------------------- SSTN pieces (Eq. 5-10)
 
+# Copy of agw.pairwise_distance; test_all.TestCopies keeps them equal
 def pairwise_distance(x, y):
     """Euclidean distances (N, M) between rows of x (N, d) and y (M, d)."""
     d2 = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1) - 2 * x @ y.t()
@@ -374,6 +368,7 @@ def L_c(logits, y):
     return F.cross_entropy(logits, y)                                 # Eq. (2), (12)
 
 
+# Copy of rfm.L_tri_hard; test_all.TestCopies keeps them equal
 def L_tri_hard(f, y, margin):
     """Triplet loss with online hard mining (batch hard): for each anchor, the farthest positive and the closest
     negative in the batch; mean over anchors of max(0, d_ap - d_an + margin). f (N, d), y (N,)."""
@@ -385,13 +380,19 @@ def L_tri_hard(f, y, margin):
 
 
 def L_smT(f_v, f_r, y_v, y_r, rho2):
-    """Eq. (3): single-modality triplet: anchors, positives and negatives of the same modality, both modalities."""
+    """Eq. (3), single-modality triplet on the specific features: L_smT(P) =
+    sum_{i,j,k} max[rho2 + ||P_i^R - P_j^R|| - ||P_i^R - P_k^R||, 0] + sum_{i,j,k} max[rho2 + ||P_i^I - P_j^I||
+    - ||P_i^I - P_k^I||, 0], y_i = y_j != y_k. Deviation: batch hard, each anchor i takes only its hardest j and k
+    in the batch, mean over anchors (L_tri_hard per modality). f_v (B_v, d), f_r (B_r, d)."""
     return L_tri_hard(f_v, y_v, rho2) + L_tri_hard(f_r, y_r, rho2)    # Eq. (3); Deviation: batch-hard, not all triplets
 
 
 def L_cmT(f_v, f_r, y_v, y_r, rho1):
-    """Eq. (4): cross-modality triplet, batch-hard: visible anchors take their positives and negatives among the
-    infrared samples, infrared anchors among the visible ones. f_v (B_v, d), f_r (B_r, d)."""
+    """Eq. (4), cross-modality triplet on the shared features: L_cmT(H) =
+    sum_{i,j,k} max[rho1 + ||H_i^R - H_j^I|| - ||H_i^R - H_k^I||, 0] + sum_{i,j,k} max[rho1 + ||H_i^I - H_j^R||
+    - ||H_i^I - H_k^R||, 0], y_i = y_j != y_k: visible anchors take their positives and negatives among the
+    infrared samples, infrared anchors among the visible ones. Deviation: batch hard, each anchor i takes only its
+    hardest j and k, mean over anchors. f_v (B_v, d), f_r (B_r, d)."""
     dist = pairwise_distance(f_v, f_r)                                 # (B_v, B_r)
     same = y_v[:, None] == y_r[None, :]
     pos, neg = dist.masked_fill(~same, float("-inf")), dist.masked_fill(same, float("inf"))
@@ -401,7 +402,7 @@ def L_cmT(f_v, f_r, y_v, y_r, rho1):
 
 
 def L_t(T_v, T_r, y_v, y_r, rho1, rho2):
-    """Eq. (13): L_t(T) = L_cmT(T) + L_smT(T) on the transferred features."""
+    """Eq. (13): L_t(T) = L_cmT(T) + L_smT(T), Eq. (4) and (3) on the transferred features T (both batch hard)."""
     return L_cmT(T_v, T_r, y_v, y_r, rho1) + L_smT(T_v, T_r, y_v, y_r, rho2)   # Eq. (13); Deviation: batch-hard
 
 
@@ -431,7 +432,7 @@ def L_pa(projection, P, H, is_r, form="literal"):
 
 def L_re(X_hat, X):
     """Eq. (17): L2 reconstruction loss, the mean squared error per pixel. X_hat, X (N, 3, H, W)."""
-    return F.mse_loss(X_hat, X)                                       # Eq. (17)
+    return F.mse_loss(X_hat, X)                                       # Eq. (17); Choice: L2 = MSE per pixel
 
 
 # ---------------------------------------------------------------- training
