@@ -328,7 +328,7 @@ def _mce_iteration(method_name, P, K, h, w, iters=3, num_classes=100):
         memory = mce.Memory(keys, num_classes, d, device)
         memory.initialise({m: F.normalize(torch.randn(num_classes, d, device=device), dim=1) for m in keys})
 
-        def step():   # the body of mce.train's iteration, full objective (Eq. 2-10)
+        def step():   # restates mce.train's iteration, full objective (Eq. 2-10); no test keeps them equal
             f_all = F.normalize(model(torch.cat([x["v"], x["r"], x["a"]])), dim=1)
             f = dict(zip("vra", f_all.split(B)))
             f["u"] = f_all
@@ -363,7 +363,7 @@ def _mce_iteration(method_name, P, K, h, w, iters=3, num_classes=100):
 
 
 def bench_mce():
-    """MCE (issue 9): a training iteration (v, r and the auxiliary a; Eq. 2-10 and the Eq. 3 updates) against an
+    """MCE: a training iteration (v, r and the auxiliary a; Eq. 2-10 and the Eq. 3 updates) against an
     AGW iteration (v, r) at the same P, K and image size; peak memory; and the share of an epoch spent on the
     end-of-epoch centroid pass (2 N_v + N_r images, eval-mode forward only)."""
     import torch

@@ -1,33 +1,36 @@
 """Datasets, protocols and the training batch pipeline shared by every method.
 
-Readers for SYSU-MM01 and RegDB as they ship (layouts in shared/papers/README.md), an automatic uint8
-image cache, the cross-modality identity sampler and batch-level augmentation.
+Implements:
+- readers for SYSU-MM01, RegDB and LLCM as they ship (the layouts: README, "Running on the real benchmarks"),
+  an automatic uint8 image cache, the cross-modality identity sampler and batch-level augmentation;
+- the SYSU-MM01 test protocol of the community (the data manager of the Cross-Modal-Re-ID-baseline that the
+  papers' numbers come from), NOT the dataset authors' MATLAB evaluation, which uses fixed pre-drawn
+  permutations. Queries are all infrared test images (cams 3, 6; for id in sorted ids, for cam in [3, 6], sorted
+  files). For trial t the gallery is drawn with Python's `random` seeded with t, fresh for every (mode, shot,
+  trial): for id in sorted ids, for cam in the mode's visible cameras (all: 1, 2, 4, 5; indoor: 1, 2) whose
+  directory exists, over the sorted file list, `random.choice(files)` for single shot and
+  `random.sample(files, 10)` for multi shot. 10 trials, t = 0..9.
 
-SYSU-MM01 test protocol: this module follows the community convention (the data manager of the
-Cross-Modal-Re-ID-baseline that the papers' numbers come from), NOT the dataset authors' MATLAB
-evaluation, which uses fixed pre-drawn permutations. Queries are all infrared test images (cams 3, 6;
-for id in sorted ids, for cam in [3, 6], sorted files). For trial t the gallery is drawn with Python's
-`random` seeded with t, fresh for every (mode, shot, trial): for id in sorted ids, for cam in the mode's
-visible cameras (all: 1, 2, 4, 5; indoor: 1, 2) whose directory exists, over the sorted file list,
-`random.choice(files)` for single shot and `random.sample(files, 10)` for multi shot. 10 trials, t = 0..9.
-
-Choices and deviations from the community pipeline:
+Readings and choices:
 - The AGW community baseline has no multi-shot test; the multi-shot rule (`random.sample(files, 10)` after
   `random.seed(trial)`) is the one of the CM-NAS and MCE released code (JDAI-CV/CM-NAS datasets/sysu_dataset.py
-  and IDLNL/MCE data_manager.py, process_gallery_sysu). Deviation: with fewer than 10 images in a camera it draws
-  `random.sample(files, len(files))` (all of them); that code raises there (never on the real data).
-- Deviation: images are resized with PIL bilinear (antialiased when shrinking); the community
-  pre-processing uses LANCZOS (`Image.ANTIALIAS`).
-- Deviation: augmentation runs per batch with torch ops on the uint8 cache instead of per image with PIL;
-  zero pad 10 + random crop, horizontal flip p=0.5 and ImageNet normalisation are the community AGW ones
+  and IDLNL/MCE data_manager.py, process_gallery_sysu).
+- Files whose name starts with '.' (e.g. .DS_Store) inside an identity directory are ignored; any other file
+  that is not a readable image (Thumbs.db, a truncated .jpg) is an error, all of them named in one message.
+- A directory or list that cannot be read is an error naming it, never an empty camera or identity.
+
+Deviations:
+- With fewer than 10 images in a camera the multi-shot gallery draws `random.sample(files, len(files))` (all of
+  them); the CM-NAS and MCE code raises there (never on the real data).
+- Images are resized with PIL bilinear (antialiased when shrinking); the community pre-processing uses LANCZOS
+  (`Image.ANTIALIAS`).
+- Augmentation runs per batch with torch ops on the uint8 cache instead of per image with PIL; zero pad 10 +
+  random crop, horizontal flip p=0.5 and ImageNet normalisation are the community AGW ones
   (Cross-Modal-Re-ID-baseline train.py:114-121, which has no erasing); random erasing (Zhong et al.) is an option
   (each method's `erasing` probability; CAJ's `--rande`, default off, ICCV21_CAJ/train_ext.py:67): area 0.02-0.4,
   aspect uniform in 0.3-3.33, up to 100 tries, erased pixels set to 0 after normalisation (the ImageNet mean
   colour; CAJ and MCE fill the CIFAR means 0.4914, 0.4822, 0.4465 after normalisation, ChannelAug.py:107).
-- Deviation: an epoch has at least one batch, also when max(#v, #r) < P K.
-- Files whose name starts with '.' (e.g. .DS_Store) inside an identity directory are ignored; any other file
-  that is not a readable image (Thumbs.db, a truncated .jpg) is an error, all of them named in one message.
-- A directory or list that cannot be read is an error naming it, never an empty camera or identity.
+- An epoch has at least one batch, also when max(#v, #r) < P K.
 """
 import collections
 import errno
@@ -190,7 +193,7 @@ def _decode(path, height, width):
     """One file -> ((height, width, 3) uint8 RGB, None), or (None, reason) when it is not a readable image."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB").resize((width, height), Image.BILINEAR)
+            im = im.convert("RGB").resize((width, height), Image.BILINEAR)   # Deviation: community LANCZOS
             return np.asarray(im, dtype=np.uint8), None
     except Exception as exc:   # PIL raises many types for broken files; every one means the same to the user
         return None, _reason(exc, path)
@@ -593,7 +596,7 @@ def sysu_gallery(files, ids, mode, shot, trial):
             if SYSU_SHOTS[shot] == 1:
                 out.append(rng.choice(fs))
             else:
-                out.extend(rng.sample(fs, min(SYSU_SHOTS[shot], len(fs))))
+                out.extend(rng.sample(fs, min(SYSU_SHOTS[shot], len(fs))))   # Deviation: all if fewer than 10
     return out
 
 
@@ -1021,10 +1024,6 @@ class CrossModalitySampler:
                             f"both visible and infrared training images; lower P to at most {len(self.ids)}")
         self.pos_v = {i: np.flatnonzero(labels_v == i) for i in self.ids}
         self.pos_r = {i: np.flatnonzero(labels_r == i) for i in self.ids}
-        most = max(len(pos) for pos in (*self.pos_v.values(), *self.pos_r.values()))
-        if K > most:  # every identity would repeat images within its K: never a recipe, always a typo
-            raise DataError(f"sampler asked for K={K} images per identity and modality, but no identity has more than "
-                            f"{most} training images in one modality; lower K to at most {most}")
         self.P, self.K, self.seed, self.mode = P, K, seed, mode
         self.num_batches = max(len(labels_v), len(labels_r)) // (P * K) + (mode == "community")
 
@@ -1180,6 +1179,16 @@ class TrainLoader:
 
     def load_state_dict(self, state):
         self.sampler.load_state_dict(state)
+
+
+def check_K(trainset, K):
+    """--K against the whole training set: a K above every identity's image count in each modality would repeat
+    images within every identity's K (never a recipe, always a typo). Sub-splits (NFS's D_val, CM-NAS's val part)
+    may hold fewer; there the sampler draws with replacement."""
+    most = max(np.bincount(np.asarray(labels)).max() for labels in (trainset.v.labels, trainset.r.labels))
+    if K > most:
+        raise DataError(f"--K {K}: no training identity has more than {most} images in one modality; lower --K to at "
+                        f"most {most}")
 
 
 def train_loader(trainset, P, K, seed, augment, workers=0, sampler="without-replacement"):

@@ -1,7 +1,7 @@
 """CMC, mAP and mINP exactly as the visible-infrared re-id community computes them.
 
-The community protocol (`eval_sysu` / `eval_regdb` in mangye16/Cross-Modal-Re-ID-baseline), re-stated here
-step by step; verified against the released evaluators of CM-NAS and MCE and the community baseline (NFS and
+Implements: the community protocol (`eval_sysu` / `eval_regdb` in mangye16/Cross-Modal-Re-ID-baseline), re-stated
+here step by step; verified against the released evaluators of CM-NAS and MCE and the community baseline (NFS and
 cm-SSFT published no code). For each query:
 
 1. rank: sort the gallery by distance, smaller = more similar.
@@ -21,19 +21,19 @@ cm-SSFT published no code). For each query:
 6. mINP (AGW survey, Ye et al. TPAMI 2021): (number of matches) / (rank of the last match),
    averaged over the queries with a match.
 
-Deviations from the community code:
+Vectorised: no loop over queries or ranks; queries are processed in chunks of about `CHUNK_ELEMENTS`
+distance entries, so the working memory stays near 0.1 GB whatever the matrix size (bench.py measures it).
+Because a match's first occurrence in the de-duplicated list is the first match itself, its
+de-duplicated rank is the number of distinct identities seen in the kept list up to the first match;
+that count is all step 4 needs.
+
+Deviations:
 - Ties: gallery entries at the same distance are ranked by gallery index, the earlier first (a stable
   sort). The community uses numpy's default unstable argsort, whose order among ties is unspecified;
   ties between a match and a non-match are rare with real-valued distances, so both give the same
   numbers to within noise (and exactly the same without ties; bench.py checks it).
 - Distances are ranked at float32 precision, that of the features and of the community's matrices;
   a float64 matrix is rounded to float32 first.
-
-Vectorised: no loop over queries or ranks; queries are processed in chunks of about `CHUNK_ELEMENTS`
-distance entries, so the working memory stays near 0.1 GB whatever the matrix size (bench.py measures it).
-Because a match's first occurrence in the de-duplicated list is the first match itself, its
-de-duplicated rank is the number of distinct identities seen in the kept list up to the first match;
-that count is all step 4 needs.
 """
 import os
 
@@ -62,7 +62,7 @@ def rank_gallery(distmat):
     Distances are ranked at float32 precision (that of the features). A stable sort, made fast: each
     distance's float32 bits, mapped to an integer of the same order, go to the upper half of an int64 key
     and the gallery index to the lower half; the keys are distinct, so numpy's fast unstable sort of the
-    keys gives the stable order (7x faster than numpy's stable argsort, and faster than its default one).
+    keys gives the stable order, faster than numpy's stable argsort (and than its default one).
     """
     if np.isnan(distmat).any():
         raise UserError("the distance matrix contains NaN; the features are not finite, check the model "

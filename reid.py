@@ -527,6 +527,8 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
         trial_out.mkdir(exist_ok=True)
         seed_everything(seed)
         trainset, testset = load_data(args, settings, trial, log)
+        if checkpoint is None and hasattr(settings, "K"):
+            data.check_K(trainset, settings.K)
         t0 = time.time()
         if checkpoint is not None:
             model = method.build(settings, checkpoint["num_classes"], checkpoint.get("meta"))

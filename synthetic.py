@@ -8,7 +8,7 @@ default run and the tests use a generated world. It is built to pose the real pr
   Clothing is drawn from a shared palette weighted by popularity, so many identities share colours and some
   share materials.
 - Every surface is a *material* with a visible RGB reflectance, an independent near-infrared reflectance and
-  a thermal emission value. Rendering follows RFM's reflection model (rfm.md, Sec. III): a pixel is
+  a thermal emission value. Rendering follows RFM's reflection model (Tan et al., Sec. III): a pixel is
   shading x illumination x material reflectance, with the same shading (surface orientation, folds,
   shadows) in every band, so within one material the infrared / visible ratio is a constant and the
   constant differs between materials (Eq. 4). Colour does not carry over to infrared; shape, pattern
@@ -23,18 +23,17 @@ default run and the tests use a generated world. It is built to pose the real pr
 - RegDB-like pairs: one dual camera (visible + thermal) captures the same walk; thermal pixels show
   emission (skin warm, clothing by material, background cool) rather than reflection.
 
-Written layouts (see ../shared/papers/README.md):
+Written layouts (those of the real datasets; README, "Running on the real benchmarks"):
     SYSU:  root/cam1..cam6/<4-digit id>/<4-digit n>.jpg, root/exp/{train,val,test}_id.txt
     RegDB: root/Visible/<id>/<gender>_<view>_v_<5-digit>_<k>.bmp, root/Thermal/<id>/..._t_..., and
            root/idx/{train,test}_{visible,thermal}_{1..10}.txt with lines "Visible/<id>/<name> <label>";
            train labels are relabelled 0..N-1 per trial, test labels are the folder ids (not 0..N-1).
-Every world is written into a temporary directory and renamed into place when complete, with
-`synthetic.json` (kind, version, parameters, counts) as the completion marker; `ensure_world` reuses a
-finished world with the same parameters. Everything is deterministic in the seed.
-
     LLCM:  root/test_vis/cam1..cam9/<4-digit id>/*.jpg, root/test_nir/cam{1,2,4..9}/..., root/idx/test_id.txt,
            root/train_vis/cam<k>/<id>/*.jpg, root/train_nir/..., root/idx/train_{vis,nir}.txt ("<path> <label>");
            visible images are dark, noisy and low in contrast and colour (night-time cameras).
+Every world is written into a temporary directory and renamed into place when complete, with
+`synthetic.json` (kind, version, parameters, counts) as the completion marker; `ensure_world` reuses a
+finished world with the same parameters. Everything is deterministic in the seed.
 
     python synthetic.py --out DIR [--regdb | --llcm] [--num-ids N] [--seed S] ...
 

@@ -35,9 +35,9 @@ Readings and choices:
   classifier over all training identities (labels stay global), whose rows of the validation identities are
   trained only as negatives during the weight steps, so that term carries no identity information and grows
   during the search; it also dominates L_val (at initialisation a cross-entropy of the order of log(#classes),
-  far above the lambda-weighted L_CMMD and L_CC). `--val-cls false` drops it
-  (a deviation: L_val = L_triplet + L_C3MMD, identity-agnostic). Which genotypes each finds, and how stable they
-  are across seeds, is not measured yet (README); the default stays the paper's reading until it is.
+  far above the lambda-weighted L_CMMD and L_CC). `--val-cls false` drops it (a deviation: L_val = L_triplet +
+  L_C3MMD, identity-agnostic). Which genotypes each finds, and how stable they are across seeds, is not measured
+  yet (README); the default stays the paper's reading until it is.
 - Separate BNs and IN layers start from the (pretrained) BN they replace. IN = affine InstanceNorm2d, which
   normalises with instance statistics at test time too. The two-stream baselines separate the paper's stages 1-2:
   stem and layer1.

@@ -18,7 +18,7 @@ Implements:
 - the ablations of Table 3: two or three input modalities (`auxiliary`), the CE baseline, L^u only, L_W, L_W + L_MI
   and L_W + L_MI + L_GC (`objective`), with historical or up-to-date ("dynamic", L^D) centroids (`centroids`).
 
-Choices where the paper is silent:
+Readings and choices:
 - Every feature f is the L2-normalised BNNeck output (after GeM pooling, p = 3, as in the AGW/CAJ baseline the paper
   builds on); the test feature is the same vector. Centroids are L2-normalised after the class mean (Eq. 1, and the
   historical centroids) and after every momentum update (Eq. 3), so f . W / tau with tau = 0.05 lies in [-20, 20].
@@ -27,8 +27,8 @@ Choices where the paper is silent:
   Eq. (7) as their KL divergence, averaged over the batch. The cross-modality response (P^v_r for a visible feature)
   is the target and carries no gradient; the gradient flows through the own-modality response (P^v_v).
   Aggregation (paper silent): the mean over all KL rows (every sample of every term), as the release's
-  KLDivLoss('batchmean') over its concatenated blocks (IDLNL/MCE model.py:17, 115). (Summing the four batch-mean
-  terms instead made L_MI about 4x the release's for the same lambda1 = 1.2.)
+  KLDivLoss('batchmean') over its concatenated blocks (IDLNL/MCE model.py:17, 115); a sum of the four batch-mean
+  terms would be about 4x the release's L_MI for the same lambda1 = 1.2.
 - W^u and C^u are class means over the features of all modalities together (v, r and a pooled); L^u and L_GC use
   every feature of the batch.
 - The auxiliary images of the centroid pass take one channel per image drawn from a generator seeded by (seed,
@@ -169,12 +169,13 @@ def channel_exchange(x, g):
 
 def add_auxiliary(batch, g):
     """Augment `extra` hook: 'x_a' (B, 3, H, W) in [0, 1] from 'x_v', before normalisation; labels are 'y_v'."""
-    batch["x_a"] = channel_exchange(batch["x_v"], g)
+    batch["x_a"] = channel_exchange(batch["x_v"], g)    # Deviation: x_v's crop and flip, exchange on [0, 1] pixels
     return batch
 
 
 # ---------------------------------------------------------------- model (backbone as in agw.py)
 
+# Copy of agw.NonLocal; test_all.TestCopies keeps them equal
 class NonLocal(nn.Module):
     """Non-local block (dot-product form): z = W_z(softmax-free affinity(theta, phi) g) + x, W_z's BN starts at 0."""
 
@@ -196,6 +197,7 @@ class NonLocal(nn.Module):
         return self.W(y) + x
 
 
+# Copy of agw.with_non_local; test_all.TestCopies keeps them equal
 def with_non_local(stage, c, num, inner):
     """`stage` with a non-local block (inner width `inner`) after each of its last `num` residual blocks."""
     blocks = list(stage)
@@ -208,6 +210,7 @@ def with_non_local(stage, c, num, inner):
     return nn.Sequential(*out)
 
 
+# Copy of agw.gem; test_all.TestCopies keeps them equal
 def gem(x, p):
     """Generalised-mean pooling over H, W: (mean x^p)^(1/p); x >= 0 after ReLU. (B, C, H, W) -> (B, C)."""
     return x.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
@@ -258,7 +261,8 @@ class Memory:
 
     @torch.no_grad()
     def update(self, m, f, y, gamma, rule="mean"):
-        """Eq. (3): W^m_y <- gamma W^m_y + (1 - gamma) mean of the batch features of class y, then L2-normalised.
+        """Eq. (3): W^m_y <- gamma W^m_y + (1 - gamma) mean of the batch features of class y; Choice: then
+        L2-normalised (the paper does not say).
 
         rule "hardest" (the release's W^u, memory.py:27-39): the class's batch feature least similar to W^m_y
         instead of the mean. f: (B, d) detached features of modality m, y: (B,) labels."""
@@ -323,7 +327,8 @@ def class_centroids(model, trainset, keys, run, g, agnostic="pooled"):
 # ---------------------------------------------------------------- losses
 
 def L_m(f, y, W, tau):
-    """Eq. (2), memory-based cluster contrast of modality m: -log softmax_k(f . W_k / tau)[y], batch mean.
+    """Eq. (2), memory-based cluster contrast of modality m, averaged over the batch:
+    L^m = -log [exp(f_i^m . W^m_{y_i} / tau) / sum_{k=1}^{N^p} exp(f_i^m . W^m_k / tau)].
 
     f: (B, d) L2-normalised features, y: (B,), W: (N^p, d) memory (no gradient)."""
     return F.cross_entropy(f @ W.t() / tau, y)                                    # Eq. (2)
@@ -345,10 +350,12 @@ def KL(log_p, log_q):
 
 
 def L_MI_mn(f_m, f_n, C_m, C_n, tau):
-    """Eq. (7), L_MI^{m<->n} per sample: KL(P^m_n || P^m_m) for each feature of m, then KL(P^n_m || P^n_n) for each
-    of n: (B + B',). The cross-modality response P^m_n(f^m | C^n) is the target (detached); f_m: (B, d), f_n:
-    (B', d), C: (N^p, d)."""
-    return torch.cat([KL(log_P(f_m, C_n, tau).detach(), log_P(f_m, C_m, tau)),     # Eq. (7), first term
+    """Eq. (7), L_MI^{m<->n} = P^m_n(f_i^m | C^n) log(P^m_n(f_i^m | C^n) / P^m_m(f_i^m | C^m))
+    + P^n_m(f_i^n | C^m) log(P^n_m(f_i^n | C^m) / P^n_n(f_i^n | C^n)), per sample: KL(P^m_n || P^m_m) for each
+    feature of m, then KL(P^n_m || P^n_n) for each of n: (B + B',). Reading: the responses are the full softmax
+    distributions over the N^p centroids (Eq. 5-6 write the c_+ term only), and the cross-modality response
+    P^m_n(f^m | C^n) is the target (detached); f_m: (B, d), f_n: (B', d), C: (N^p, d)."""
+    return torch.cat([KL(log_P(f_m, C_n, tau).detach(), log_P(f_m, C_m, tau)),     # Eq. (7), first term; Reading: KL
                       KL(log_P(f_n, C_m, tau).detach(), log_P(f_n, C_n, tau))])    # Eq. (7), second term
 
 
@@ -371,9 +378,10 @@ def L_MI(f, C, tau, form="paper"):
     rows = [L_MI_mn(f["v"], f["r"], C["v"], C["r"], tau)]
     if "a" in f:
         rows.append(L_MI_mn(f["a"], f["r"], C["a"], C["r"], tau))
-    return torch.cat(rows).mean()                                                 # Eq. (8)
+    return torch.cat(rows).mean()                                                 # Eq. (8); Choice: mean of all rows
 
 
+# Copy of agw.pairwise_distance; test_all.TestCopies keeps them equal
 def pairwise_distance(x, y):
     """Euclidean distances (N, M) between rows of x (N, d) and y (M, d)."""
     d2 = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1) - 2 * x @ y.t()

@@ -22,10 +22,10 @@ Implements:
 - Ablations from the command line: Table II (--ltg, --center cross|none, --attention mam|none), Table III
   (--f-g; its RE row: --ltg false --erasing 0.5), Table IV (--center center|hetero|cross), Table V
   (--attention none|spatial|mam). Table II's baseline (--ltg false --center none --attention none) reads the
-  paper's "PCB baseline" as PCB on the Residual-Block 3 map of Fig. 4, so it has NO layer4 at all (resnet18 at the
-  SYNTHETIC recipe: 2.8 M parameters against 19.6 M with MAM, whose two layer4 copies train from scratch on CPU);
-  the +MAM rows mix attention with that capacity. `--pcb-map stage4` (with `--attention none`) is the other
-  reading, PCB [29] as published: a shared Residual-Block 4 (last stride 1) on F, the stripes cut from its map.
+  paper's "PCB baseline" as PCB on the Residual-Block 3 map of Fig. 4, so it has NO layer4 at all (several times
+  fewer parameters than with MAM's two layer4 copies); the +MAM rows mix attention with that capacity.
+  `--pcb-map stage4` (with `--attention none`) is the other reading, PCB [29] as published: a shared
+  Residual-Block 4 (last stride 1) on F, the stripes cut from its map.
   Table IV's `center` is a batch-centre variant of Eq. (5) (centres = mini-batch class means), not the learned
   centres of [32].
 - Pictures (figures): LTG samples under their inputs (Fig. 9) and attention maps over test images (Fig. 10).
@@ -46,8 +46,8 @@ Readings and choices:
   form. The metric losses sit on the L2-normalised BN output of each part head, as in the release: on the raw FC
   output, with lambda = 3, every part feature collapses to one point (TestRFMCollapse). The training log warns
   (common.Run.watch) if L_tri stays at its margin for an epoch or the features' pairwise distance falls below
-  5 % of their norm. The hetero-center loss is the one of [33]: squared distance of the two modality centres, summed over the
-  identities (its 'default' in Table IV; HC-Loss*(3.0) = --lam 3/N).
+  5 % of their norm. The hetero-center loss is the one of [33]: squared distance of the two modality centres,
+  summed over the identities (its 'default' in Table IV; HC-Loss*(3.0) = --lam 3/N).
 - Each part is reduced by a fully connected layer ("we attach the constraints after a fully connected layer",
   Sec. IV-A); the paper says nothing of normalisation, so the head is the release's ClassBlock: Linear(C, 512) ->
   BN; m_k = L2-normalised BN output feeds L_tri, the centre loss and the test feature; Dropout(0.5) -> Linear
@@ -59,19 +59,19 @@ Readings and choices:
   train.py:106-107; Table III compares augmentations, it does not drop RE).
 
 Deviations:
-- Alg. 1 loops until min(M) <= t_min with no bound; here an image gets at most `ltg_max_rects` rectangles (50:
-  more than the 99th percentile of what Beta(0.5, 0.5) needs at t_min = 1e-6, about 13 on average).
+- Alg. 1 loops until min(M) <= t_min with no bound; here an image gets at most `ltg_max_rects` rectangles (50,
+  well above what Beta(0.5, 0.5) needs at t_min = 1e-6; `python bench.py rfm` prints the mean per image).
 - A rectangle channel that is all zero keeps alpha = 1 (alpha_max = 1 / 0 is undefined; no factor changes it).
-- L_id^v and L_id^n sit on a BNNeck [30] (BatchNorm1d with frozen shift, bias-free linear
-  classifier) after the average pooled f_v(F^v), f_n(F^n); the paper names only the classifier.
+- L_id^v and L_id^n sit on a BNNeck [30] (BatchNorm1d with frozen shift, bias-free linear classifier) after the
+  average pooled f_v(F^v), f_n(F^n); the paper names only the classifier, the release uses ClassBlock (2048 -> 512,
+  BN, Dropout, FC).
 - With images too small for 12 stripes on the stage-3 map (CPU recipes), K is a setting and must not exceed the
   map's height; resnet18/34 are allowed for CPU runs (the paper uses ResNet-50).
-- The global L_id^v / L_id^n heads are a BNNeck + FC; the release uses ClassBlock(2048 -> 512, BN, Dropout, FC).
 
 Released code differs (stone96123/RFM at 4d0c685; `--recipe release` sets the release column):
 | setting | paper value | release value | released file:line |
 |---|---|---|---|
-| LTG t_min | 1e-6 (Sec. V-A) | 1e-2 (about 3 rectangles per image, not 14) | train.py:106 |
+| LTG t_min | 1e-6 (Sec. V-A) | 1e-2 (fewer rectangles per image) | train.py:106 |
 | LTG attempts | loop until t_min | 100 attempts | random_erasing.py:82,113 |
 | LTG rectangle | Alg. 1 (corner uniform, reject) | size that fits, corner inside | random_erasing.py:88-93 |
 | random erasing | not stated | p = 0.5 after the LTG | train.py:107 |
@@ -117,7 +117,7 @@ class Settings:
     pad: int = 0                         # not stated (Sec. V-A: flipping); release: no pad, RandomCrop on
                                          #   pre-resized images is the identity (train.py:103)
     erasing: float = 0.5                 # not stated; release: RandomErasing(0.5) after the LTG (train.py:106-107)
-    parts: int = 12                      # Sec. V-C: PCB with K = 12 parts
+    parts: int = 12                      # Sec. V-C: PCB with K = 12 parts; Deviation: a setting (small CPU images)
     part_dim: int = 512                  # Sec. IV-A: a fully connected layer reduces each part; release:
                                          #   ClassBlock Linear(1024, 512) -> BN (model.py:101-107)
     part_dropout: float = 0.5            # not stated; release: Dropout(0.5) before each part classifier
@@ -189,8 +189,8 @@ class LinearTransformationGenerator:
     x (N, C, H, W) in [0, 1], every draw from the numpy Generator rng; the parameters are taken as given.
 
     Each image runs Alg. 1's loop; the work inside a rectangle is vectorised over channels and pixels. (Stepping
-    all images of a batch together costs whole-image passes per step while rectangles cover a fifth of an image,
-    and the batch waits for its slowest image: about 10x slower on a CPU.)"""
+    all images of a batch together would cost whole-image passes per step while rectangles cover a fifth of an
+    image, and the batch would wait for its slowest image.)"""
 
     def __init__(self, p=0.5, area=(0.02, 0.4), aspect=(0.3, 3.33), f_g="beta0.5", t_min=1e-6, max_rects=50):
         self.p, self.area, self.aspect, self.f_g, self.t_min, self.max_rects = p, area, aspect, f_g, t_min, max_rects
@@ -211,7 +211,7 @@ class LinearTransformationGenerator:
             S_r = rng.uniform(*self.area, tries) * W * H
             r_r = rng.uniform(*self.aspect, tries)
             H_r = np.rint(np.sqrt(S_r * r_r)).astype(np.int64)
-            W_r = np.rint(np.sqrt(S_r / r_r)).astype(np.int64)        # Alg. 1 prints S_r / r_r (see docstring)
+            W_r = np.rint(np.sqrt(S_r / r_r)).astype(np.int64)        # Reading: sqrt; Alg. 1 prints S_r / r_r
             x_r, y_r = rng.integers(0, W, tries), rng.integers(0, H, tries)
             inside = np.flatnonzero((x_r + W_r <= W) & (y_r + H_r <= H))
             if inside.size:
@@ -230,7 +230,7 @@ class LinearTransformationGenerator:
             M_rle = M[:, y_r:y_r + H_r, x_r:x_r + W_r]
             peak = I_rle.reshape(C, -1).max(1)                        # (C,) max(I_c)
             alpha = np.divide(self.draw_f_g(rng, C), peak, out=np.ones(C), where=peak > 0)  # alpha_max * f_g
-            alpha = alpha.astype(I.dtype)[:, None, None]              # an all-zero channel keeps alpha = 1
+            alpha = alpha.astype(I.dtype)[:, None, None]              # Deviation: an all-zero channel keeps alpha = 1
             I_rle *= alpha                                            # I(I_c) <- alpha * I_c
             M_rle *= alpha                                            # M(M_c) <- alpha * M_c
             if M_rle.min() <= self.t_min:                             # min(M) <= t_min (M changed only in I_rle)
@@ -279,7 +279,7 @@ def stage3_height(height):
 
 def classifier(dim, num_classes):
     """BNNeck [30]: BatchNorm1d (shift frozen), then a bias-free linear classifier. The metric losses act on the
-    features before it, cross-entropy after it."""
+    features before it, cross-entropy after it. Deviation: for L_id^v / L_id^n the paper names only a classifier."""
     bn = nn.BatchNorm1d(dim)
     bn.bias.requires_grad_(False)
     return nn.Sequential(bn, nn.Linear(dim, num_classes, bias=False))
@@ -357,6 +357,7 @@ def build(settings, num_classes, meta=None):
 
 # ---------------------------------------------------------------- losses (n = NIR in the paper = r here)
 
+# Original; copied verbatim into cmnas.py and ssft.py, test_all.TestCopies keeps the copies equal
 def L_tri_hard(f, y, margin):
     """Triplet loss with online hard mining (batch hard): for each anchor, the farthest positive and the closest
     negative in the batch; mean over anchors of max(0, d_ap - d_an + margin). f (N, d), y (N,)."""
@@ -386,27 +387,33 @@ def check_both_modalities(y_v, y_n):
 
 
 def L_c(f, y):
-    """Eq. (5), center loss: each feature to the centre of its class; divided by the batch size N (Sec. V-D)."""
+    """Eq. (5), center loss: L_c = 1/2 sum_{i=1}^N D(f(I_i), c_{y_i}), D the Euclidean distance, c_{y_i} the centre
+    of class y_i. Reading: c = the batch mean of the class, and the sum divided by the batch size N (Sec. V-D)."""
     ids = y.unique()
-    c = class_centres(f, y, ids)                                      # (U, d): c_{y_i}
-    return 0.5 * D(f, c[torch.searchsorted(ids, y)]).sum() / len(y)   # Eq. (5)
+    c = class_centres(f, y, ids)                                      # (U, d): c_{y_i}; Reading: batch class means
+    return 0.5 * D(f, c[torch.searchsorted(ids, y)]).sum() / len(y)   # Eq. (5); Reading: / N, D unsquared
 
 
 def L_cc(f_v, y_v, f_n, y_n, distance="euclidean"):
-    """Eq. (6), cross-center loss: each visible feature to the NIR centre of its class and vice versa.
-    "euclidean" (the paper): (1/2) sum D / N.  "squared-unit" (release cross_center_loss.py:13,33-36): the mean over
-    the samples of the squared distance, no 1/2 (on the unit features the release feeds it)."""
+    """Eq. (6), cross-center loss, each visible feature to the NIR centre of its class and vice versa:
+    L_cc = 1/2 (sum_{i=1}^{N_v} D(f(I_i^v), c_{y_i^n}) + sum_{i=1}^{N_n} D(f(I_i^n), c_{y_i^v})), with c^m_k the
+    centre of class k in modality m and D the Euclidean distance.
+    "euclidean" (the paper; Reading: c^m_k the batch mean, the sum divided by the batch size N = N_v + N_n, Sec.
+    V-D, and D unsquared, Sec. IV-C), i.e. 1/(2N) sum_i [D(f_i^v, c^n_{y_i}) + D(f_i^n, c^v_{y_i})].
+    "squared-unit" (release cross_center_loss.py:13,33-36): the mean over the samples of the squared distance,
+    no 1/2 (on the unit features the release feeds it)."""
     ids = check_both_modalities(y_v, y_n)
-    c_v, c_n = class_centres(f_v, y_v, ids), class_centres(f_n, y_n, ids)   # (U, d) each
+    c_v, c_n = class_centres(f_v, y_v, ids), class_centres(f_n, y_n, ids)   # (U, d) each; Reading: batch means
     to_n = D(f_v, c_n[torch.searchsorted(ids, y_v)])                  # (N_v,) D(f(I_i^v), c_{y_i^n})
     to_v = D(f_n, c_v[torch.searchsorted(ids, y_n)])                  # (N_n,) D(f(I_i^n), c_{y_i^v})
     if distance == "squared-unit":                                    # Released code differs: squared, mean
         return torch.cat([to_n, to_v]).pow(2).mean()
-    return 0.5 * (to_n.sum() + to_v.sum()) / (len(y_v) + len(y_n))   # Eq. (6)
+    return 0.5 * (to_n.sum() + to_v.sum()) / (len(y_v) + len(y_n))   # Eq. (6); Reading: / N, D unsquared
 
 
 def L_hc(f_v, y_v, f_n, y_n):
-    """Hetero-center loss [33]: squared distance of each identity's visible and NIR centres, summed."""
+    """Hetero-center loss [33]: L_hc = sum_k ||c^v_k - c^n_k||_2^2 over the identities k of the batch, c^m_k the
+    batch mean of class k in modality m (not divided by N: Table IV's default HC-Loss)."""
     ids = check_both_modalities(y_v, y_n)
     return (class_centres(f_v, y_v, ids) - class_centres(f_n, y_n, ids)).pow(2).sum()
 
@@ -462,8 +469,9 @@ def make_ltg(settings):
 
 
 def objective(model, batch, settings):
-    """Eq. (9) on one batch -> (L, {loss term name: value}, the K unit part features m_k (2B, d) for the collapse
-    alarm). K-part sums of Eq. (8)'s terms, then L_id^v, L_id^n."""
+    """Eq. (9) on one batch: L = L_id^v + L_id^n + sum_{k=1}^K L_cls^k, L_cls^k = L_id^k + L_tri^k + lambda L_cc^k
+    (Eq. 8; L_cc or the Table IV alternative of `center`) -> (L, {loss term name: value}, the K unit part
+    features m_k (2B, d) for the collapse alarm)."""
     y_v, y_n = batch["y_v"], batch["y_r"]
     y = torch.cat([y_v, y_n])                                         # (2B,) visible first, then infrared
     f, logits, high = model(batch["x_v"], batch["x_r"])
