@@ -3561,20 +3561,10 @@ class TestSSFTEquations(unittest.TestCase):
         g = _ss_torch.Generator().manual_seed(1)
         f_v, f_r = _ss_torch.randn(6, 4, generator=g), _ss_torch.randn(6, 4, generator=g)
         y = _ss_torch.tensor([0, 0, 1, 1, 2, 2])
-
-        def hard(anchors, candidates, y_a, y_c, margin):
-            losses = []
-            for i in range(len(anchors)):
-                dist = [float((anchors[i] - candidates[j]).norm()) for j in range(len(candidates))]
-                pos = max(dist[j] for j in range(len(candidates)) if y_c[j] == y_a[i])
-                neg = min(dist[j] for j in range(len(candidates)) if y_c[j] != y_a[i])
-                losses.append(max(margin + pos - neg, 0.0))
-            return sum(losses) / len(losses)
-
         self.assertAlmostEqual(float(_ss.L_smT(f_v, f_r, y, y, 0.5)),
-                               hard(f_v, f_v, y, y, 0.5) + hard(f_r, f_r, y, y, 0.5), places=4)      # Eq. (3)
+                               _ss_hard(f_v, f_v, y, y, 0.5) + _ss_hard(f_r, f_r, y, y, 0.5), places=4)      # Eq. (3)
         self.assertAlmostEqual(float(_ss.L_cmT(f_v, f_r, y, y, 0.5)),
-                               hard(f_v, f_r, y, y, 0.5) + hard(f_r, f_v, y, y, 0.5), places=4)      # Eq. (4)
+                               _ss_hard(f_v, f_r, y, y, 0.5) + _ss_hard(f_r, f_v, y, y, 0.5), places=4)      # Eq. (4)
         self.assertAlmostEqual(float(_ss.L_t(f_v, f_r, y, y, 0.5, 0.2)),
                                float(_ss.L_cmT(f_v, f_r, y, y, 0.5) + _ss.L_smT(f_v, f_r, y, y, 0.2)), places=5)
 

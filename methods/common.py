@@ -186,8 +186,8 @@ class Run:
     iteration, or when the epoch's mean pairwise distance of the feature fell below 5 % of its mean norm.
 
     `epochs` restores every named object from OUT/<phase>.pt when it exists (resume) and saves them, with the
-    RNG states and the phase's training seconds so far (`seconds`), atomically after every epoch. The loader is seeded per (seed, epoch, batch), so a resumed run ends
-    with the same weights as an uninterrupted one.
+    RNG states and the phase's training seconds so far (`seconds`), atomically after every epoch. The loader is
+    seeded per (seed, epoch, batch), so a resumed run ends with the same weights as an uninterrupted one.
     """
 
     def __init__(self, out, device, seed=0, amp=False, workers=0, log_every=20, log=print, max_its=None,

@@ -318,7 +318,9 @@ class RFM(nn.Module):
             self.spatial = SpatialAttention()
         self.f_S = layer4 if settings.pcb_map == "stage4" else None   # PCB [29]: shared layer4 (attention none)
         self.parts = settings.parts
-        heads = [part_head(c[3] if self.f_S is not None else c[2], settings.part_dim, settings.part_dropout, num_classes) for _ in range(settings.parts)]
+        c_part = c[3] if self.f_S is not None else c[2]            # channels of the map that PCB cuts
+        heads = [part_head(c_part, settings.part_dim, settings.part_dropout, num_classes)
+                 for _ in range(settings.parts)]
         self.reduce = nn.ModuleList(h[0] for h in heads)           # FC -> BN per part
         self.classifiers = nn.ModuleList(h[1] for h in heads)      # Dropout -> FC per part
         self.flip_test = settings.flip_test
@@ -453,8 +455,9 @@ def check(settings):
         if settings.f_g not in F_G:
             raise common.UserError(f"--f-g {settings.f_g!r} is not an f_g of Table III; choose one of {', '.join(F_G)}")
         if not (len(area) == 2 and 0 < area[0] <= area[1] <= 1 and len(aspect) == 2 and 0 < aspect[0] <= aspect[1]):
-            raise common.UserError(f"--ltg-area {area} / --ltg-aspect {aspect}: give two increasing numbers each, areas "
-                                   f"in (0, 1] (fractions of the image) and aspects > 0, e.g. 0.02 0.4 / 0.3 3.33")
+            raise common.UserError(f"--ltg-area {area} / --ltg-aspect {aspect}: give two increasing numbers each, "
+                                   f"areas in (0, 1] (fractions of the image) and aspects > 0, e.g. 0.02 0.4 / "
+                                   f"0.3 3.33")
         r, S = np.linspace(aspect[0], aspect[1], 101), area[0] * H * W
         if not np.any((np.rint(np.sqrt(S * r)) <= H) & (np.rint(np.sqrt(S / r)) <= W)):
             raise common.UserError(f"--ltg-area {area} --ltg-aspect {aspect}: no rectangle fits a {H}x{W} image; "
