@@ -50,8 +50,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from methods.common import UserError
-from synthetic import MARKER as SYNTHETIC_MARKER
+SYNTHETIC_MARKER = "synthetic.json"  # synthetic.py writes it at the root of every world it builds (its MARKER)
+
+
+class UserError(Exception):
+    """A problem the user can fix (a path, a flag value, a file). reid.py prints it as one line and exits 2.
+    Defined here, in the lowest layer (this file imports nothing of the project's), so that eval.py and
+    synthetic.py need not import the methods package; methods/common.py re-exports it for the methods."""
+
 
 SYSU_VISIBLE_CAMS = (1, 2, 4, 5)
 SYSU_INFRARED_CAMS = (3, 6)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from methods.common import UserError
+from data import UserError
 
 CHUNK_ELEMENTS = 2 ** 22   # distance entries evaluated at once (about 25 bytes of working memory each)
 SAME_ROOM = (3, 2)         # SYSU-MM01: (query camera, gallery camera) in the same room

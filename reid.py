@@ -41,7 +41,7 @@ import data
 import eval as evaluation
 import synthetic
 from methods import METHODS, common
-from methods.common import UserError
+from data import UserError
 
 KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
 RECIPES = ("paper", "release")

@@ -56,10 +56,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from methods.common import UserError
+from data import SYNTHETIC_MARKER as MARKER, UserError  # MARKER: the file at a world's root that names it synthetic
 
 VERSION = 1              # bump when the rendering changes, so cached worlds are rebuilt
-MARKER = "synthetic.json"
 SUPERSAMPLE = 2          # render at 2x and box-filter down (anti-aliasing)
 ANKLE_Y = 0.955          # body units: top of head 0, sole 1
 TURN = 0.25              # probability that a walk changes view (front / back / side) once

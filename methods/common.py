@@ -1,6 +1,7 @@
 """Plumbing every method needs in the same way, kept in one place.
 
-- `UserError`: a problem the user can fix; reid.py prints it as one line and exits 2.
+- `UserError` (defined in data.py, the lowest layer): a problem the user can fix; reid.py prints it as one line
+  and exits 2.
 - `resnet`, `stem`, `stages`: torchvision ResNets with ImageNet weights and last stride 1, cut into
   the stages the papers name (stem = conv1, bn1, relu, maxpool; then layer1..layer4).
 - `WarmupMultiStep`: the lr schedule of the community baseline (linear warm-up, then x gamma at milestones).
@@ -21,9 +22,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-
-class UserError(Exception):
-    """A problem the user can fix (a path, a flag value, a file). reid.py prints it as one line and exits 2."""
+from data import UserError  # re-exported: the methods raise common.UserError (defined in data.py, the lowest layer)
 
 
 # ---------------------------------------------------------------- backbone
