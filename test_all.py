@@ -2585,13 +2585,13 @@ class TestNFSSecondOrder(unittest.TestCase):
         xi = [0.05 if n.startswith("classifier") else 0.1 for n in names]
         P = self.model.fields()
         u_t, u_v = self.model.draw_noise(8), self.model.draw_noise(8)
-        l_t = _nfs.L(self.model, _nfs_batch(1), settings, noise=u_t)[0]
+        l_t = _nfs.objective(self.model, _nfs_batch(1), settings, noise=u_t)[0]
         g = _nfs_torch.autograd.grad(l_t, W, create_graph=True)
         virtual = _nfs_copy.deepcopy(self.model)                            # the network at W' = W - xi g
         with _nfs_torch.no_grad():
             for w, x, gw in zip(virtual.weights(), xi, g):
                 w.sub_(x * gw)
-        l_v = _nfs.L(virtual, _nfs_batch(2), settings, noise=u_v)[0]
+        l_v = _nfs.objective(virtual, _nfs_batch(2), settings, noise=u_v)[0]
         d = _nfs_torch.autograd.grad(l_v, virtual.weights() + virtual.fields())
         dW, dP = d[:len(W)], d[len(W):]
         hvp = _nfs_torch.autograd.grad(sum((gw * x * dw).sum() for gw, x, dw in zip(g, xi, dW)), P)
@@ -2620,7 +2620,7 @@ class TestNFSSecondOrder(unittest.TestCase):
         got, l_val = self.grad(self.model, _nfs_dc.replace(self.settings, first_order=True))
         self.assert_untouched()
         _nfs_torch.manual_seed(7)
-        loss = _nfs.L(self.model, _nfs_batch(2), self.settings)[0]
+        loss = _nfs.objective(self.model, _nfs_batch(2), self.settings)[0]
         want = _nfs_flat(_nfs_torch.autograd.grad(loss, self.model.fields()))
         self.assertTrue(_nfs_torch.equal(got, want))
         self.assertEqual(float(l_val), float(loss.detach()))
@@ -2654,13 +2654,13 @@ class TestNFSLosses(unittest.TestCase):
         batch = _nfs_batch(3, dtype=_nfs_torch.float32)
         noise = model.draw_noise(8)
         settings = _nfs_settings(lam=0.5, T=3.0)
-        loss, terms = _nfs.L(model, batch, settings, noise=noise)
+        loss, terms = _nfs.objective(model, batch, settings, noise=noise)
         self.assertAlmostEqual(float(loss), float(terms["L_id"] + terms["L_tri"] + 0.5 * terms["L_c"]), places=5)
         f, logits = model(batch["x_v"], batch["x_r"], noise)
         y = _nfs_torch.cat([batch["y_v"], batch["y_r"]])
         self.assertAlmostEqual(float(terms["L_id"]), float(_nfs_torch.nn.functional.cross_entropy(logits, y)), places=5)
         self.assertAlmostEqual(float(terms["L_c"]), float(_nfs.L_c(f[:4], f[4:], y[:4], y[4:], 3.0)), places=4)
-        loss_b, terms_b = _nfs.L(model, batch, _nfs_dc.replace(settings, contrastive=False), noise=noise)
+        loss_b, terms_b = _nfs.objective(model, batch, _nfs_dc.replace(settings, contrastive=False), noise=noise)
         self.assertEqual(set(terms_b), {"L_id", "L_tri"})
         self.assertAlmostEqual(float(loss_b), float(terms["L_id"] + terms["L_tri"]), places=5)
 
@@ -2775,7 +2775,7 @@ class TestNFSSearchLoop(unittest.TestCase):
         val_names = set(d_val.v.files) | set(d_val.r.files)
         self.assertFalse(train_names & val_names)
         events = []                                    # ("line3" | "line4", snapshot, ...) in call order
-        real_L, real_gate_gradient = _nfs.L, _nfs.gate_gradient
+        real_L, real_gate_gradient = _nfs.objective, _nfs.gate_gradient
         inside = []
 
         def snapshot(model):
@@ -2799,7 +2799,7 @@ class TestNFSSearchLoop(unittest.TestCase):
             finally:
                 inside.pop()
 
-        with _nfs_tempfile.TemporaryDirectory() as tmp, _nfs_mock.patch.object(_nfs, "L", L), \
+        with _nfs_tempfile.TemporaryDirectory() as tmp, _nfs_mock.patch.object(_nfs, "objective", L), \
                 _nfs_mock.patch.object(_nfs, "gate_gradient", gate_gradient):
             run = _nfs.common.Run(tmp, "cpu", log=lambda line: None, max_its=2)
             model = _nfs.search(settings, trainset, run)
@@ -3091,18 +3091,17 @@ class TestCMNASLosses(unittest.TestCase):
         _cm_torch.manual_seed(3)
         batch = {"x_v": _cm_torch.randn(4, 3, 2, 2), "x_r": _cm_torch.randn(4, 3, 2, 2),
                  "y_v": _cm_torch.tensor([0, 0, 1, 1]), "y_r": _cm_torch.tensor([0, 0, 1, 1])}
-        run = _cm_common.Run(_cm_tempfile.mkdtemp(), "cpu")
         model = Stub()
         s = _cm_settings(lambdas=(0.3, 2.0))
-        loss, terms = _cm.L_train(model, batch, s, True, run)
+        loss, terms = _cm.objective(model, batch, s, c3mmd=True)
         self.assertEqual(set(terms), {"L_cls", "L_triplet", "L_CMMD", "L_CC"})
         _cm_torch.testing.assert_close(loss, terms["L_cls"] + terms["L_triplet"] + 0.3 * terms["L_CMMD"]
                                        + 2.0 * terms["L_CC"])
         f = _cm_torch.cat([batch["x_v"], batch["x_r"]]).flatten(1)[:, :4]
         _cm_torch.testing.assert_close(terms["L_CC"], _cm.L_CC(2 * f[:4], 2 * f[4:]))
-        loss, terms = _cm.L_train(model, batch, _cm_dc.replace(s, class_specific=False), True, run)
+        loss, terms = _cm.objective(model, batch, _cm_dc.replace(s, class_specific=False), c3mmd=True)
         self.assertIn("L_MMD", terms)
-        loss, terms = _cm.L_train(model, batch, s, False, run)
+        loss, terms = _cm.objective(model, batch, s, c3mmd=False)
         self.assertEqual(set(terms), {"L_cls", "L_triplet"})
         _cm_torch.testing.assert_close(loss, terms["L_cls"] + terms["L_triplet"])
 
@@ -3279,7 +3278,7 @@ class TestCMNASAlternation(unittest.TestCase):
         a0, w0 = self._params(model)
         train_a, train_b, val = _cm_batch(seed=1), _cm_batch(seed=2), _cm_batch(seed=3, label_offset=6)
         state = _cm_copy.deepcopy(model.state_dict())
-        _cm.search_step(model, train_a, val, s, True, opt, arch_opt, run)
+        _cm.search_step(model, train_a, val, s, True, opt, arch_opt, run.autocast)
         a1, w1 = self._params(model)
         for n in w0:
             _cm_torch.testing.assert_close(w1[n], w0[n], rtol=0, atol=0, msg=n)
@@ -3287,7 +3286,7 @@ class TestCMNASAlternation(unittest.TestCase):
         # the alpha step saw only the validation batch: another training batch gives the same alphas
         s, model, opt, arch_opt, run = self._setup(lr=0.0)
         model.load_state_dict(state)
-        _cm.search_step(model, train_b, val, s, True, opt, arch_opt, run)
+        _cm.search_step(model, train_b, val, s, True, opt, arch_opt, run.autocast)
         for x, y in zip(a1, self._params(model)[0]):
             _cm_torch.testing.assert_close(x, y, rtol=0, atol=0)
 
@@ -3296,7 +3295,7 @@ class TestCMNASAlternation(unittest.TestCase):
         a0, w0 = self._params(model)
         train, val_a, val_b = _cm_batch(seed=1), _cm_batch(seed=2, label_offset=6), _cm_batch(seed=3, label_offset=6)
         state = _cm_copy.deepcopy(model.state_dict())
-        _cm.search_step(model, train, val_a, s, True, opt, arch_opt, run)
+        _cm.search_step(model, train, val_a, s, True, opt, arch_opt, run.autocast)
         a1, w1 = self._params(model)
         for x, y in zip(a0, a1):
             _cm_torch.testing.assert_close(x, y, rtol=0, atol=0)
@@ -3306,7 +3305,7 @@ class TestCMNASAlternation(unittest.TestCase):
         # the weight step saw only the training batch: another validation batch gives the same weights
         s, model, opt, arch_opt, run = self._setup(arch_lr=0.0)
         model.load_state_dict(state)
-        _cm.search_step(model, train, val_b, s, True, opt, arch_opt, run)
+        _cm.search_step(model, train, val_b, s, True, opt, arch_opt, run.autocast)
         for n, p in self._params(model)[1].items():
             _cm_torch.testing.assert_close(p, w1[n], rtol=0, atol=0, msg=n)
 
@@ -3318,10 +3317,10 @@ class TestCMNASAlternation(unittest.TestCase):
                 s, model, opt, arch_opt, run = self._setup(lr=0.0, val_cls=val_cls)
                 with _cm_torch.no_grad():
                     model.classifier.weight.mul_(scale)
-                _cm.search_step(model, _cm_batch(seed=1), val, s, True, opt, arch_opt, run)
+                _cm.search_step(model, _cm_batch(seed=1), val, s, True, opt, arch_opt, run.autocast)
                 alphas.append(_cm_torch.cat(self._params(model)[0]))
             self.assertEqual(_cm_torch.equal(alphas[0], alphas[1]), same, f"val_cls={val_cls}")
-        loss, terms = _cm.L_train(model, val, s, True, run, cls=False)
+        loss, terms = _cm.objective(model, val, s, c3mmd=True, cls=False)
         self.assertNotIn("L_cls", terms)
         lambda1, lambda2 = s.lambdas
         _cm_torch.testing.assert_close(loss.detach(), terms["L_triplet"] + lambda1 * terms["L_CMMD"]
@@ -3334,19 +3333,20 @@ class TestCMNASPhaseFlags(unittest.TestCase):
     def test_c3mmd_per_phase(self):
         expected = {"both": [True, True, True], "search": [True, True, False], "retrain": [False, False, True],
                     "none": [False, False, False]}
-        original = _cm.L_train
+        original = _cm.objective
         for c3mmd, want in expected.items():
             seen = []
 
-            def recording(model, batch, settings, on, run, cls=True):
-                loss, terms = original(model, batch, settings, on, run, cls)
+            def recording(model, batch, settings, c3mmd=True, cls=True):
+                on = c3mmd
+                loss, terms = original(model, batch, settings, c3mmd=c3mmd, cls=cls)
                 seen.append(on)
                 self.assertEqual("L_CMMD" in terms and "L_CC" in terms, on)
                 return loss, terms
 
             s = _cm_settings(height=32, width=16, P=2, K=2, epochs=1, search_epochs=1, warmup=1, milestones=(),
                              search_split=0.5, c3mmd=c3mmd)
-            with _cm_tempfile.TemporaryDirectory() as tmp, _cm_mock.patch.object(_cm, "L_train", recording):
+            with _cm_tempfile.TemporaryDirectory() as tmp, _cm_mock.patch.object(_cm, "objective", recording):
                 _cm.train(s, _cm_tiny_trainset(), _cm_common.Run(tmp, "cpu", log=lambda line: None, max_its=1))
             self.assertEqual(seen, want, c3mmd)      # alpha step, w step (search), w step (retrain)
 
@@ -3680,7 +3680,9 @@ class TestSSFTTraining(unittest.TestCase):
         self.assertLess(ma1, ma0)
         self.assertLess(pa1, pa0)
         adv_before = [p.detach().clone() for p in adv_params]
-        _ss.min_step(model, model(batch["x_v"], batch["x_r"]), batch, s, opt_net, net_params)
+        L_min, _ = _ss.objective(model, batch, s)
+        L_min.backward(inputs=net_params)
+        opt_net.step()
         self.assertTrue(all(_ss_torch.equal(a, b) for a, b in zip(adv_before, adv_params)))   # Theta_D, Theta^m fixed
         ma2, pa2 = self.adversarial_losses(model, batch)
         self.assertGreater(ma2, ma1)
@@ -3803,7 +3805,7 @@ class TestSSFTAdversarialForms(unittest.TestCase):
 
 
 class TestSSFTWiring(unittest.TestCase):
-    """Eq. 1 and Eq. 16 wiring, the Eq. 18-20 composition inside min_step, the Sec. 4.1 defaults, the test distance."""
+    """Eq. 1 and Eq. 16 wiring, the Eq. 18-20 composition inside objective, the Sec. 4.1 defaults, the test distance."""
 
     def test_sec41_defaults(self):
         s = _ss.Settings()
@@ -3929,12 +3931,13 @@ class TestSSFTWiring(unittest.TestCase):
         model = _ss.build(s, 2).train()
         net, _ = _ss.split_parameters(model)
         b = _ss_batch()
-        logs = _ss.min_step(model, model(b["x_v"], b["x_r"]), b, s, _ss_torch.optim.SGD(net, lr=0.0), net)
+        L_min, logs = _ss.objective(model, b, s)
+        L_min.backward(inputs=net)
         return model, b, logs, [p.grad.clone() if p.grad is not None else _ss_torch.zeros_like(p) for p in net]
 
     def test_eq18_20_composition(self):
         """L(H), L(P), L(T) (Eq. 18) recomputed with loops and a written-out cross-entropy; L_min (Eq. 19-20,
-        in each form) rebuilt from them has the gradient min_step applied; ||H|| is logged, not optimised."""
+        in each form) rebuilt from them has the gradient objective gives; ||H|| is logged, not optimised."""
         for pa_form, ma_form in (("literal", "literal"), ("scale-free", "confusion")):
             s = _ss_settings(pa_form=pa_form, ma_form=ma_form, rho1=0.5, rho2=0.2)
             model, b, logs, grads = self.min_step_grads(s)
@@ -4316,7 +4319,7 @@ class TestRFMModel(unittest.TestCase):
         for center, attention in [(c, "mam") for c in _rfm.CENTERS] + [("cross", "spatial"), ("none", "none")]:
             settings = self.settings(center=center, attention=attention, height=32, width=16, parts=2)
             model = _rfm.build(settings, 5)
-            loss, terms, _ = _rfm.objective(model, batch, settings)
+            loss, terms = _rfm.objective(model, batch, settings)
             expected = {"L_id", "L_tri"} | ({names[center]} if names[center] else set()) \
                 | ({"L_id^v", "L_id^n"} if attention == "mam" else set())
             self.assertEqual(set(terms), expected)
@@ -4377,7 +4380,7 @@ class TestRFMCollapse(unittest.TestCase):
         opt = _rfm_torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9, weight_decay=5e-4)
         for it in range(30):
             x_v, x_r, y = _rfm_world(noise_seed=it + 1)
-            loss, terms, _ = _rfm.objective(model, {"x_v": x_v, "x_r": x_r, "y_v": y, "y_r": y}, settings)
+            loss, terms = _rfm.objective(model, {"x_v": x_v, "x_r": x_r, "y_v": y, "y_r": y}, settings)
             opt.zero_grad()
             loss.backward()
             opt.step()

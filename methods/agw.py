@@ -207,6 +207,17 @@ def check(settings):
                                    f"{', '.join(allowed)}")
 
 
+def objective(model, batch, settings):
+    """The AGW loss on one batch: L = L_id + L_wrt, L_id the cross-entropy of the classifier on the BN feature,
+    L_wrt the weighted-regularisation triplet on the pooled feature f of both modalities -> (L, {name: value}).
+    `settings` is unused (AGW's loss has no weight or switch); it keeps the signature of every method's objective."""
+    y = torch.cat([batch["y_v"], batch["y_r"]])                      # (2PK,) visible first, then infrared
+    f, logits = model(batch["x_v"], batch["x_r"])                    # (2PK, C), (2PK, classes)
+    with torch.autocast(y.device.type, enabled=False):               # the losses in float32, under --amp too
+        terms = {"L_id": F.cross_entropy(logits.float(), y), "L_wrt": L_wrt(f.float(), y)}
+    return terms["L_id"] + terms["L_wrt"], terms
+
+
 def train(settings, trainset, run):
     check(settings)
     model = build(settings, trainset.num_classes).to(run.device)
@@ -225,16 +236,12 @@ def train(settings, trainset, run):
         schedule.step_epoch(epoch)
         model.train()
         for it, batch in run.batches(loader, epoch):
-            y = torch.cat([batch["y_v"], batch["y_r"]])              # (2PK,) visible first, then infrared
             with run.autocast():
-                f, logits = model(batch["x_v"], batch["x_r"])
-            l_id = F.cross_entropy(logits.float(), y)
-            l_wrt = L_wrt(f.float(), y)
-            loss = l_id + l_wrt
+                loss, terms = objective(model, batch, settings)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            run.log(epoch, it, {"L_id": l_id.detach(), "L_wrt": l_wrt.detach()}, optimizer.param_groups[1]["lr"])
+            run.log(epoch, it, {k: v.detach() for k, v in terms.items()}, optimizer.param_groups[1]["lr"])
     return model
 
 

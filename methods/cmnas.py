@@ -449,29 +449,30 @@ def L_CC(F_vis, F_ir):
     return (G_vis - G_ir).pow(2).sum() / n ** 2             # Eq. (8)
 
 
-def L_train(model, batch, settings, c3mmd, run, cls=True):
+def objective(model, batch, settings, c3mmd=True, cls=True):
     """Eq. (10) on one batch: L_train = L_basic + L_C3MMD, L_basic = L_cls + L_triplet, L_C3MMD = lambda1 L_CMMD +
-    lambda2 L_CC (Eq. 9; without it when c3mmd is false) -> loss, its terms for the log.
-    L_val of Eq. (3) has the same form: it is this function on a validation batch (cls False: without L_cls)."""
+    lambda2 L_CC (Eq. 9) -> (loss, {term: value}). c3mmd False: without L_C3MMD (`--c3mmd`, Table 1).
+    L_val of Eq. (3) has the same form: this function on a validation batch (cls False: without L_cls).
+    The network and the classifier run under the caller's autocast, the losses in float32."""
     x = torch.cat([batch["x_v"], batch["x_r"]])             # (2n, 3, H, W): visible first, then infrared
     y = torch.cat([batch["y_v"], batch["y_r"]])             # (2n,)
-    with run.autocast():
-        f, f_bn = model(x)                                  # (2n, C) each, float32 (CMNASNet.forward)
-        logits = model.classifier(f_bn) if cls else None    # (2n, classes)
-    terms = {"L_triplet": L_triplet(f, y, len(batch["y_v"]), settings)}
-    if cls:
-        terms["L_cls"] = F.cross_entropy(logits.float(), y)
-    loss = terms["L_triplet"] + terms.get("L_cls", 0.0)     # L_basic
-    if c3mmd:
-        lambda1, lambda2 = (float(v) for v in settings.lambdas)   # Deviation: Fig. 5's order; Sec. 4.1 swaps them
-        F_vis, F_ir = f_bn.chunk(2)                         # Eq. (5): (n, C) each, identity-aligned rows
-        if settings.class_specific:
-            terms["L_CMMD"] = L_CMMD(F_vis, F_ir, batch["y_v"], batch["y_r"])
-        else:
-            terms["L_MMD"] = L_MMD(F_vis, F_ir)
-        terms["L_CC"] = L_CC(F_vis, F_ir)
-        L_C3MMD = lambda1 * terms.get("L_CMMD", terms.get("L_MMD")) + lambda2 * terms["L_CC"]   # Eq. (9)
-        loss = loss + L_C3MMD                               # Eq. (10)
+    f, f_bn = model(x)                                      # (2n, C) each, float32 (CMNASNet.forward)
+    logits = model.classifier(f_bn) if cls else None        # (2n, classes)
+    with torch.autocast(x.device.type, enabled=False):      # the losses in float32 under --amp
+        terms = {"L_triplet": L_triplet(f, y, len(batch["y_v"]), settings)}
+        if cls:
+            terms["L_cls"] = F.cross_entropy(logits.float(), y)
+        loss = terms["L_triplet"] + terms.get("L_cls", 0.0)     # L_basic
+        if c3mmd:
+            lambda1, lambda2 = (float(v) for v in settings.lambdas)   # Deviation: Fig. 5's order; Sec. 4.1 swaps them
+            F_vis, F_ir = f_bn.chunk(2)                         # Eq. (5): (n, C) each, identity-aligned rows
+            if settings.class_specific:
+                terms["L_CMMD"] = L_CMMD(F_vis, F_ir, batch["y_v"], batch["y_r"])
+            else:
+                terms["L_MMD"] = L_MMD(F_vis, F_ir)
+            terms["L_CC"] = L_CC(F_vis, F_ir)
+            L_C3MMD = lambda1 * terms.get("L_CMMD", terms.get("L_MMD")) + lambda2 * terms["L_CC"]   # Eq. (9)
+            loss = loss + L_C3MMD                               # Eq. (10)
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
@@ -527,35 +528,22 @@ class EMA:
         self.shadow = {k: v.to(own[k].device).clone() for k, v in state["shadow"].items()}
 
 
-def set_requires_grad(params, flag):
-    for p in params:
-        p.requires_grad_(flag)
-
-
-def weight_step(model, batch, settings, c3mmd, optimizer, run):
-    """w <- w - grad_w L_train(w, alpha) (Eq. 10) -> the loss terms."""
-    loss, terms = L_train(model, batch, settings, c3mmd, run)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return terms
-
-
-def search_step(model, batch, val_batch, settings, c3mmd, optimizer, arch_optimizer, run):
+def search_step(model, batch, val_batch, settings, c3mmd, optimizer, arch_optimizer, autocast):
     """One iteration of Eq. (3), first order: an alpha step on L_val (validation batch, w fixed), then a w step on
-    L_train (training batch, alpha fixed). -> L_val, the L_train terms."""
+    L_train (training batch, alpha fixed); `autocast`: the context factory both objectives run under (the run's).
+    -> L_val, the L_train terms."""
     weights = [p for group in optimizer.param_groups for p in group["params"]]
     alphas = arch_optimizer.param_groups[0]["params"]
-    set_requires_grad(weights, False)
-    # Eq. (3) upper level: min_alpha L_val(w, alpha); Deviation: without L_cls when settings.val_cls is false
-    l_val, _ = L_train(model, val_batch, settings, c3mmd, run, cls=settings.val_cls)
+    with autocast():   # Eq. (3) upper level: L_val(w, alpha); Deviation: without L_cls when settings.val_cls is false
+        l_val, _ = objective(model, val_batch, settings, c3mmd=c3mmd, cls=settings.val_cls)
     arch_optimizer.zero_grad(set_to_none=True)
-    l_val.backward()
+    l_val.backward(inputs=alphas)                           # Eq. (3): min over alpha, w fixed
     arch_optimizer.step()
-    set_requires_grad(weights, True)
-    set_requires_grad(alphas, False)
-    terms = weight_step(model, batch, settings, c3mmd, optimizer, run)   # Eq. (3) lower level: min_w L_train(w, alpha)
-    set_requires_grad(alphas, True)
+    with autocast():
+        loss, terms = objective(model, batch, settings, c3mmd=c3mmd)   # Eq. (3) lower level: L_train(w, alpha)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward(inputs=weights)                           # Eq. (3): min over w, alpha fixed
+    optimizer.step()
     return l_val.detach(), terms
 
 
@@ -589,7 +577,7 @@ def search(settings, trainset, augment, run):
         val_batches = cycle(val_loader, epoch, settings.search_epochs, run.device)
         for it, batch in run.batches(loader, epoch):
             l_val, terms = search_step(model, batch, next(val_batches), settings, c3mmd, optimizer, arch_optimizer,
-                                       run)
+                                       run.autocast)                                     # Eq. (3)
             run.log(epoch, it, {**terms, "L_val": l_val}, optimizer.param_groups[1]["lr"])
         run.meta(genotype=genotype_of(model.body))
     return model
@@ -619,7 +607,11 @@ def fit(settings, model, trainset, augment, run, phase, c3mmd):
         schedule.step_epoch(epoch)
         model.train()
         for it, batch in run.batches(loader, epoch):
-            terms = weight_step(model, batch, settings, c3mmd, optimizer, run)
+            with run.autocast():
+                loss, terms = objective(model, batch, settings, c3mmd=c3mmd)           # Eq. (10)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
             if ema:
                 ema["ema"].update()
             run.log(epoch, it, terms, optimizer.param_groups[1]["lr"])

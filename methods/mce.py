@@ -273,7 +273,8 @@ class Memory:
         else:
             f_bar = torch.zeros(len(classes), f.shape[1], device=f.device).index_add_(0, inverse, f)
             f_bar /= torch.bincount(inverse, minlength=len(classes))[:, None]  # (n, d) class means in the batch
-        self.W[m][classes] = F.normalize(gamma * self.W[m][classes] + (1 - gamma) * f_bar, dim=1)   # Eq. (3)
+        W_y = F.normalize(gamma * self.W[m][classes] + (1 - gamma) * f_bar, dim=1)   # Eq. (3)
+        self.W[m] = self.W[m].index_copy(0, classes, W_y)   # a new tensor: the batch's loss graph keeps the old W
 
     def state_dict(self):
         return {"W": dict(self.W), "C": dict(self.C)}
@@ -415,6 +416,39 @@ def total_loss(terms, settings):
     return loss
 
 
+def objective(model, batch, settings, memory):
+    """Eq. (10) on one batch: L = L_W + lambda1 L_MI + lambda2 L_GC, L_W = L^v + L^r + w_a L^a + L^u (Eq. 4), or
+    the Table 3 row of `settings.objective` -> (L, {loss term name: value}); then the memories W of `memory` (a
+    Memory with the keys v, r, [a,] u) move by Eq. (3). The CE row neither reads nor moves `memory`."""
+    modal = ("v", "r", "a") if settings.auxiliary else ("v", "r")                # the input modalities
+    x = torch.cat([batch["x_" + m] for m in modal])                               # (B_v + B_r [+ B_a], 3, H, W)
+    b = model(x)
+    with torch.autocast(x.device.type, enabled=False):   # the losses and Eq. (3) in float32, under --amp too
+        b = b.float()                                                             # (B_total, d) BN features
+        f_all = F.normalize(b, dim=1)
+        f = dict(zip(modal, f_all.split([batch["x_" + m].shape[0] for m in modal])))   # {m: (B_m, d)}
+        y = {m: batch["y_r"] if m == "r" else batch["y_v"] for m in f}           # 'a' shares the visible labels
+        f["u"], y["u"] = f_all, torch.cat([y[m] for m in modal])
+        if settings.objective == "CE":
+            terms = {"L_CE": F.cross_entropy(model.classifier(b), y["u"])}
+            return total_loss(terms, settings), terms
+        if settings.objective == "u":
+            terms = {"L_u": L_m(f["u"], y["u"], memory.W["u"], settings.tau)}   # Eq. (2) for u only
+        else:
+            terms = {"L_" + m: l for m, l in L_W(f, y, memory.W, settings.tau).items()}
+            C = memory.C if settings.centroids == "historical" else memory.W  # L^D: up-to-date memories
+            if settings.objective in ("W+MI", "W+MI+GC"):
+                terms["L_MI"] = L_MI(f, C, settings.tau, settings.mi_form)
+            if settings.objective == "W+MI+GC":
+                terms["L_GC"] = L_GC(f["u"], y["u"], C["u"], settings.alpha, settings.gc_negatives)
+        loss = total_loss(terms, settings)                                        # Eq. (10)
+        for m in f:                                                               # v, r, [a,] u
+            agnostic = m == "u"
+            memory.update(m, f[m].detach(), y[m], settings.gamma_agnostic if agnostic else settings.gamma_aware,
+                          settings.agnostic_update if agnostic else "mean")      # Eq. (3)
+    return loss, terms
+
+
 def check(settings):
     for name, allowed in CHOICES.items():
         if getattr(settings, name) not in allowed:
@@ -428,11 +462,8 @@ def train(settings, trainset, run):
     keys = ("v", "r", "a", "u") if settings.auxiliary else ("v", "r", "u")
     memory = Memory(keys, trainset.num_classes, common.channels(settings.arch)[3], run.device)
     uses_memory = settings.objective != "CE"
-    uses_C = settings.objective in ("W+MI", "W+MI+GC")
-    refresh_C = uses_C and settings.centroids == "historical"
+    refresh_C = settings.objective in ("W+MI", "W+MI+GC") and settings.centroids == "historical"
     centroid_pass = uses_memory and (refresh_C or settings.reinit_memory)
-    gamma = {m: settings.gamma_agnostic if m == "u" else settings.gamma_aware for m in keys}
-    rule = {m: settings.agnostic_update if m == "u" else "mean" for m in keys}
     augment = data.Augment(settings.height, settings.width, erasing=settings.erasing,
                            extra=add_auxiliary if settings.auxiliary else None)
     loader = data.train_loader(trainset, settings.P, settings.K, run.seed, augment, workers=run.workers,
@@ -448,33 +479,11 @@ def train(settings, trainset, run):
                                               settings.agnostic_centroid))                                 # Eq. (1)
         model.train()
         for it, batch in run.batches(loader, epoch):
-            x = torch.cat([batch["x_" + m] for m in keys if m != "u"])            # (B_v + B_r [+ B_a], 3, H, W)
             with run.autocast():
-                b = model(x)
-            b = b.float()                                                         # (B_total, d) BN features
-            f_all = F.normalize(b, dim=1)
-            sizes = [batch["x_" + m].shape[0] for m in keys if m != "u"]
-            f = dict(zip([m for m in keys if m != "u"], f_all.split(sizes)))      # {m: (B_m, d)}
-            y = {m: batch["y_r"] if m == "r" else batch["y_v"] for m in f}       # 'a' shares the visible labels
-            f["u"], y["u"] = f_all, torch.cat([y[m] for m in keys if m != "u"])
-            if settings.objective == "CE":
-                terms = {"L_CE": F.cross_entropy(model.classifier(b), y["u"])}
-            elif settings.objective == "u":
-                terms = {"L_u": L_m(f["u"], y["u"], memory.W["u"], settings.tau)}   # Eq. (2) for u only
-            else:
-                terms = {"L_" + m: l for m, l in L_W(f, y, memory.W, settings.tau).items()}
-                C = memory.C if settings.centroids == "historical" else memory.W  # L^D: up-to-date memories
-                if uses_C:
-                    terms["L_MI"] = L_MI(f, C, settings.tau, settings.mi_form)
-                if settings.objective == "W+MI+GC":
-                    terms["L_GC"] = L_GC(f["u"], y["u"], C["u"], settings.alpha, settings.gc_negatives)
-            loss = total_loss(terms, settings)                                   # Eq. (10)
+                loss, terms = objective(model, batch, settings, memory)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if uses_memory:
-                for m in keys:
-                    memory.update(m, f[m].detach(), y[m], gamma[m], rule[m])     # Eq. (3)
             run.log(epoch, it, {k: v.detach() for k, v in terms.items()}, optimizer.param_groups[0]["lr"])
         if centroid_pass and epoch + 1 < settings.epochs:  # none after the last epoch: it would be unused
             centroids = class_centroids(model, trainset, keys, run, pass_generator(run.seed, epoch),

@@ -442,22 +442,24 @@ def L_c(f_v, f_r, y_v, y_r, T):
     return (label * D_E.pow(2) + (1 - label) * D_T.pow(2)).mean()    # Eq. (13); Choice: mean over all pairs
 
 
-def L(model, batch, settings, autocast=contextlib.nullcontext, noise=None, params=None):
-    """Eq. (14) on one batch: L = L_b + lambda L_c with L_b = L_id + L_tri (Eq. 1). Returns (L, {term: value}).
+def objective(model, batch, settings, noise=None, params=None):
+    """Eq. (14) on one batch: L = L_b + lambda L_c, L_b = L_id + L_tri (Eq. 1) -> (L, {term: value}). L_train and
+    L_val of Eq. (5) are this function on a D_train and a D_val batch.
 
-    noise: a model.draw_noise() to reuse; params: {name: tensor} replacing weights (virtual weights, Alg. 1 line 4)."""
+    noise: a model.draw_noise() to reuse; params: {name: tensor} replacing weights (virtual weights, Alg. 1 line 4).
+    The forward runs under the caller's autocast, the losses in float32."""
     inputs = (batch["x_v"], batch["x_r"], noise)
-    with autocast():
-        f, logits = model(*inputs) if params is None else torch.func.functional_call(model, params, inputs)
-    if f.dtype in (torch.float16, torch.bfloat16):                  # autocast output: losses in float32
-        f, logits = f.float(), logits.float()
-    y = torch.cat([batch["y_v"], batch["y_r"]])                      # (2PK,) visible first, then infrared
-    terms = {"L_id": F.cross_entropy(logits, y), "L_tri": L_wrt(f, y)}      # Choice: L_tri on f, L_id on BN(f)
-    loss = terms["L_id"] + terms["L_tri"]                            # Eq. (1)
-    if settings.contrastive:
-        n_v = len(batch["x_v"])
-        terms["L_c"] = L_c(f[:n_v], f[n_v:], batch["y_v"], batch["y_r"], settings.T)   # Choice: on f, as L_tri
-        loss = loss + settings.lam * terms["L_c"]                    # Eq. (14)
+    f, logits = model(*inputs) if params is None else torch.func.functional_call(model, params, inputs)
+    with torch.autocast(f.device.type, enabled=False):              # the losses in float32 under --amp
+        if f.dtype in (torch.float16, torch.bfloat16):
+            f, logits = f.float(), logits.float()
+        y = torch.cat([batch["y_v"], batch["y_r"]])                  # (2PK,) visible first, then infrared
+        terms = {"L_id": F.cross_entropy(logits, y), "L_tri": L_wrt(f, y)}      # Choice: L_tri on f, L_id on BN(f)
+        loss = terms["L_id"] + terms["L_tri"]                        # Eq. (1)
+        if settings.contrastive:
+            n_v = len(batch["x_v"])
+            terms["L_c"] = L_c(f[:n_v], f[n_v:], batch["y_v"], batch["y_r"], settings.T)   # Choice: on f, as L_tri
+            loss = loss + settings.lam * terms["L_c"]                # Eq. (14)
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
@@ -471,25 +473,29 @@ def gate_gradient(model, batch_t, batch_v, settings, xi, autocast=contextlib.nul
       finite-difference: (grad_P L_train(W + eps v) - grad_P L_train(W - eps v)) / (2 eps), eps = fd_scale / ||v||;
       autograd: exact, by differentiating L_val(W - xi grad_W L_train) through the graph of grad_W L_train.
     `settings.first_order`: grad_P L_val(W, P). Every L_train evaluation uses one gate draw, so the finite difference
-    compares one function at two points; its evaluations run in float32 whatever `autocast` is (its step is below
-    bf16 resolution). xi: one step size per model.weights() entry. Weights and BN buffers are left as they were.
+    compares one function at two points. `autocast`: the context factory every objective evaluation runs under (the
+    run's); the finite-difference evaluations run in float32 whatever it is (its step is below bf16 resolution).
+    xi: one step size per model.weights() entry. Weights and BN buffers are left as they were.
     Returns ([grad per model.fields() entry], L_val value)."""
     names, W = zip(*model.named_weights())
     P = model.fields()
     n_t, n_val = len(batch_t["x_v"]) + len(batch_t["x_r"]), len(batch_v["x_v"]) + len(batch_v["x_r"])
     buffers = [(b, b.clone()) for b in model.buffers()]
     if settings.first_order:
-        L_val = L(model, batch_v, settings, autocast)[0]
+        with autocast():
+            L_val = objective(model, batch_v, settings)[0]
         grads = torch.autograd.grad(L_val, P)
     else:
         if settings.hessian == "finite-difference":
             autocast = contextlib.nullcontext               # Choice: W +- eps v is below bf16 resolution: float32
         u_t, u_v = model.draw_noise(n_t), model.draw_noise(n_val)
-        L_train = L(model, batch_t, settings, autocast, u_t)[0]
+        with autocast():
+            L_train = objective(model, batch_t, settings, noise=u_t)[0]
         if settings.hessian == "autograd":
             g = torch.autograd.grad(L_train, W, create_graph=True)
             W_virtual = {n: w - x * gw for n, w, x, gw in zip(names, W, xi, g)}  # Deviation: xi; W' depends on P
-            L_val = L(model, batch_v, settings, autocast, u_v, params=W_virtual)[0]
+            with autocast():
+                L_val = objective(model, batch_v, settings, noise=u_v, params=W_virtual)[0]
             grads = torch.autograd.grad(L_val, P)
         else:
             g = torch.autograd.grad(L_train, W)
@@ -497,7 +503,8 @@ def gate_gradient(model, batch_t, batch_v, settings, xi, autocast=contextlib.nul
             with torch.no_grad():
                 for w, x, gw in zip(W, xi, g):
                     w.sub_(x * gw)                                 # Deviation: W' = W - xi grad L_train (xi: DARTS)
-            L_val = L(model, batch_v, settings, autocast, u_v)[0]
+            with autocast():
+                L_val = objective(model, batch_v, settings, noise=u_v)[0]
             d = torch.autograd.grad(L_val, list(W) + P)
             dW, dP = d[:len(W)], d[len(W):]
             v = [x * dw for x, dw in zip(xi, dW)]
@@ -507,7 +514,9 @@ def gate_gradient(model, batch_t, batch_v, settings, xi, autocast=contextlib.nul
                 with torch.no_grad():
                     for w, w0, vi in zip(W, W0, v):
                         w.copy_(w0 + sign * eps * vi)                                    # W +- eps v
-                sides.append(torch.autograd.grad(L(model, batch_t, settings, autocast, u_t)[0], P))
+                with autocast():
+                    L_side = objective(model, batch_t, settings, noise=u_t)[0]             # L_train(W +- eps v)
+                sides.append(torch.autograd.grad(L_side, P))
             with torch.no_grad():
                 for w, w0 in zip(W, W0):
                     w.copy_(w0)
@@ -567,7 +576,8 @@ def search(settings, trainset, run):
         model.train()
         val = val_batches(loader_val, epoch, len(loader), run.device)
         for it, batch in run.batches(loader, epoch):                                 # Alg. 1 line 2
-            loss, terms = L(model, batch, settings, run.autocast)                    # Alg. 1 line 3: L_train
+            with run.autocast():
+                loss, terms = objective(model, batch, settings)                      # Alg. 1 line 3: L_train
             optimizer.zero_grad(set_to_none=True)
             loss.backward(inputs=model.weights())
             optimizer.step()
@@ -676,7 +686,8 @@ def fit(model, settings, trainset, run, phase):
         schedule.step_epoch(epoch)
         model.train()
         for it, batch in run.batches(loader, epoch):
-            loss, terms = L(model, batch, settings, run.autocast)                    # Eq. (14)
+            with run.autocast():
+                loss, terms = objective(model, batch, settings)                      # Eq. (14)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -476,26 +476,31 @@ def make_ltg(settings):
                settings.f_g, settings.t_min, settings.ltg_max_rects)
 
 
-def objective(model, batch, settings):
+def objective(model, batch, settings, watch=None):
     """Eq. (9) on one batch: L = L_id^v + L_id^n + sum_{k=1}^K L_cls^k, L_cls^k = L_id^k + L_tri^k + lambda L_cc^k
-    (Eq. 8; L_cc or the Table IV alternative of `center`) -> (L, {loss term name: value}, the K unit part
-    features m_k (2B, d) for the collapse alarm)."""
+    (Eq. 8; L_cc or the Table IV alternative of `center`) -> (L, {loss term name: value}). `watch` (the signature
+    of common.Run.watch), when given, gets each unit part feature m_k (2B, d) and its L_tri: the collapse alarm."""
     y_v, y_n = batch["y_v"], batch["y_r"]
     y = torch.cat([y_v, y_n])                                         # (2B,) visible first, then infrared
-    f, logits, high = model(batch["x_v"], batch["x_r"])
-    f = [f_k.float() for f_k in f]
-    terms = {"L_id": sum(F.cross_entropy(z.float(), y) for z in logits),             # sum_k L_id^k
-             "L_tri": sum(L_tri_hard(f_k, y, settings.margin) for f_k in f)}         # sum_k L_tri^k
-    loss = terms["L_id"] + terms["L_tri"]
-    if settings.center != "none":
-        name = {"cross": "L_cc", "center": "L_c", "hetero": "L_hc"}[settings.center]
-        terms[name] = sum(center_term(settings.center, f_k, y_v, y_n, settings.cc_distance) for f_k in f)
-        loss = loss + settings.lam * terms[name]                      # Eq. (8), summed over the K parts
-    if high is not None:
-        terms["L_id^v"] = F.cross_entropy(high[0].float(), y_v)
-        terms["L_id^n"] = F.cross_entropy(high[1].float(), y_n)
-        loss = loss + terms["L_id^v"] + terms["L_id^n"]              # Eq. (9)
-    return loss, terms, f
+    f, logits, high = model(batch["x_v"], batch["x_r"])              # K x (2B, d), K x (2B, classes), 2 or None
+    with torch.autocast(y.device.type, enabled=False):               # the losses in float32, under --amp too
+        f = [f_k.float() for f_k in f]
+        terms = {"L_id": sum(F.cross_entropy(z.float(), y) for z in logits),             # sum_k L_id^k
+                 "L_tri": sum(L_tri_hard(f_k, y, settings.margin) for f_k in f)}         # sum_k L_tri^k
+        loss = terms["L_id"] + terms["L_tri"]
+        if settings.center != "none":
+            name = {"cross": "L_cc", "center": "L_c", "hetero": "L_hc"}[settings.center]
+            terms[name] = sum(center_term(settings.center, f_k, y_v, y_n, settings.cc_distance) for f_k in f)
+            loss = loss + settings.lam * terms[name]                  # Eq. (8), summed over the K parts
+        if high is not None:
+            terms["L_id^v"] = F.cross_entropy(high[0].float(), y_v)
+            terms["L_id^n"] = F.cross_entropy(high[1].float(), y_n)
+            loss = loss + terms["L_id^v"] + terms["L_id^n"]          # Eq. (9)
+        if watch is not None:
+            for k, m_k in enumerate(f):                                # the collapse alarm, per part
+                watch(f"L_tri on part {k + 1} m_k", m_k, loss=L_tri_hard(m_k.detach(), y, settings.margin),
+                      margin=settings.margin)
+    return loss, terms
 
 
 def train(settings, trainset, run):
@@ -518,14 +523,10 @@ def train(settings, trainset, run):
         model.train()
         for it, batch in run.batches(loader, epoch):
             with run.autocast():
-                loss, terms, f = objective(model, batch, settings)
+                loss, terms = objective(model, batch, settings, watch=run.watch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            y = torch.cat([batch["y_v"], batch["y_r"]])
-            for k, m_k in enumerate(f):                                # collapse alarm per part
-                run.watch(f"L_tri on part {k + 1} m_k", m_k, loss=L_tri_hard(m_k.detach(), y, settings.margin),
-                          margin=settings.margin)
             run.log(epoch, it, {"L": loss.detach(), **{k: v.detach() for k, v in terms.items()}},
                     optimizer.param_groups[-1]["lr"])
     return model

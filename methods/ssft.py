@@ -457,49 +457,55 @@ def max_step(model, out, settings, optimizer):
     return L_max.detach()
 
 
-def min_step(model, out, batch, settings, optimizer, net_params):
-    """Min step of Eq. (21): minimise L_min = L_feat + l1 L_re - l2 L_ma - l3 L_pa (Eq. 18-20) over the network
-    Theta_N (`net_params`) only; the discriminator and projections are fixed. The minus signs make the network
-    fool them: shared features whose modality cannot be told, specific features that do not project onto the
-    shared ones. --ma-form confusion replaces -l2 L_ma by +l2 L_conf, --pa-form scale-free normalises L_pa's
-    inputs (deviations). Returns the loss terms for the progress line, and the mean ||H|| of the batch."""
+def objective(model, batch, settings, adversary_step=None):
+    """Eq. (20) on one batch, the min player's loss: L_min = L_feat + l1 L_re - l2 L_ma - l3 L_pa, L_feat = L(H) +
+    L(P) + L(T) (Eq. 19), L(H), L(P), L(T) of Eq. (18) -> (L_min, {term: value}).
+
+    Eq. (21) minimises it over the network Theta_N only; the discriminator and projections are the adversaries'.
+    The minus signs make the network fool them: shared features whose modality cannot be told, specific features
+    that do not project onto the shared ones. --ma-form confusion replaces -l2 L_ma by +l2 L_conf, --pa-form
+    scale-free normalises L_pa's inputs (deviations). `adversary_step(out) -> L_max`, when given, is Eq. (21)'s
+    max step (train() passes max_step) on this forward's features: it runs between the forward and L_min, so L_min
+    sees the updated adversaries, and L_max is the first term. The last term, the batch's mean ||H||, is logged
+    only. The network runs under the caller's autocast, the adversaries and the losses in float32."""
     s = settings
     y_v, y_r = batch["y_v"], batch["y_r"]
     B = len(y_v)
-    y = torch.cat([y_v, y_r])                                                # (2B,) visible first, then infrared
-    is_r = torch.arange(2 * B, device=y.device) >= B
-    H, logs, L_feat = out["H"], {}, 0.0
-    if s.shl:
-        H_tri = out["H_tri"]
-        L_H = L_c(out["logits_H"], y) + 0.5 * L_cmT(H_tri[:B], H_tri[B:], y_v, y_r, s.rho1)        # Eq. (18): L(H)
-        L_feat, logs["L(H)"] = L_feat + L_H, L_H.detach()
-    if s.spl:
-        P_tri = out["P_tri"]
-        L_P = (0.5 * (L_c(out["logits_P"][0], y_v) + L_c(out["logits_P"][1], y_r))
-               + 0.5 * L_smT(P_tri[:B], P_tri[B:], y_v, y_r, s.rho2))                            # Eq. (18): L(P)
-        L_feat, logs["L(P)"] = L_feat + L_P, L_P.detach()
-    if model.sstn is not None:
-        T_tri = out["T_tri"]
-        L_T = L_c(out["logits_T"], y) + 0.25 * L_t(T_tri[:B], T_tri[B:], y_v, y_r, s.rho1, s.rho2)  # Eq. (18): L(T)
-        L_feat, logs["L(T)"] = L_feat + L_T, L_T.detach()
-    L_min = L_feat                                                           # Eq. (19): L_feat = L(H) + L(P) + L(T)
-    if s.re:
-        l_re = L_re(out["X_hat"], torch.cat([batch["x_v"], batch["x_r"]]).float())
-        L_min, logs["L_re"] = L_min + s.lambda1 * l_re, l_re.detach()       # Eq. (20): + l1 L_re
-    if s.moa and s.ma_form == "confusion":
-        l_conf = L_conf(model.discriminator, H)
-        L_min, logs["L_conf"] = L_min + s.lambda2 * l_conf, l_conf.detach()  # Deviation: + l2 L_conf, not - l2 L_ma
-    elif s.moa:
-        l_ma = L_ma(model.discriminator, H, is_r)
-        L_min, logs["L_ma"] = L_min - s.lambda2 * l_ma, l_ma.detach()       # Eq. (20): - l2 L_ma
-    if s.pa:
-        l_pa = L_pa(model.projection, out["P"], H, is_r, s.pa_form)
-        L_min, logs["L_pa"] = L_min - s.lambda3 * l_pa, l_pa.detach()       # Eq. (20): - l3 L_pa
-    logs["||H||"] = H.detach().norm(dim=1).mean()         # logged only, not in L_min: Eq. (15), (20) can grow it
-    optimizer.zero_grad(set_to_none=True)
-    L_min.backward(inputs=net_params)                      # Eq. (21): min over Theta_N; gradients reach Theta_N only
-    optimizer.step()                                       # Eq. (21)
-    return logs
+    out = model(batch["x_v"], batch["x_r"])                                  # one forward of the network
+    with torch.autocast(y_v.device.type, enabled=False):                     # float32 under --amp
+        out = {k: [t.float() for t in v] if isinstance(v, list) else v.float() for k, v in out.items()}
+        terms = {"L_max": adversary_step(out)} if adversary_step is not None else {}   # Eq. (21): the max step
+        y = torch.cat([y_v, y_r])                                            # (2B,) visible first, then infrared
+        is_r = torch.arange(2 * B, device=y.device) >= B
+        H, L_feat = out["H"], 0.0
+        if s.shl:
+            H_tri = out["H_tri"]
+            L_H = L_c(out["logits_H"], y) + 0.5 * L_cmT(H_tri[:B], H_tri[B:], y_v, y_r, s.rho1)    # Eq. (18): L(H)
+            L_feat, terms["L(H)"] = L_feat + L_H, L_H.detach()
+        if s.spl:
+            P_tri = out["P_tri"]
+            L_P = (0.5 * (L_c(out["logits_P"][0], y_v) + L_c(out["logits_P"][1], y_r))
+                   + 0.5 * L_smT(P_tri[:B], P_tri[B:], y_v, y_r, s.rho2))                        # Eq. (18): L(P)
+            L_feat, terms["L(P)"] = L_feat + L_P, L_P.detach()
+        if model.sstn is not None:
+            T_tri = out["T_tri"]
+            L_T = L_c(out["logits_T"], y) + 0.25 * L_t(T_tri[:B], T_tri[B:], y_v, y_r, s.rho1, s.rho2)   # Eq. (18)
+            L_feat, terms["L(T)"] = L_feat + L_T, L_T.detach()
+        L_min = L_feat                                                       # Eq. (19): L_feat = L(H) + L(P) + L(T)
+        if s.re:
+            l_re = L_re(out["X_hat"], torch.cat([batch["x_v"], batch["x_r"]]).float())
+            L_min, terms["L_re"] = L_min + s.lambda1 * l_re, l_re.detach()   # Eq. (20): + l1 L_re
+        if s.moa and s.ma_form == "confusion":
+            l_conf = L_conf(model.discriminator, H)
+            L_min, terms["L_conf"] = L_min + s.lambda2 * l_conf, l_conf.detach()   # Deviation: +l2 L_conf, not -l2 L_ma
+        elif s.moa:
+            l_ma = L_ma(model.discriminator, H, is_r)
+            L_min, terms["L_ma"] = L_min - s.lambda2 * l_ma, l_ma.detach()   # Eq. (20): - l2 L_ma
+        if s.pa:
+            l_pa = L_pa(model.projection, out["P"], H, is_r, s.pa_form)
+            L_min, terms["L_pa"] = L_min - s.lambda3 * l_pa, l_pa.detach()   # Eq. (20): - l3 L_pa
+        terms["||H||"] = H.detach().norm(dim=1).mean()    # logged only, not in L_min: Eq. (15), (20) can grow it
+    return L_min, terms
 
 
 def split_parameters(model):
@@ -518,21 +524,25 @@ def train(settings, trainset, run):
     opt_net = torch.optim.Adam(net_params, lr=settings.lr, weight_decay=settings.weight_decay)
     schedules = [common.WarmupMultiStep(opt_net, settings.milestones, warmup=settings.warmup)]
     objects = dict(model=model, opt_net=opt_net, schedule_net=schedules[0], loader=loader)
+    adversary_step = None
     if adv_params:                                                           # with --moa or --pa
         opt_adv = torch.optim.Adam(adv_params, lr=settings.lr, weight_decay=settings.weight_decay)
         schedules.append(common.WarmupMultiStep(opt_adv, settings.milestones, warmup=settings.warmup))
         objects.update(opt_adv=opt_adv, schedule_adv=schedules[1])
+
+        def adversary_step(out):                                             # Eq. (21): max over Theta_D, Theta^m
+            return max_step(model, out, settings, opt_adv)
     for epoch in run.epochs("train", settings.epochs, **objects):
         for schedule in schedules:
             schedule.step_epoch(epoch)
         model.train()
         for it, batch in run.batches(loader, epoch):
-            with run.autocast():
-                out = model(batch["x_v"], batch["x_r"])                     # one forward of the network
-            out = {k: [t.float() for t in v] if isinstance(v, list) else v.float() for k, v in out.items()}
-            logs = {"L_max": max_step(model, out, settings, opt_adv)} if adv_params else {}   # Theta_D, Theta^m
-            logs.update(min_step(model, out, batch, settings, opt_net, net_params))          # Theta_N
-            run.log(epoch, it, logs, opt_net.param_groups[0]["lr"])
+            with run.autocast():                                             # Eq. (21): max step, then L_min
+                L_min, terms = objective(model, batch, settings, adversary_step=adversary_step)
+            opt_net.zero_grad(set_to_none=True)
+            L_min.backward(inputs=net_params)              # Eq. (21): min over Theta_N; gradients reach Theta_N only
+            opt_net.step()                                 # Eq. (21)
+            run.log(epoch, it, terms, opt_net.param_groups[0]["lr"])
     return model
 
 
