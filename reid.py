@@ -549,7 +549,7 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
                 log(f"[{phase}] epoch {epoch + 1}: {args.split} {first} rank-1 {r[first]['rank1']:.2f} "
                     f"mAP {r[first]['mAP']:.2f}")
             run = common.Run(trial_out, device, seed=seed, amp=args.amp, workers=args.workers,
-                             log_every=args.log_every, log=log, max_its=SMOKE_ITERS if args.smoke else None,
+                             log_every=args.log_every, say=log, max_its=SMOKE_ITERS if args.smoke else None,
                              evaluate=evaluate if args.eval_every else None, eval_every=args.eval_every)
             if args.resume and not [p for p in trial_out.glob("*.pt") if p.name not in ("model.pt", "features.pt")]:
                 log(f"--resume: {trial_out} holds no checkpoint yet; training starts at epoch 1")
@@ -562,7 +562,7 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
                                 f"the learning rate (--lr) and start again (--overwrite, or another --out)")
             common.save_atomic({"method": args.method, "dataset": args.dataset, "split": args.split,
                                 "settings": dataclasses.asdict(settings), "num_classes": trainset.num_classes,
-                                "meta": run.stored, "model": model.state_dict()}, trial_out / "model.pt")
+                                "meta": run.meta, "model": model.state_dict()}, trial_out / "model.pt")
             fit = training_fit(method, model, settings, trainset, device)
             fits.append(fit)
             log(f"training fit (infrared training images query visible ones, {fit['ids']} ids, chance "

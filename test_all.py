@@ -1976,12 +1976,12 @@ class TestCLIEndToEnd(unittest.TestCase):
         quiet = lambda line: None  # noqa: E731
         with tempfile.TemporaryDirectory() as tmp:
             reid.seed_everything(0)
-            full = agw.train(s, trainset, common.Run(Path(tmp) / "a", "cpu", max_its=3, log=quiet)).state_dict()
+            full = agw.train(s, trainset, common.Run(Path(tmp) / "a", "cpu", max_its=3, say=quiet)).state_dict()
             reid.seed_everything(0)
             with self.assertRaises(Killed):
-                agw.train(s, trainset, common.Run(Path(tmp) / "b", "cpu", max_its=3, log=killer))
+                agw.train(s, trainset, common.Run(Path(tmp) / "b", "cpu", max_its=3, say=killer))
             reid.seed_everything(0)
-            resumed = agw.train(s, trainset, common.Run(Path(tmp) / "b", "cpu", max_its=3, log=quiet)).state_dict()
+            resumed = agw.train(s, trainset, common.Run(Path(tmp) / "b", "cpu", max_its=3, say=quiet)).state_dict()
             for k in full:
                 self.assertTrue(torch.equal(full[k], resumed[k]), k)
 
@@ -1998,7 +1998,7 @@ class TestCLIEndToEnd(unittest.TestCase):
 
         lines = []
         with tempfile.TemporaryDirectory() as tmp:
-            run = common.Run(tmp, "cpu", log=lines.append)
+            run = common.Run(tmp, "cpu", say=lines.append)
             for it, _ in run.batches(OneBatch(), 0):
                 run.log(0, it, {"L_id": torch.tensor(1.5)}, lr=0.1)
                 with self.assertRaisesRegex(common.UserError, r"L_tri is not finite.*--lr, now 1\.00e-01"):
@@ -2801,7 +2801,7 @@ class TestNFSSearchLoop(unittest.TestCase):
 
         with _nfs_tempfile.TemporaryDirectory() as tmp, _nfs_mock.patch.object(_nfs, "objective", L), \
                 _nfs_mock.patch.object(_nfs, "gate_gradient", gate_gradient):
-            run = _nfs.common.Run(tmp, "cpu", log=lambda line: None, max_its=2)
+            run = _nfs.common.Run(tmp, "cpu", say=lambda line: None, max_its=2)
             model = _nfs.search(settings, trainset, run)
         events.append(("end", snapshot(model)))
         kinds = [e[0] for e in events]
@@ -2877,10 +2877,10 @@ class TestNFSSearchLoop(unittest.TestCase):
         settings = self.settings(phase="search", search_epochs=1)
         with _nfs_tempfile.TemporaryDirectory() as tmp:
             lines = []
-            run = _nfs.common.Run(tmp, "cpu", log=lines.append, max_its=2)
+            run = _nfs.common.Run(tmp, "cpu", say=lines.append, max_its=2)
             model = _nfs.train(settings, _nfs_coded_trainset(), run)
-            self.assertEqual(run.stored["nfs_model"], "search")
-            self.assertIn("re-estimated with the derived gates over 2 D_train batches", run.stored["nfs_bn"])
+            self.assertEqual(run.meta["nfs_model"], "search")
+            self.assertIn("re-estimated with the derived gates over 2 D_train batches", run.meta["nfs_bn"])
             searched = _nfs.common.load_checkpoint(_nfs_os.path.join(tmp, "search.pt"))["model"]
             state = model.state_dict()
             self.assertEqual(int(state["stages.1.0.bn1.num_batches_tracked"]), 2)
@@ -3198,11 +3198,11 @@ class TestCMNASTrain(unittest.TestCase):
         s = _cm_settings(height=32, width=16, P=2, K=2, epochs=1, search_epochs=1, warmup=1, milestones=(),
                          search_split=0.5, arch_lr=0.05)
         with _cm_tempfile.TemporaryDirectory() as tmp:
-            run = _cm_common.Run(tmp, "cpu", log=lambda line: None, max_its=2)
+            run = _cm_common.Run(tmp, "cpu", say=lambda line: None, max_its=2)
             model = _cm.train(s, _cm_tiny_trainset(), run)
-            genotype = run.stored["genotype"]
+            genotype = run.meta["genotype"]
             self.assertEqual(_cm.genotype_of(model.body), genotype)
-            self.assertFalse(run.stored["supernet"])
+            self.assertFalse(run.meta["supernet"])
             self.assertFalse(any(isinstance(m, _cm.MixedBN) for m in model.modules()))
             written = _cm.read_genotype(_cm_os.path.join(tmp, "genotype.txt"))
             self.assertEqual(written, genotype)
@@ -3211,12 +3211,12 @@ class TestCMNASTrain(unittest.TestCase):
             self.assertEqual(len(alphas), 20)
             self.assertTrue(any((a != 0).any() for a in alphas))         # the alpha steps moved alpha
             # a resumed run (both phases finished) rebuilds the same model
-            run2 = _cm_common.Run(tmp, "cpu", log=lambda line: None, max_its=2)
+            run2 = _cm_common.Run(tmp, "cpu", say=lambda line: None, max_its=2)
             again = _cm.train(s, _cm_tiny_trainset(), run2)
             for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
                 _cm_torch.testing.assert_close(a, b, msg=k)
             # phase 2 alone from the written genotype file
-            run3 = _cm_common.Run(_cm_os.path.join(tmp, "retrain"), "cpu", log=lambda line: None, max_its=1)
+            run3 = _cm_common.Run(_cm_os.path.join(tmp, "retrain"), "cpu", say=lambda line: None, max_its=1)
             retrained = _cm.train(_cm_dc.replace(s, phase="retrain", genotype=_cm_os.path.join(tmp, "genotype.txt")),
                                   _cm_tiny_trainset(), run3)
             self.assertEqual(_cm.genotype_of(retrained.body), genotype)
@@ -3264,7 +3264,7 @@ class TestCMNASAlternation(unittest.TestCase):
         model = _cm.CMNASNet(s, 12)
         optimizer, _ = _cm.weight_optimizer(s, model)
         arch_optimizer = _cm_torch.optim.Adam(model.alphas(), lr=s.arch_lr, betas=tuple(s.betas))
-        run = _cm_common.Run(_cm_tempfile.mkdtemp(), "cpu", log=lambda line: None)
+        run = _cm_common.Run(_cm_tempfile.mkdtemp(), "cpu", say=lambda line: None)
         return s, model.train(), optimizer, arch_optimizer, run
 
     @staticmethod
@@ -3347,7 +3347,7 @@ class TestCMNASPhaseFlags(unittest.TestCase):
             s = _cm_settings(height=32, width=16, P=2, K=2, epochs=1, search_epochs=1, warmup=1, milestones=(),
                              search_split=0.5, c3mmd=c3mmd)
             with _cm_tempfile.TemporaryDirectory() as tmp, _cm_mock.patch.object(_cm, "objective", recording):
-                _cm.train(s, _cm_tiny_trainset(), _cm_common.Run(tmp, "cpu", log=lambda line: None, max_its=1))
+                _cm.train(s, _cm_tiny_trainset(), _cm_common.Run(tmp, "cpu", say=lambda line: None, max_its=1))
             self.assertEqual(seen, want, c3mmd)      # alpha step, w step (search), w step (retrain)
 
 
@@ -3432,7 +3432,7 @@ class TestCMNASRelease(unittest.TestCase):
                              milestones=(), ema_decay=0.5, ema_every=every)
             with _cm_tempfile.TemporaryDirectory() as tmp, \
                     _cm_mock.patch.object(_cm.EMA, "copy_back", lambda self: calls.append(1)):
-                _cm.train(s, _cm_tiny_trainset(), _cm_common.Run(tmp, "cpu", log=lambda line: None, max_its=1))
+                _cm.train(s, _cm_tiny_trainset(), _cm_common.Run(tmp, "cpu", say=lambda line: None, max_its=1))
             self.assertEqual(len(calls), copies, (epochs, every))
         for bad in (dict(ema_decay=1.0), dict(ema_decay=-0.1), dict(ema_every=0), dict(triplet="x")):
             with self.assertRaises(_cm_common.UserError):
@@ -3842,7 +3842,7 @@ class TestSSFTWiring(unittest.TestCase):
         s = _ss_settings(epochs=1, milestones=(), lr=3.5e-4)
         lines = []
         with _ss_tempfile.TemporaryDirectory() as tmp, _mock.patch.object(_ss.torch.optim, "Adam", Recording):
-            run = _common.Run(tmp, "cpu", log=lines.append, max_its=1, log_every=1)
+            run = _common.Run(tmp, "cpu", say=lines.append, max_its=1, log_every=1)
             model = _ss.train(s, _data.TrainSet(image_set(4), image_set(2), 4), run)
         self.assertEqual(len(made), 2)
         net, adv = _ss.split_parameters(model)
@@ -4399,7 +4399,7 @@ class TestRFMCollapse(unittest.TestCase):
 class TestRFMAlarm(unittest.TestCase):
     def run_epoch(self, features, losses):
         lines = []
-        run = _rfm_common.Run(_rfm_tempfile.mkdtemp(), "cpu", log=lines.append, log_every=1000)
+        run = _rfm_common.Run(_rfm_tempfile.mkdtemp(), "cpu", say=lines.append, log_every=1000)
         run._phase, run._num_epochs, run._its, run._timer = "train", 1, len(losses), {"start": 0.0, "wait": 0.0,
                                                                                       "images": 0}
         for it, (feature, loss) in enumerate(zip(features, losses)):
@@ -4685,7 +4685,7 @@ class TestMCEMemory(unittest.TestCase):
         settings = _mce_settings()
         trainset = _mce_trainset(per_class=3)
         model = _mce.build(settings, 3)
-        run = _mce_common.Run(_mce_tempfile.mkdtemp(), "cpu", log=lambda *a: None)
+        run = _mce_common.Run(_mce_tempfile.mkdtemp(), "cpu", say=lambda *a: None)
         got = _mce.class_centroids(model, trainset, ("v", "r", "a", "u"), run, _mce.pass_generator(0, 4))
         model.eval()
         channels = _mce_torch.randint(0, 3, (len(trainset.v),), generator=_mce.pass_generator(0, 4))
@@ -4708,7 +4708,7 @@ class TestMCEMemory(unittest.TestCase):
 
 class TestMCETrain(unittest.TestCase):
     def _train(self, out, settings, trainset, **run_kw):
-        run = _mce_common.Run(out, "cpu", log=run_kw.pop("log", lambda *a: None), **run_kw)
+        run = _mce_common.Run(out, "cpu", say=run_kw.pop("log", lambda *a: None), **run_kw)
         return _mce.train(settings, trainset, run)
 
     def test_memories_and_historical_centroids(self):
@@ -4729,7 +4729,7 @@ class TestMCETrain(unittest.TestCase):
             _mce_torch.manual_seed(0)
             self._train(out, settings, trainset, max_its=2)
             state = _mce_torch.load(f"{out}/train.pt", weights_only=True)
-            run = _mce_common.Run(out, "cpu", log=lambda *a: None)
+            run = _mce_common.Run(out, "cpu", say=lambda *a: None)
         self.assertEqual(len(passes), 2)      # the initial pass and the one after epoch 0; none after the last
         _mce_torch.manual_seed(0)
         initial = _mce.class_centroids(_mce.build(settings, 3), trainset, ("v", "r", "a", "u"), run,

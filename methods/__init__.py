@@ -17,7 +17,7 @@
     LIMITS = {"field": 1}           # optional: minimum values of numeric settings beyond reid.py's own checks
 
     def build(settings, num_classes, meta=None) -> nn.Module
-        # the model; `meta` holds what train() stored with run.meta(...) (a genotype, searched gates)
+        # the model; `meta` is the dict train() filled in run.meta (a genotype, searched gates)
     def train(settings, trainset, run) -> nn.Module
         # the whole training, search phases included; `trainset` is a data.TrainSet, `run` a common.Run
     def extract(model, x, modality) -> Tensor

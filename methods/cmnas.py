@@ -560,7 +560,7 @@ def search(settings, trainset, augment, run):
     train_part, val_part = trainset.split_ids(settings.search_split, run.seed)   # Sec. 4.1: identities 8:2
     val_ids = len(np.intersect1d(val_part.v.labels, val_part.r.labels))
     if val_ids < settings.P:
-        run.print(f"[search] the validation split has {val_ids} identities: validation batches take P={val_ids}")
+        run.say(f"[search] the validation split has {val_ids} identities: validation batches take P={val_ids}")
     loader = data.train_loader(train_part, settings.P, settings.K, run.seed, augment, workers=run.workers,
                                sampler=settings.sampler)
     val_loader = data.train_loader(val_part, min(settings.P, val_ids), settings.K, run.seed + 1, augment,
@@ -579,7 +579,7 @@ def search(settings, trainset, augment, run):
             l_val, terms = search_step(model, batch, next(val_batches), settings, c3mmd, optimizer, arch_optimizer,
                                        run.autocast)                                     # Eq. (3)
             run.log(epoch, it, {**terms, "L_val": l_val}, optimizer.param_groups[1]["lr"])
-        run.meta(genotype=genotype_of(model.body))
+        run.meta.update(genotype=genotype_of(model.body))
     return model
 
 
@@ -656,12 +656,12 @@ def train(settings, trainset, run):
         supernet = search(settings, trainset, augment, run)
         genotype = genotype_of(supernet.body)
         (run.out / "genotype.txt").write_text(genotype_report(supernet))
-        run.print(f"[search] genotype {genotype} (written to {run.out / 'genotype.txt'})")
+        run.say(f"[search] genotype {genotype} (written to {run.out / 'genotype.txt'})")
         if settings.phase == "search":
-            run.meta(genotype=genotype, supernet=True)
+            run.meta.update(genotype=genotype, supernet=True)
             return supernet
-    run.meta(genotype=genotype, supernet=False)
-    model = build(settings, trainset.num_classes, run.stored).to(run.device)
+    run.meta.update(genotype=genotype, supernet=False)
+    model = build(settings, trainset.num_classes, run.meta).to(run.device)
     return fit(settings, model, trainset, augment, run, "retrain", retrain_c3mmd)
 
 

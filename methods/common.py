@@ -189,14 +189,14 @@ class Run:
     seeded per (seed, epoch, batch), so a resumed run ends with the same weights as an uninterrupted one.
     """
 
-    def __init__(self, out, device, seed=0, amp=False, workers=0, log_every=20, log=print, max_its=None,
+    def __init__(self, out, device, seed=0, amp=False, workers=0, log_every=20, say=print, max_its=None,
                  evaluate=None, eval_every=0):
         self.out, self.device, self.seed, self.amp = Path(out), torch.device(device), seed, amp
         self.evaluate, self.eval_every = evaluate, eval_every  # evaluate(phase, epoch, model) after such epochs
         self.workers, self.max_its = workers, max_its  # max_its: iterations per epoch cap (--smoke)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.log_every, self.print = log_every, log
-        self.stored = {}
+        self.log_every, self.say = log_every, say  # say(line): a plain line; log(...): the loss-term progress line
+        self.meta = {}  # small JSON-able facts (a genotype, a gate file): in every checkpoint, given to build()
         self.seconds = {}  # phase -> wall seconds of its finished epochs, over every resume (kept in checkpoints)
         self._phase, self._num_epochs, self._its, self._timer = "", 0, 0, None
 
@@ -205,10 +205,6 @@ class Run:
         if self.amp and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    def meta(self, **facts):
-        """Small JSON-able facts (a genotype, gate file) saved with every checkpoint and given to build()."""
-        self.stored.update(facts)
 
     def checkpoint_path(self, phase):
         return self.out / f"{phase}.pt"
@@ -224,19 +220,19 @@ class Run:
                 else:
                     obj.load_state_dict(state[name])
             set_rng_state(state["rng"])
-            self.stored.update(state["meta"])
+            self.meta.update(state["meta"])
             self.seconds[phase] = state.get("seconds", 0.0)
             start = state["epoch"] + 1
-            self.print(f"[{phase}] resumed from {path} after epoch {start}/{num_epochs}")
+            self.say(f"[{phase}] resumed from {path} after epoch {start}/{num_epochs}")
         self._phase, self._num_epochs = phase, num_epochs
         for epoch in range(start, num_epochs):
             t0 = time.time()
             yield epoch
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.time() - t0
             state = {name: obj.state_dict() for name, obj in objects.items()}
-            state.update(epoch=epoch, rng=rng_state(), meta=dict(self.stored), seconds=self.seconds[phase])
+            state.update(epoch=epoch, rng=rng_state(), meta=dict(self.meta), seconds=self.seconds[phase])
             save_atomic(state, path)
-            self.print(f"[{phase}] epoch {epoch + 1}/{num_epochs} done in {time.time() - t0:.1f}s")
+            self.say(f"[{phase}] epoch {epoch + 1}/{num_epochs} done in {time.time() - t0:.1f}s")
             if self.evaluate and phase != "search" and (epoch + 1) % self.eval_every == 0 and "model" in objects:
                 model = objects["model"]
                 was_training = model.training
@@ -284,7 +280,7 @@ class Run:
         at an epoch's last iteration, the collapse alarm's warnings (`watch`)."""
         if it + 1 == self._its:
             for line in self.collapse_warnings():
-                self.print(f"[{self._phase}] ep {epoch + 1}/{self._num_epochs} {line}")
+                self.say(f"[{self._phase}] ep {epoch + 1}/{self._num_epochs} {line}")
         if (it + 1) % self.log_every and it + 1 != self._its:
             return
         timer = self._timer
@@ -298,6 +294,6 @@ class Run:
             raise UserError(f"[{self._phase}] epoch {epoch + 1} iteration {done_its}: {', '.join(bad)} is not finite, "
                             f"training diverged; lower the learning rate (--lr, now {lr:.2e}) or a loss weight")
         terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
-        self.print(f"[{self._phase}] ep {epoch + 1}/{self._num_epochs} it {done_its}/{self._its} {terms} "
+        self.say(f"[{self._phase}] ep {epoch + 1}/{self._num_epochs} it {done_its}/{self._its} {terms} "
                    f"lr {lr:.2e} | {timer['images'] / elapsed:.0f} img/s data-wait "
                    f"{100 * timer['wait'] / elapsed:.0f}% eta {int(eta // 60)}m{int(eta % 60):02d}s")

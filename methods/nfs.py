@@ -586,7 +586,7 @@ def search(settings, trainset, run):
                 p.grad = g
             gate_optimizer.step()
             run.log(epoch, it, {**terms, "L_val": l_val}, optimizer.param_groups[1]["lr"])
-        run.print(f"[search] derived gates after epoch {epoch + 1}, share kept: {kept(model.gates())}")
+        run.say(f"[search] derived gates after epoch {epoch + 1}, share kept: {kept(model.gates())}")
     return model
 
 
@@ -699,14 +699,14 @@ def train(settings, trainset, run):
     num_classes = trainset.num_classes
     if not settings.feature_search:                                      # Table 3 rows B, B+C
         model = initial_model(settings, num_classes, "baseline", run.seed).to(run.device)
-        run.meta(nfs_model="baseline")
+        run.meta.update(nfs_model="baseline")
         fit(model, settings, trainset, run, "train")
         return model
     if settings.phase != "retrain":
         searched = search(settings, trainset, run)                      # Alg. 1 lines 1-4
         gates, source = searched.gates(), str(run.out / "gates.pt")     # Alg. 1 line 5
         save_gates(searched, settings, source)
-        run.print(f"[search] gates written to {source}; share kept: {kept(gates)}")
+        run.say(f"[search] gates written to {source}; share kept: {kept(gates)}")
         if settings.phase == "search":
             d_train, _ = trainset.split_images(settings.search_split, run.seed)         # the search's D_train
             augment = data.Augment(settings.height, settings.width, erasing=settings.erasing)
@@ -715,15 +715,15 @@ def train(settings, trainset, run):
             note = (f"search network: BN statistics re-estimated with the derived gates over {n} D_train batches; "
                     f"weights trained on {settings.search_split:.0%} of the images under random gates, not Alg. 1 "
                     f"line 7's retrained network (--phase both)")
-            run.print(f"[search] {note}")
-            run.meta(nfs_model="search", gates=source, kept=kept(gates), nfs_bn=note)
+            run.say(f"[search] {note}")
+            run.meta.update(nfs_model="search", gates=source, kept=kept(gates), nfs_bn=note)
             return searched
     model = initial_model(settings, num_classes, "retrain", run.seed)   # the weights the search started from
     if settings.phase == "retrain":
         gates, source = load_gates(settings.gates, model, settings), settings.gates
     model.set_gates(gates)
     model = model.to(run.device)
-    run.meta(nfs_model="retrain", gates=source, kept=kept(gates))
+    run.meta.update(nfs_model="retrain", gates=source, kept=kept(gates))
     fit(model, settings, trainset, run, "retrain")                     # Alg. 1 line 6 (line 7: reid.py tests)
     return model
 
