@@ -425,13 +425,10 @@ def out_dir(args):
 
 
 def prepare_out(args, method_name):
-    out = out_dir(args)
-    if args.resume:
-        if not (out / "args.json").is_file():
-            raise UserError(f"--resume {out}: no args.json there; give the output directory of a started run")
-    elif out.exists() and not out.is_dir():
+    out = out_dir(args)  # with --resume, parse() has checked that it holds a started run (its args.json)
+    if not args.resume and out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory; give a directory path")
-    elif out.exists() and any(out.iterdir()):
+    elif not args.resume and out.exists() and any(out.iterdir()):
         ours = (out / RUN_MARKER).is_file()
         if not ours:
             raise UserError(f"output directory {out} is not empty and was not written by reid.py (no {RUN_MARKER} "
@@ -465,7 +462,7 @@ def write_json(path, obj):
         raise UserError(f"cannot write {path} ({e.strerror}); free disk space or give another --out") from None
 
 
-RESUME_SAFE = ("workers", "log_every", "cache_dir", "eval_every")  # flags --resume accepts: they cannot change the results
+RESUME_SAFE = ("workers", "log_every", "cache_dir", "eval_every")  # flags --resume accepts: they cannot change results
 POSITIVE = ("height", "width", "epochs", "P", "K")    # settings that must be >= 1 (a method's LIMITS may add more)
 
 
@@ -714,72 +711,73 @@ def _run(args, method, settings, sources, checkpoint, argv, device, out):
                                        "split": args.split, "settings": dataclasses.asdict(settings),
                                        "setting_sources": sources, "seed": args.seed, "seeds": args.seeds,
                                        "device": str(device)})
-    log_file = open(out / "log.txt", "a")
+    with open(out / "log.txt", "a") as log_file:
 
-    def log(line):
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+        def log(line):
+            print(line, flush=True)
+            log_file.write(line + "\n")
+            log_file.flush()
 
-    log(f"method {args.method} | dataset {args.dataset} | recipe {args.recipe} | split {args.split} | "
-        f"device {device} | out {out}")
-    log("settings " + json.dumps(dataclasses.asdict(settings)))
-    moved = {k: v for k, v in sources.items() if v != "paper"}
-    if moved:
-        log("not the paper's value (setting: source): " + json.dumps(moved))
-    if args.amp and device.type != "cuda":
-        log("note: --amp has no effect on the CPU (bf16 autocast runs on CUDA only); training in float32")
-    if checkpoint is not None:
-        at_training = json.loads(json.dumps(checkpoint["settings"]))    # through JSON: tuples become lists
-        now = json.loads(json.dumps(dataclasses.asdict(settings)))
-        changed = {k: v for k, v in now.items() if at_training.get(k) != v}
-        if changed:
-            log("evaluating with settings other than the training run's: " + json.dumps(changed))
-    if checkpoint is None and settings.pretrained == "none":
-        log("training from scratch (--pretrained none)" if args.dataset == "synthetic" else
-            "WARNING: training from scratch on a real benchmark (--pretrained none); the papers start from ImageNet")
+        log(f"method {args.method} | dataset {args.dataset} | recipe {args.recipe} | split {args.split} | "
+            f"device {device} | out {out}")
+        log("settings " + json.dumps(dataclasses.asdict(settings)))
+        moved = {k: v for k, v in sources.items() if v != "paper"}
+        if moved:
+            log("not the paper's value (setting: source): " + json.dumps(moved))
+        if args.amp and device.type != "cuda":
+            log("note: --amp has no effect on the CPU (bf16 autocast runs on CUDA only); training in float32")
+        if checkpoint is not None:
+            at_training = json.loads(json.dumps(checkpoint["settings"]))    # through JSON: tuples become lists
+            now = json.loads(json.dumps(dataclasses.asdict(settings)))
+            changed = {k: v for k, v in now.items() if at_training.get(k) != v}
+            if changed:
+                log("evaluating with settings other than the training run's: " + json.dumps(changed))
+        if checkpoint is None and settings.pretrained == "none":
+            log("training from scratch (--pretrained none)" if args.dataset == "synthetic" else
+                "WARNING: training from scratch on a real benchmark (--pretrained none); the papers start from "
+                "ImageNet")
 
-    summary = {"method": args.method, "dataset": args.dataset,
-               "trial": args.trial if args.dataset == "regdb" else None, "recipe": args.recipe,
-               "split": args.split, "command": command, "settings": dataclasses.asdict(settings),
-               "setting_sources": sources, "smoke": args.smoke, "machine": machine(device),
-               "model": "final epoch (no selection on the test set)"}
-    seeds = args.seeds or [args.seed]
-    per_seed = []
-    for seed in seeds:
-        seed_out = out if args.seeds is None else out / f"seed-{seed}"
-        if args.seeds is not None:
-            seed_out.mkdir(exist_ok=True)
-            (seed_out / RUN_MARKER).write_text("written by reid.py\n")
-            log(f"---- seed {seed} ({seeds.index(seed) + 1}/{len(seeds)}) -> {seed_out}")
-        one = run_seed(args, method, settings, checkpoint, device, seed, seed_out, log)
-        per_seed.append(one)
-        if args.seeds is not None:
-            write_json(seed_out / "results.json", {**summary, "seed": seed, **one})
-    if args.seeds is None:
-        summary.update(seed=args.seed, **per_seed[0])
-        head = "mean ± std over trials"
-    else:
-        fits = [p["fit"] for p in per_seed if p["fit"]]
-        summary.update(seed=None, seeds=seeds, results=aggregate_seeds([p["results"] for p in per_seed]),
-                       fit=aggregate_fit(fits) if fits else None,
-                       time={k: sum(p["time"][k] for p in per_seed) for k in ("train_s", "test_s")})
-        if all("best_minus_final" in p for p in per_seed):
-            summary["best_minus_final"] = aggregate_seeds([p["best_minus_final"] for p in per_seed], ("rank1", "mAP"))
-        head = f"mean ± std over {len(seeds)} seeds"
-    write_json(out / "results.json", summary)
-    split = " on the validation identities (--split val)" if args.split == "val" else ""
-    log(f"\n{args.method} on {args.dataset}{split} (final-epoch model; {head}, in %)\n{table(summary['results'])}")
-    fit = summary["fit"]
-    if fit:
-        log(f"training fit: rank-1 {fit['rank1']:.1f}, mAP {fit['mAP']:.1f} (chance {fit['chance_rank1']:.1f})")
-    if args.seeds is not None and "best_minus_final" in summary:
-        gap = next(iter(summary["best_minus_final"].items()))
-        log(f"best evaluated epoch minus final epoch ({gap[0]}, {head}): rank-1 {gap[1]['rank1']:+.2f} ± "
-            f"{gap[1]['rank1_std']:.2f}, mAP {gap[1]['mAP']:+.2f} ± {gap[1]['mAP_std']:.2f}")
-    log(f"results: {out / 'results.json'}")
-    log_file.close()
-    return summary["results"]
+        summary = {"method": args.method, "dataset": args.dataset,
+                   "trial": args.trial if args.dataset == "regdb" else None, "recipe": args.recipe,
+                   "split": args.split, "command": command, "settings": dataclasses.asdict(settings),
+                   "setting_sources": sources, "smoke": args.smoke, "machine": machine(device),
+                   "model": "final epoch (no selection on the test set)"}
+        seeds = args.seeds or [args.seed]
+        per_seed = []
+        for seed in seeds:
+            seed_out = out if args.seeds is None else out / f"seed-{seed}"
+            if args.seeds is not None:
+                seed_out.mkdir(exist_ok=True)
+                (seed_out / RUN_MARKER).write_text("written by reid.py\n")
+                log(f"---- seed {seed} ({seeds.index(seed) + 1}/{len(seeds)}) -> {seed_out}")
+            one = run_seed(args, method, settings, checkpoint, device, seed, seed_out, log)
+            per_seed.append(one)
+            if args.seeds is not None:
+                write_json(seed_out / "results.json", {**summary, "seed": seed, **one})
+        if args.seeds is None:
+            summary.update(seed=args.seed, **per_seed[0])
+            head = "mean ± std over trials"
+        else:
+            fits = [p["fit"] for p in per_seed if p["fit"]]
+            summary.update(seed=None, seeds=seeds, results=aggregate_seeds([p["results"] for p in per_seed]),
+                           fit=aggregate_fit(fits) if fits else None,
+                           time={k: sum(p["time"][k] for p in per_seed) for k in ("train_s", "test_s")})
+            if all("best_minus_final" in p for p in per_seed):
+                summary["best_minus_final"] = aggregate_seeds([p["best_minus_final"] for p in per_seed],
+                                                              ("rank1", "mAP"))
+            head = f"mean ± std over {len(seeds)} seeds"
+        write_json(out / "results.json", summary)
+        split = " on the validation identities (--split val)" if args.split == "val" else ""
+        log(f"\n{args.method} on {args.dataset}{split} (final-epoch model; {head}, in %)\n{table(summary['results'])}")
+        fit = summary["fit"]
+        if fit:
+            log(f"training fit: rank-1 {fit['rank1']:.1f}, mAP {fit['mAP']:.1f} (chance {fit['chance_rank1']:.1f})")
+        if args.seeds is not None and "best_minus_final" in summary:
+            gap = next(iter(summary["best_minus_final"].items()))
+            log(f"best evaluated epoch minus final epoch ({gap[0]}, {head}): rank-1 {gap[1]['rank1']:+.2f} ± "
+                f"{gap[1]['rank1_std']:.2f}, mAP {gap[1]['mAP']:+.2f} ± {gap[1]['mAP_std']:.2f}")
+        log(f"results: {out / 'results.json'}")
+        return summary["results"]
 
 
 if __name__ == "__main__":
