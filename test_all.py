@@ -3708,7 +3708,7 @@ class TestSSFTTraining(unittest.TestCase):
         for bad in (dict(ssft_test="all"), dict(spl=False), dict(height=40), dict(k=0),
                     dict(shl=False, spl=False, sht=False, spt=False, pa=False, re=False)):
             with self.assertRaises(_ss_UserError):
-                _ss.check_settings(_ss_settings(**bad))
+                _ss.check(_ss_settings(**bad))
 
 
 def _ss_ce(logits, y):
@@ -3799,7 +3799,7 @@ class TestSSFTAdversarialForms(unittest.TestCase):
     def test_choices_are_checked(self):
         for bad in (dict(pa_form="normalised"), dict(ma_form="uniform")):
             with self.assertRaises(_ss_UserError):
-                _ss.check_settings(_ss_settings(**bad))
+                _ss.check(_ss_settings(**bad))
         self.assertEqual(_ss.CHOICES["pa_form"], ("literal", "scale-free"))
         self.assertEqual(_ss.CHOICES["ma_form"], ("literal", "confusion"))
 

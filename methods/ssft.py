@@ -158,7 +158,7 @@ SMOKE = dict(arch="resnet18", pretrained="none", height=32, width=16, epochs=1, 
 CHOICES = {"ssft_test": TEST_MODES, "pa_form": PA_FORMS, "ma_form": MA_FORMS}
 
 
-def check_settings(settings):
+def check(settings):
     """Settings a user can get wrong, with the fix."""
     for name, allowed in CHOICES.items():
         if getattr(settings, name) not in allowed:
@@ -516,7 +516,7 @@ def split_parameters(model):
 
 
 def train(settings, trainset, run):
-    check_settings(settings)
+    check(settings)
     model = build(settings, trainset.num_classes).to(run.device)
     augment = data.Augment(settings.height, settings.width, erasing=ERASING if settings.aug else 0.0)
     loader = data.train_loader(trainset, settings.P, settings.K, run.seed, augment, workers=run.workers)
@@ -644,7 +644,7 @@ def distance(model, q_feat, g_feat, settings):
 
     q_feat, g_feat: `extract` rows [H | P | m]. Transductive: SSTN over all queries and the gallery together;
     single-query: Eq. 22, one query at a time. Without SSTN (--sht false --spt false): the shared features H."""
-    check_settings(settings)
+    check(settings)
     model.eval()
     Hq, Pq, q_is_r = split_features(model, q_feat.float())
     Hg, Pg, g_is_r = split_features(model, g_feat.float())
