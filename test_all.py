@@ -1336,6 +1336,7 @@ class TestCLIPlumbing(unittest.TestCase):
         # no Settings field may collide with a shared option (argparse refuses the duplicate at --help time),
         # and every RELEASE / SYNTHETIC / SMOKE key names a field
         import importlib
+        import inspect
         import dataclasses
         import reid
         from methods import METHODS
@@ -1346,6 +1347,9 @@ class TestCLIPlumbing(unittest.TestCase):
                 fields = {f.name for f in dataclasses.fields(method.Settings)}
                 for layer in ("RELEASE", "RELEASE_REGDB", "SYNTHETIC", "SMOKE"):
                     self.assertLessEqual(set(getattr(method, layer, None) or {}), fields, layer)
+                for fn in ("build", "objective", "train", "extract"):   # methods/__init__.py's interface
+                    self.assertTrue(callable(getattr(method, fn, None)), fn)
+                self.assertEqual(list(inspect.signature(method.objective).parameters)[:3], ["model", "batch", "settings"])
 
 
 class TestRecipes(_DTTree):

@@ -18,6 +18,10 @@
 
     def build(settings, num_classes, meta=None) -> nn.Module
         # the model; `meta` is the dict train() filled in run.meta (a genotype, searched gates)
+    def objective(model, batch, settings, ...) -> (loss, terms)
+        # the paper's total loss on one training batch (its equation in the docstring), `terms` by the paper's
+        # names; train() calls it under `with run.autocast():` and bench.py times it; the arguments after
+        # `settings` are the method's own state (MCE's memories) or switches (CM-NAS's c3mmd, cls), by keyword
     def train(settings, trainset, run) -> nn.Module
         # the whole training, search phases included; `trainset` is a data.TrainSet, `run` a common.Run
     def extract(model, x, modality) -> Tensor
@@ -30,6 +34,6 @@ and optionally
     def figures(model, settings, trainset, testset, out)
         # the paper's pictures, written into the directory `out`
 
-reid.py only dispatches through these names; it holds no method logic.
+reid.py only dispatches through these names (all but objective); it holds no method logic.
 """
 METHODS = ("agw", "nfs", "cmnas", "ssft", "rfm", "mce")
