@@ -1,38 +1,279 @@
 """The one test file of this project.
 
-Run with `python test_all.py` (stdlib unittest) or `python -m pytest test_all.py`.
-Each section below belongs to one component; tests use tiny images, resnet18 and a
-few iterations so the whole suite stays under 10 minutes on 2 CPU cores.
+Run it from any directory: `python test_all.py` (stdlib unittest) or `python -m pytest test_all.py`; one class with
+`python -m unittest test_all.TestRFMLTG` (from the repository root) or `python -m pytest test_all.py -k TestRFMLTG`.
+Tests use tiny images, resnet18 and a few iterations, so the whole suite stays under 10 minutes on 2 CPU cores.
+They write only into temporary directories and the test cache: $VIREID_TEST_CACHE, else <tmp>/vireid-test-cache,
+where the synthetic worlds of the smoke runs are built once and then reused.
+
+Contents (one section per file under test, each opened by a `# ==== ... ====` banner):
+  imports, then fixtures   the test cache, the hand-made trees in the layouts of SYSU-MM01, RegDB and LLCM, the
+                           tiny synthetic worlds, a tiny train set, random batches, and reid.py run in a subprocess
+                           (run_reid) or in this process (reid_smoke, reid_outcome)
+  synthetic.py             TestSyntheticSYSU, TestSyntheticMaterials, TestSyntheticRegDB, TestSyntheticCache
+  data.py                  TestDataSYSU, TestDataRegDB, TestDataSampler, TestDataLoader, TestDataCache,
+                           TestDataErrors, TestDataBadInputs
+  eval.py                  TestEvalToy, TestEvalAgainstLoop, TestEvalRunProtocol, TestEvalPicture
+  reid.py                  TestCLIPlumbing, TestRecipes, TestReliabilityCLI, TestRecipesEndToEnd, TestCLIEndToEnd,
+                           TestOverwriteSafety
+  LLCM (data, eval, reid)  TestLLCM
+  methods/agw.py           TestAGW
+  methods/nfs.py           TestNFSContinuousBernoulli, TestNFSGates, TestNFSSecondOrder, TestNFSLosses,
+                           TestNFSGatesFile, TestNFSSearchLoop, TestNFSSmoke
+  methods/cmnas.py         TestCMNASSearchSpace, TestCMNASLosses, TestCMNASGenotype, TestCMNASTrain, TestCMNASSmoke,
+                           TestCMNASAlternation, TestCMNASPhaseFlags, TestCMNASRelease
+  methods/ssft.py          TestSSFTEquations, TestSSFTTest, TestSSFTTraining, TestSSFTAdversarialForms,
+                           TestSSFTWiring, TestSSFTSmoke
+  methods/rfm.py           TestRFMLTG, TestRFMLosses, TestRFMModel, TestRFMCollapse, TestRFMAlarm, TestRFMSmoke
+  methods/mce.py           TestMCEShared, TestMCELosses, TestMCEMemory, TestMCETrain, TestMCESmoke
+  copies across methods/   TestCopies
 """
+
+import atexit
+import contextlib
+import copy
+import dataclasses
+import errno
+import functools
+import glob
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 import unittest
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
-# ==== data.py / synthetic.py tests (TestSynthetic*, TestData*) ====
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
 
-# ---- synthetic.py (TestSynthetic*) ----
-import glob as _sy_glob
-import hashlib as _sy_hashlib
-import json as _sy_json
-import os as _sy_os
-import shutil as _sy_shutil
-import tempfile as _sy_tempfile
+import data
+import eval as evaluation
+import reid
+import synthetic
+from data import UserError
+from methods import METHODS, agw, cmnas, common, mce, nfs, rfm, ssft
 
-import numpy as _sy_np
-from PIL import Image as _sy_Image
+# ==== fixtures: paths and the test cache, hand-made trees, synthetic worlds, a tiny train set, reid.py ====
 
-import synthetic as _sy
-from methods.common import UserError as _sy_UserError
+HERE = Path(__file__).resolve().parent   # the repository root
+REID = HERE / "reid.py"
+# One cache for every test that needs a synthetic world: worlds are deterministic and keyed by their parameters.
+TEST_CACHE = os.environ.get("VIREID_TEST_CACHE") or os.path.join(tempfile.gettempdir(), "vireid-test-cache")
 
 
-def _sy_quiet(*args):
+def quiet(*args):
     """A log function that prints nothing."""
 
 
-def _sy_digest(root):
+# ---- hand-made trees in the layouts of the real datasets (exact contents the data tests check against)
+
+TREE_H, TREE_W = 16, 8   # the image size the data tests load them at
+# SYSU hand-made tree: {id: {cam: number of images}}; cameras not listed have no directory at all
+SYSU_TRAIN = {1: {1: 3, 2: 2, 3: 2, 4: 1, 6: 1}, 2: {1: 2, 3: 1}, 5: {2: 2, 4: 1, 6: 2}}
+SYSU_VAL = {7: {1: 1, 5: 2, 3: 3}}
+SYSU_TEST = {12: {1: 12, 2: 3, 3: 2, 5: 11, 6: 1}, 345: {1: 2, 4: 5, 5: 1, 6: 3},
+             9876: {1: 1, 2: 10, 4: 9, 3: 2}}
+
+
+def write_image(path, rng, gray=None):
+    """A random image of odd size; grayscale ('L') for about a third of the files unless `gray` says."""
+    h, w = int(rng.integers(19, 41)), int(rng.integers(9, 31))
+    gray = rng.random() < 0.33 if gray is None else gray
+    arr = rng.integers(0, 256, (h, w) if gray else (h, w, 3), dtype=np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def hand_made_sysu(root, seed=0):
+    rng = np.random.default_rng(seed)
+    for cam in range(1, 7):
+        os.makedirs(os.path.join(root, f"cam{cam}"), exist_ok=True)
+    for spec in (SYSU_TRAIN, SYSU_VAL, SYSU_TEST):
+        for pid, cams in spec.items():
+            for cam, n in cams.items():
+                for k in range(n):
+                    write_image(os.path.join(root, f"cam{cam}", f"{pid:04d}", f"{k + 1:04d}.jpg"), rng)
+    os.makedirs(os.path.join(root, "exp"), exist_ok=True)
+    for name, spec in (("train_id.txt", SYSU_TRAIN), ("val_id.txt", SYSU_VAL), ("test_id.txt", SYSU_TEST)):
+        with open(os.path.join(root, "exp", name), "w") as f:
+            f.write(",".join(str(i) for i in reversed(list(spec))) + "\n")   # unsorted on purpose
+
+
+# RegDB hand-made tree: per trial {split: [(id dir, label), ...]}; labels non-contiguous, listed unsorted
+REGDB_TRIALS = {1: {"train": [(1, 40), (2, 3), (3, 17)], "test": [(4, 205), (5, 411), (6, 300)]},
+                2: {"train": [(4, 8), (5, 1), (6, 90)], "test": [(1, 1000), (2, 2000), (3, 3000)]}}
+
+
+def hand_made_regdb(root, seed=0):
+    rng = np.random.default_rng(seed)
+    for d, m, gray in (("Visible", "v", False), ("Thermal", "t", True)):
+        for pid in range(1, 7):
+            for k in range(3):
+                write_image(os.path.join(root, d, str(pid), f"male_front_{m}_{pid:05d}_{k + 1}.bmp"), rng, gray)
+    os.makedirs(os.path.join(root, "idx"))
+    for trial, splits in REGDB_TRIALS.items():
+        for split, pairs in splits.items():
+            for name, d, m in (("visible", "Visible", "v"), ("thermal", "Thermal", "t")):
+                with open(os.path.join(root, "idx", f"{split}_{name}_{trial}.txt"), "w") as f:
+                    for pid, label in pairs:
+                        for k in range(3):
+                            f.write(f"{d}/{pid}/male_front_{m}_{pid:05d}_{k + 1}.bmp {label}\n")
+
+
+# hand-made LLCM tree: test ids {id: {modality folder: {camera: images}}}; large ids, ids missing from cameras
+LLCM_TEST = {3: {"test_vis": {1: 2, 5: 1}, "test_nir": {2: 2}},
+             1234: {"test_vis": {9: 3, 3: 1}, "test_nir": {1: 1, 9: 2}},
+             77: {"test_vis": {3: 2}, "test_nir": {4: 1, 8: 1}}}
+LLCM_TRAIN = {"train_vis.txt": [("nir_and_vis/vis/cam1/0010", 0, 2), ("nir_and_vis/vis/cam4/0020", 1, 2)],
+              "train_nir.txt": [("nir_and_vis/nir/cam2/0010", 0, 1), ("nir_and_vis/nir/cam6/0020", 1, 3)]}
+
+
+def hand_made_llcm(root, seed=0):
+    rng = np.random.default_rng(seed)
+    for pid, folders in LLCM_TEST.items():
+        for folder, cams in folders.items():
+            for cam, n in cams.items():
+                for k in range(n):
+                    write_image(os.path.join(root, folder, f"cam{cam}", f"{pid:04d}", f"{k + 1:04d}.jpg"), rng,
+                                gray=folder == "test_nir")
+    os.makedirs(os.path.join(root, "idx"))
+    for name, dirs in LLCM_TRAIN.items():
+        lines = []
+        for d, label, n in dirs:
+            for k in range(n):
+                write_image(os.path.join(root, d, f"{k + 1:04d}.jpg"), rng)
+                lines.append(f"{d}/{k + 1:04d}.jpg {label}")
+        with open(os.path.join(root, "idx", name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    with open(os.path.join(root, "idx", "test_id.txt"), "w") as f:
+        f.write("1234,3,77\n")
+
+
+@functools.cache
+def hand_made_tree(layout):
+    """The root of the hand-made `layout` tree ('sysu', 'regdb' or 'llcm'), built on first use in a temporary
+    directory of its own (removed when the tests end) and shared by every test. Tests only read it: one that
+    breaks a file breaks a copy."""
+    parent = tempfile.mkdtemp(prefix=f"vireid-test-{layout}-")
+    atexit.register(shutil.rmtree, parent, ignore_errors=True)
+    root = os.path.join(parent, {"sysu": "SYSU-MM01", "regdb": "RegDB", "llcm": "LLCM"}[layout])
+    {"sysu": hand_made_sysu, "regdb": hand_made_regdb, "llcm": hand_made_llcm}[layout](root)
+    return root
+
+
+class HandMadeTrees(unittest.TestCase):
+    """The hand-made SYSU and RegDB trees, and a temporary directory per class for copies and caches."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.tmp = cls._tmp.name
+        cls.sysu = hand_made_tree("sysu")
+        cls.regdb = hand_made_tree("regdb")
+        cls.cache = os.path.join(cls.tmp, "cache")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+
+    def copy(self, src, name):
+        dst = os.path.join(self.tmp, name)
+        shutil.copytree(src, dst)
+        return dst
+
+    def load_sysu(self, root=None, log=None, **kw):
+        return data.load_sysu(root or self.sysu, TREE_H, TREE_W, self.cache, log=log or (lambda m: None), **kw)
+
+
+# ---- synthetic worlds, a tiny train set, random batches
+
+def smoke_world(layout):
+    """The tiny synthetic world of `layout` that `reid.py --smoke` trains on, in the test cache: built on first use,
+    then shared by every test and every reid.py the tests run."""
+    return synthetic.ensure_world(Path(TEST_CACHE), layout, **reid.SMOKE_WORLDS[layout], log=quiet)
+
+
+def tiny_trainset(ids=4, per_v=3, per_r=3, h=32, w=16, seed=0):
+    """A TrainSet of random images: `per_v` visible (camera 1) and `per_r` infrared (camera 3) images of each of
+    `ids` identities (labels 0..ids-1), the visible ones drawn first."""
+    rng = np.random.default_rng(seed)
+
+    def image_set(per, cam):
+        labels = np.repeat(np.arange(ids), per)
+        return data.ImageSet([f"{cam}-{i}" for i in range(len(labels))], labels, np.full(len(labels), cam),
+                             rng.integers(0, 256, (len(labels), h, w, 3), dtype=np.uint8))
+    return data.TrainSet(image_set(per_v, 1), image_set(per_r, 3), ids)
+
+
+def random_batch(n_ids=2, K=2, h=32, w=16, seed=0, dtype=torch.float32, label_offset=0):
+    """A training batch of standard normal images, K visible and K infrared of each of `n_ids` identities (labels
+    label_offset + 0, 0, ..., 1, 1, ...); x_v is drawn before x_r from one generator seeded with `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_ids).repeat_interleave(K) + label_offset
+    return {"x_v": torch.randn(len(y), 3, h, w, generator=g, dtype=dtype),
+            "x_r": torch.randn(len(y), 3, h, w, generator=g, dtype=dtype), "y_v": y, "y_r": y.clone()}
+
+
+# ---- reid.py: in a subprocess (run_reid) or in this process (reid_smoke, reid_outcome), always with the test cache
+
+def run_reid(*args, timeout=600, cwd=None, preexec_fn=None):
+    """`python reid.py ARGS` in a subprocess: this repository's reid.py, run from the repository root (or from `cwd`,
+    for a test of the working directory), with `--cache-dir TEST_CACHE` unless ARGS name a cache directory, and a
+    timeout. Returns the CompletedProcess (text)."""
+    if "--cache-dir" not in args:
+        args = (*args, "--cache-dir", TEST_CACHE)
+    return subprocess.run([sys.executable, str(REID), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=str(cwd or HERE), preexec_fn=preexec_fn)
+
+
+def reid_smoke(method, out, *extra):
+    """One --smoke train + evaluate through reid.main in this process; returns results.json as a dict."""
+    reid.main(["--method", method, "--smoke", "--out", str(out), "--cache-dir", TEST_CACHE, "--overwrite",
+               *extra])
+    return json.loads((Path(out) / "results.json").read_text())
+
+
+def reid_outcome(argv):
+    """(exit status, message) of reid.main(argv) in this process, as the command line would give them: 0; 2 and
+    the UserError's text; or argparse's status and its stderr line. The test cache is added as by run_reid."""
+    if "--cache-dir" not in argv:
+        argv = [*argv, "--cache-dir", TEST_CACHE]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            reid.main(argv)
+        return 0, ""
+    except UserError as e:
+        return 2, str(e)
+    except SystemExit as e:
+        return e.code, err.getvalue()
+
+
+# ==== synthetic.py (TestSynthetic*) ====
+
+def digest(root):
     """sha1 over every file's relative path and bytes under root."""
-    h = _sy_hashlib.sha1()
-    for path in sorted(_sy_glob.glob(_sy_os.path.join(root, "**", "*"), recursive=True)):
-        if _sy_os.path.isfile(path):
-            h.update(_sy_os.path.relpath(path, root).encode())
+    h = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
+        if os.path.isfile(path):
+            h.update(os.path.relpath(path, root).encode())
             with open(path, "rb") as f:
                 h.update(f.read())
     return h.hexdigest()
@@ -41,31 +282,31 @@ def _sy_digest(root):
 class TestSyntheticSYSU(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.tmp = _sy_tempfile.mkdtemp()
-        cls.root = str(_sy.make_sysu(_sy_os.path.join(cls.tmp, "sysu"), num_ids=24, num_test=6, images_per_cam=3,
-                                     height=64, width=32, seed=0, log=_sy_quiet))
+        cls.tmp = tempfile.mkdtemp()
+        cls.root = str(synthetic.make_sysu(os.path.join(cls.tmp, "sysu"), num_ids=24, num_test=6, images_per_cam=3,
+                                           height=64, width=32, seed=0, log=quiet))
 
     @classmethod
     def tearDownClass(cls):
-        _sy_shutil.rmtree(cls.tmp)
+        shutil.rmtree(cls.tmp)
 
     def test_deterministic_in_seed(self):
-        tmp = _sy_tempfile.mkdtemp()
-        self.addCleanup(_sy_shutil.rmtree, tmp)
-        kw = dict(num_ids=6, num_test=2, images_per_cam=2, height=48, width=24, log=_sy_quiet)
-        a = _sy.make_sysu(_sy_os.path.join(tmp, "a"), seed=3, **kw)
-        b = _sy.make_sysu(_sy_os.path.join(tmp, "b"), seed=3, **kw)
-        c = _sy.make_sysu(_sy_os.path.join(tmp, "c"), seed=4, **kw)
-        self.assertEqual(_sy_digest(a), _sy_digest(b))
-        self.assertNotEqual(_sy_digest(a), _sy_digest(c))
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        kw = dict(num_ids=6, num_test=2, images_per_cam=2, height=48, width=24, log=quiet)
+        a = synthetic.make_sysu(os.path.join(tmp, "a"), seed=3, **kw)
+        b = synthetic.make_sysu(os.path.join(tmp, "b"), seed=3, **kw)
+        c = synthetic.make_sysu(os.path.join(tmp, "c"), seed=4, **kw)
+        self.assertEqual(digest(a), digest(b))
+        self.assertNotEqual(digest(a), digest(c))
 
     def test_layout_and_exp_files_as_the_real_dataset(self):
-        self.assertEqual(sorted(_sy_os.listdir(self.root)),
-                         ["cam1", "cam2", "cam3", "cam4", "cam5", "cam6", "exp", _sy.MARKER])
-        self.assertEqual(_sy_os.listdir(self.tmp), ["sysu"])          # no temporary left behind
+        self.assertEqual(sorted(os.listdir(self.root)),
+                         ["cam1", "cam2", "cam3", "cam4", "cam5", "cam6", "exp", synthetic.MARKER])
+        self.assertEqual(os.listdir(self.tmp), ["sysu"])              # no temporary left behind
         splits = {}
         for split in ("train", "val", "test"):
-            with open(_sy_os.path.join(self.root, "exp", f"{split}_id.txt")) as f:
+            with open(os.path.join(self.root, "exp", f"{split}_id.txt")) as f:
                 lines = f.read().splitlines()
             self.assertEqual(len(lines), 1)                          # one comma-separated line, like SYSU
             self.assertRegex(lines[0], r"^[1-9]\d*(,[1-9]\d*)*$")    # integers, no zero padding
@@ -77,38 +318,38 @@ class TestSyntheticSYSU(unittest.TestCase):
         self.assertNotEqual(ids, set(range(1, 25)))                  # non-contiguous, like SYSU's 1..533
         cams_of = {i: set() for i in ids}
         for cam in range(1, 7):
-            for folder in _sy_os.listdir(_sy_os.path.join(self.root, f"cam{cam}")):
+            for folder in os.listdir(os.path.join(self.root, f"cam{cam}")):
                 self.assertRegex(folder, r"^\d{4}$")
                 cams_of[int(folder)].add(cam)
-                names = sorted(_sy_os.listdir(_sy_os.path.join(self.root, f"cam{cam}", folder)))
+                names = sorted(os.listdir(os.path.join(self.root, f"cam{cam}", folder)))
                 self.assertEqual(names, [f"{n:04d}.jpg" for n in range(1, len(names) + 1)])
         for pid, cams in cams_of.items():
             self.assertTrue(cams & {1, 2, 4, 5} and cams & {3, 6}, (pid, cams))
             if pid in splits["test"]:
                 self.assertTrue(cams & {1, 2}, (pid, cams))          # indoor-search gallery exists
         self.assertLess(sum(map(len, cams_of.values())), 6 * 24)    # not every id in every camera
-        with open(_sy_os.path.join(self.root, _sy.MARKER)) as f:
-            marker = _sy_json.load(f)
+        with open(os.path.join(self.root, synthetic.MARKER)) as f:
+            marker = json.load(f)
         self.assertEqual(marker["kind"], "sysu")
         self.assertEqual(marker["params"]["num_ids"], 24)
         self.assertEqual(sum(marker["counts"].values()),
-                         len(_sy_glob.glob(_sy_os.path.join(self.root, "cam*", "*", "*.jpg"))))
+                         len(glob.glob(os.path.join(self.root, "cam*", "*", "*.jpg"))))
 
     def test_images_per_modality(self):
         sizes = set()
         for cam in range(1, 7):
-            for path in sorted(_sy_glob.glob(_sy_os.path.join(self.root, f"cam{cam}", "*", "*.jpg")))[:12]:
-                img = _sy_Image.open(path)
+            for path in sorted(glob.glob(os.path.join(self.root, f"cam{cam}", "*", "*.jpg")))[:12]:
+                img = Image.open(path)
                 sizes.add(img.size)
                 self.assertEqual(img.mode, "L" if cam == 6 else "RGB", path)
-                a = _sy_np.asarray(img.convert("RGB"), _sy_np.int16)
-                spread = _sy_np.abs(a - a.mean(axis=2, keepdims=True)).mean()
+                a = np.asarray(img.convert("RGB"), np.int16)
+                spread = np.abs(a - a.mean(axis=2, keepdims=True)).mean()
                 if cam in (3, 6):
                     self.assertLessEqual(spread, 1.0, path)          # one intensity in three channels
                 else:
                     self.assertGreater(spread, 3.0, path)            # colour
                 w, h = img.size
-                f = _sy.SYSU_CAMERAS[cam]["size"]
+                f = synthetic.SYSU_CAMERAS[cam]["size"]
                 self.assertTrue(abs(h - 64 * f) <= 0.06 * 64 * f + 1 and abs(w - 32 * f) <= 0.06 * 32 * f + 1,
                                 (path, h, w))                        # camera size factor, +-6 % jitter
         self.assertGreater(len(sizes), 6)                            # sizes vary: loaders must resize
@@ -117,27 +358,27 @@ class TestSyntheticSYSU(unittest.TestCase):
         """Raw pixels (16 x 32, central half, camera mean removed, L2-normalised): visible-to-visible
         retrieval across cameras is far better than infrared-to-visible or visible-to-infrared."""
         feats, pids, cams = [], [], []
-        for path in sorted(_sy_glob.glob(_sy_os.path.join(self.root, "cam*", "*", "*.jpg"))):
-            img = _sy_Image.open(path).convert("RGB").resize((16, 32), _sy_Image.BILINEAR)
-            feats.append(_sy_np.asarray(img, _sy_np.float64)[:, 4:12])
-            pids.append(int(path.split(_sy_os.sep)[-2]))
-            cams.append(int(path.split(_sy_os.sep)[-3][3:]))
-        F, P, C = _sy_np.stack(feats), _sy_np.array(pids), _sy_np.array(cams)
+        for path in sorted(glob.glob(os.path.join(self.root, "cam*", "*", "*.jpg"))):
+            img = Image.open(path).convert("RGB").resize((16, 32), Image.BILINEAR)
+            feats.append(np.asarray(img, np.float64)[:, 4:12])
+            pids.append(int(path.split(os.sep)[-2]))
+            cams.append(int(path.split(os.sep)[-3][3:]))
+        F, P, C = np.stack(feats), np.array(pids), np.array(cams)
         for cam in range(1, 7):
             F[C == cam] -= F[C == cam].mean(axis=0)
         F = F.reshape(len(F), -1)
         F -= F.mean(axis=1, keepdims=True)
-        F /= _sy_np.linalg.norm(F, axis=1, keepdims=True)
-        visible = _sy_np.isin(C, (1, 2, 4, 5))
+        F /= np.linalg.norm(F, axis=1, keepdims=True)
+        visible = np.isin(C, (1, 2, 4, 5))
 
         def rank1(q, g):
             """Top-1 accuracy of cosine ranking, gallery images of the query's camera excluded."""
-            q, g = _sy_np.flatnonzero(q), _sy_np.flatnonzero(g)
+            q, g = np.flatnonzero(q), np.flatnonzero(g)
             best = []
             for i in q:
                 sims = [(-1e9 if C[j] == C[i] else F[i] @ F[j], j) for j in g]
                 best.append(P[max(sims)[1]] == P[i])
-            return float(_sy_np.mean(best))
+            return float(np.mean(best))
 
         same = rank1(visible, visible)
         cross = max(rank1(~visible, visible), rank1(visible, ~visible))
@@ -149,15 +390,16 @@ class TestSyntheticMaterials(unittest.TestCase):
     def test_band_ratio_constant_within_material_and_differs_across(self):
         """RFM Eq. (4): within one material NIR / G is one constant (the shading cancels), and it is the
         material's nir / green reflectance; different materials have very different constants."""
-        world = _sy.World([1, 2, 3], seed=0, cameras={1: dict(_sy.SYSU_CAMERAS[1], place=1)}, height=64, width=32)
+        world = synthetic.World([1, 2, 3], seed=0, cameras={1: dict(synthetic.SYSU_CAMERAS[1], place=1)}, height=64,
+                                width=32)
         factors = {}
         for pid, view in ((1, "front"), (2, "side"), (3, "back")):
-            shot = _sy.Shot(view=view, facing=1, phase=0.7, scale=0.85, dx=0.0, foot=0.97, pan=0.4, tilt=0.5,
-                            exposure=1.0, gradient=0.2, size=(64, 32), detail=pid, occluded=True)
+            shot = synthetic.Shot(view=view, facing=1, phase=0.7, scale=0.85, dx=0.0, foot=0.97, pan=0.4, tilt=0.5,
+                                  exposure=1.0, gradient=0.2, size=(64, 32), detail=pid, occluded=True)
             cv = world.scene(pid, 1, shot)
-            vis = _sy.radiance(cv.label, cv.shade, world.mats.rgb)           # (128, 64, 3)
-            nir = _sy.radiance(cv.label, cv.shade, world.mats.nir)[..., 0]   # (128, 64)
-            for m in _sy_np.unique(cv.label):
+            vis = synthetic.radiance(cv.label, cv.shade, world.mats.rgb)     # (128, 64, 3)
+            nir = synthetic.radiance(cv.label, cv.shade, world.mats.nir)[..., 0]  # (128, 64)
+            for m in np.unique(cv.label):
                 mask = cv.label == m
                 if mask.sum() < 20:
                     continue
@@ -170,13 +412,13 @@ class TestSyntheticMaterials(unittest.TestCase):
         self.assertGreater(max(factors.values()) / min(factors.values()), 10.0)
 
     def test_colour_does_not_determine_infrared(self):
-        mats = _sy.make_materials(_sy_np.random.default_rng(0))
+        mats = synthetic.make_materials(np.random.default_rng(0))
         fabric = mats.groups["fabric"]
         rgb, nir = mats.rgb[fabric], mats.nir[fabric, 0]
-        same_colour = _sy_np.abs(rgb[:, None] - rgb[None]).max(axis=2) < 0.05 * (1 + rgb.max(axis=1)[:, None])
-        dnir = _sy_np.abs(nir[:, None] - nir[None])
+        same_colour = np.abs(rgb[:, None] - rgb[None]).max(axis=2) < 0.05 * (1 + rgb.max(axis=1)[:, None])
+        dnir = np.abs(nir[:, None] - nir[None])
         self.assertGreater((same_colour & (dnir > 0.3)).sum(), 0)   # same colour, different infrared
-        far_colour = _sy_np.abs(rgb[:, None] - rgb[None]).max(axis=2) > 0.3
+        far_colour = np.abs(rgb[:, None] - rgb[None]).max(axis=2) > 0.3
         self.assertGreater((far_colour & (dnir < 0.03)).sum(), 0)   # different colour, same infrared
         self.assertEqual(mats.rgb.shape, (len(mats.names), 3))
         self.assertEqual(mats.nir.shape, (len(mats.names), 1))
@@ -185,38 +427,38 @@ class TestSyntheticMaterials(unittest.TestCase):
 class TestSyntheticRegDB(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.tmp = _sy_tempfile.mkdtemp()
-        cls.root = str(_sy.make_regdb(_sy_os.path.join(cls.tmp, "regdb"), num_ids=8, images_per_id=3,
-                                      height=48, width=24, seed=0, log=_sy_quiet))
+        cls.tmp = tempfile.mkdtemp()
+        cls.root = str(synthetic.make_regdb(os.path.join(cls.tmp, "regdb"), num_ids=8, images_per_id=3,
+                                            height=48, width=24, seed=0, log=quiet))
 
     @classmethod
     def tearDownClass(cls):
-        _sy_shutil.rmtree(cls.tmp)
+        shutil.rmtree(cls.tmp)
 
     def test_layout_and_idx_files_as_the_real_dataset(self):
-        self.assertEqual(sorted(_sy_os.listdir(self.root)), ["Thermal", "Visible", "idx", _sy.MARKER])
-        self.assertEqual(sorted(_sy_os.listdir(_sy_os.path.join(self.root, "idx"))),
+        self.assertEqual(sorted(os.listdir(self.root)), ["Thermal", "Visible", "idx", synthetic.MARKER])
+        self.assertEqual(sorted(os.listdir(os.path.join(self.root, "idx"))),
                          sorted(f"{s}_{m}_{k}.txt" for s in ("train", "test") for m in ("visible", "thermal")
                                 for k in range(1, 11)))
         for pid in range(1, 9):
-            names = sorted(_sy_os.listdir(_sy_os.path.join(self.root, "Visible", str(pid))))
+            names = sorted(os.listdir(os.path.join(self.root, "Visible", str(pid))))
             self.assertEqual(len(names), 3)
             for name in names:
                 self.assertRegex(name, r"^(male|female)_(front|back)_v_\d{5}_[1-3]\.bmp$")
                 thermal = name.replace("_v_", "_t_")
-                v = _sy_Image.open(_sy_os.path.join(self.root, "Visible", str(pid), name))
-                t = _sy_Image.open(_sy_os.path.join(self.root, "Thermal", str(pid), thermal))
+                v = Image.open(os.path.join(self.root, "Visible", str(pid), name))
+                t = Image.open(os.path.join(self.root, "Thermal", str(pid), thermal))
                 self.assertEqual((v.mode, v.size, t.mode, t.size), ("RGB", (24, 48), "L", (24, 48)))
         splits = set()
         for k in range(1, 11):
             parsed = {}
             for split in ("train", "test"):
                 for mod, folder in (("visible", "Visible"), ("thermal", "Thermal")):
-                    with open(_sy_os.path.join(self.root, "idx", f"{split}_{mod}_{k}.txt")) as f:
+                    with open(os.path.join(self.root, "idx", f"{split}_{mod}_{k}.txt")) as f:
                         rows = [line.split(" ") for line in f.read().splitlines()]
                     for path, label in rows:
                         self.assertTrue(path.startswith(folder + "/"), path)
-                        self.assertTrue(_sy_os.path.isfile(_sy_os.path.join(self.root, path)), path)
+                        self.assertTrue(os.path.isfile(os.path.join(self.root, path)), path)
                     parsed[split, mod] = [(int(path.split("/")[1]), int(label)) for path, label in rows]
             for split in ("train", "test"):                           # same identities in both modalities
                 self.assertEqual(parsed[split, "visible"], parsed[split, "thermal"])
@@ -234,35 +476,35 @@ class TestSyntheticRegDB(unittest.TestCase):
 
     def test_thermal_and_visible_are_a_pair(self):
         """The dual camera sees one walk: the thermal silhouette overlaps the visible figure's place."""
-        v = _sy_np.asarray(_sy_Image.open(_sy_glob.glob(_sy_os.path.join(self.root, "Visible", "1", "*_1.bmp"))[0]))
-        t = _sy_np.asarray(_sy_Image.open(_sy_glob.glob(_sy_os.path.join(self.root, "Thermal", "1", "*_1.bmp"))[0]))
+        v = np.asarray(Image.open(glob.glob(os.path.join(self.root, "Visible", "1", "*_1.bmp"))[0]))
+        t = np.asarray(Image.open(glob.glob(os.path.join(self.root, "Thermal", "1", "*_1.bmp"))[0]))
         warm = t > t.mean() + 0.5 * t.std()                         # the person is warmer than the scene
-        cols = _sy_np.flatnonzero(warm.mean(axis=0) > 0.3)
+        cols = np.flatnonzero(warm.mean(axis=0) > 0.3)
         self.assertTrue(len(cols) > 0 and abs(cols.mean() - 12) < 5, cols)
         self.assertEqual(v.shape, (48, 24, 3))
 
 
 class TestSyntheticCache(unittest.TestCase):
     def setUp(self):
-        self.tmp = _sy_tempfile.mkdtemp()
-        self.addCleanup(_sy_shutil.rmtree, self.tmp)
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
 
     def test_ensure_world_reuses_a_complete_world(self):
         logs = []
         kw = dict(num_ids=5, num_test=2, images_per_cam=1, height=32, width=16)
-        a = _sy.ensure_world(self.tmp, "sysu", log=logs.append, **kw)
+        a = synthetic.ensure_world(self.tmp, "sysu", log=logs.append, **kw)
         built = len(logs)
         self.assertGreater(built, 0)
-        stamp = _sy_os.stat(_sy_os.path.join(a, _sy.MARKER)).st_mtime_ns
-        self.assertEqual(_sy.ensure_world(self.tmp, "sysu", log=logs.append, **kw), a)
+        stamp = os.stat(os.path.join(a, synthetic.MARKER)).st_mtime_ns
+        self.assertEqual(synthetic.ensure_world(self.tmp, "sysu", log=logs.append, **kw), a)
         self.assertEqual(len(logs), built)                           # nothing regenerated
-        self.assertEqual(_sy_os.stat(_sy_os.path.join(a, _sy.MARKER)).st_mtime_ns, stamp)
-        b = _sy.ensure_world(self.tmp, "sysu", log=_sy_quiet, seed=1, **kw)
-        c = _sy.ensure_world(self.tmp, "regdb", log=_sy_quiet, num_ids=2, images_per_id=1, height=32, width=16)
+        self.assertEqual(os.stat(os.path.join(a, synthetic.MARKER)).st_mtime_ns, stamp)
+        b = synthetic.ensure_world(self.tmp, "sysu", log=quiet, seed=1, **kw)
+        c = synthetic.ensure_world(self.tmp, "regdb", log=quiet, num_ids=2, images_per_id=1, height=32, width=16)
         self.assertEqual(len({a, b, c}), 3)
-        self.assertEqual(sorted(_sy_os.listdir(self.tmp)), sorted(p.name for p in (a, b, c)))
-        with open(_sy_os.path.join(a, _sy.MARKER)) as f:
-            self.assertEqual(_sy_json.load(f)["params"], dict(kw, seed=0))
+        self.assertEqual(sorted(os.listdir(self.tmp)), sorted(p.name for p in (a, b, c)))
+        with open(os.path.join(a, synthetic.MARKER)) as f:
+            self.assertEqual(json.load(f)["params"], dict(kw, seed=0))
 
     def test_interrupted_build_leaves_nothing(self):
         calls = []
@@ -273,159 +515,69 @@ class TestSyntheticCache(unittest.TestCase):
                 raise KeyboardInterrupt
 
         with self.assertRaises(KeyboardInterrupt):
-            _sy.ensure_world(self.tmp, "sysu", log=log, num_ids=8, num_test=2, images_per_cam=1, height=32, width=16)
-        self.assertEqual(_sy_os.listdir(self.tmp), [])
+            synthetic.ensure_world(self.tmp, "sysu", log=log, num_ids=8, num_test=2, images_per_cam=1, height=32,
+                                   width=16)
+        self.assertEqual(os.listdir(self.tmp), [])
 
     def test_bad_parameters_raise_user_errors(self):
-        with self.assertRaisesRegex(_sy_UserError, "market"):
-            _sy.ensure_world(self.tmp, "market")
-        with self.assertRaisesRegex(_sy_UserError, "num_idz"):
-            _sy.ensure_world(self.tmp, "sysu", num_idz=3)
-        with self.assertRaisesRegex(_sy_UserError, "num_test"):
-            _sy.make_sysu(_sy_os.path.join(self.tmp, "w"), num_ids=3, num_test=2)
-        with self.assertRaisesRegex(_sy_UserError, "height"):
-            _sy.make_regdb(_sy_os.path.join(self.tmp, "w"), height=8)
-        with self.assertRaisesRegex(_sy_UserError, "already exists"):
-            _sy.make_sysu(self.tmp)
+        with self.assertRaisesRegex(UserError, "market"):
+            synthetic.ensure_world(self.tmp, "market")
+        with self.assertRaisesRegex(UserError, "num_idz"):
+            synthetic.ensure_world(self.tmp, "sysu", num_idz=3)
+        with self.assertRaisesRegex(UserError, "num_test"):
+            synthetic.make_sysu(os.path.join(self.tmp, "w"), num_ids=3, num_test=2)
+        with self.assertRaisesRegex(UserError, "height"):
+            synthetic.make_regdb(os.path.join(self.tmp, "w"), height=8)
+        with self.assertRaisesRegex(UserError, "already exists"):
+            synthetic.make_sysu(self.tmp)
 
 
-# ---- end synthetic.py ----
+# ==== data.py (TestData*) ====
 
-import os as _dt_os
-import random as _dt_random
-import shutil as _dt_shutil
-import tempfile as _dt_tempfile
-
-import numpy as _dt_np
-import torch as _dt_torch
-from PIL import Image as _dt_Image
-
-import data as _dt_data
-from methods.common import UserError as _dt_UserError
-
-_DT_H, _DT_W = 16, 8
-# SYSU hand-made tree: {id: {cam: number of images}}; cameras not listed have no directory at all
-_DT_SYSU_TRAIN = {1: {1: 3, 2: 2, 3: 2, 4: 1, 6: 1}, 2: {1: 2, 3: 1}, 5: {2: 2, 4: 1, 6: 2}}
-_DT_SYSU_VAL = {7: {1: 1, 5: 2, 3: 3}}
-_DT_SYSU_TEST = {12: {1: 12, 2: 3, 3: 2, 5: 11, 6: 1}, 345: {1: 2, 4: 5, 5: 1, 6: 3},
-                 9876: {1: 1, 2: 10, 4: 9, 3: 2}}
+def decode(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB").resize((TREE_W, TREE_H), Image.BILINEAR))
 
 
-def _dt_write_image(path, rng, gray=None):
-    """A random image of odd size; grayscale ('L') for about a third of the files unless `gray` says."""
-    h, w = int(rng.integers(19, 41)), int(rng.integers(9, 31))
-    gray = rng.random() < 0.33 if gray is None else gray
-    arr = rng.integers(0, 256, (h, w) if gray else (h, w, 3), dtype=_dt_np.uint8)
-    _dt_os.makedirs(_dt_os.path.dirname(path), exist_ok=True)
-    _dt_Image.fromarray(arr).save(path)
-
-
-def _dt_make_sysu(root, seed=0):
-    rng = _dt_np.random.default_rng(seed)
-    for cam in range(1, 7):
-        _dt_os.makedirs(_dt_os.path.join(root, f"cam{cam}"), exist_ok=True)
-    for spec in (_DT_SYSU_TRAIN, _DT_SYSU_VAL, _DT_SYSU_TEST):
-        for pid, cams in spec.items():
-            for cam, n in cams.items():
-                for k in range(n):
-                    _dt_write_image(_dt_os.path.join(root, f"cam{cam}", f"{pid:04d}", f"{k + 1:04d}.jpg"), rng)
-    _dt_os.makedirs(_dt_os.path.join(root, "exp"), exist_ok=True)
-    for name, spec in (("train_id.txt", _DT_SYSU_TRAIN), ("val_id.txt", _DT_SYSU_VAL), ("test_id.txt", _DT_SYSU_TEST)):
-        with open(_dt_os.path.join(root, "exp", name), "w") as f:
-            f.write(",".join(str(i) for i in reversed(list(spec))) + "\n")   # unsorted on purpose
-
-
-# RegDB hand-made tree: per trial {split: [(id dir, label), ...]}; labels non-contiguous, listed unsorted
-_DT_REGDB = {1: {"train": [(1, 40), (2, 3), (3, 17)], "test": [(4, 205), (5, 411), (6, 300)]},
-             2: {"train": [(4, 8), (5, 1), (6, 90)], "test": [(1, 1000), (2, 2000), (3, 3000)]}}
-
-
-def _dt_make_regdb(root, seed=0):
-    rng = _dt_np.random.default_rng(seed)
-    for d, m, gray in (("Visible", "v", False), ("Thermal", "t", True)):
-        for pid in range(1, 7):
-            for k in range(3):
-                _dt_write_image(_dt_os.path.join(root, d, str(pid), f"male_front_{m}_{pid:05d}_{k + 1}.bmp"), rng, gray)
-    _dt_os.makedirs(_dt_os.path.join(root, "idx"))
-    for trial, splits in _DT_REGDB.items():
-        for split, pairs in splits.items():
-            for name, d, m in (("visible", "Visible", "v"), ("thermal", "Thermal", "t")):
-                with open(_dt_os.path.join(root, "idx", f"{split}_{name}_{trial}.txt"), "w") as f:
-                    for pid, label in pairs:
-                        for k in range(3):
-                            f.write(f"{d}/{pid}/male_front_{m}_{pid:05d}_{k + 1}.bmp {label}\n")
-
-
-def _dt_decode(path):
-    with _dt_Image.open(path) as im:
-        return _dt_np.asarray(im.convert("RGB").resize((_DT_W, _DT_H), _dt_Image.BILINEAR))
-
-
-def _dt_community_gallery(root, mode, shot, trial):
+def community_gallery(root, mode, shot, trial):
     """Direct re-statement of the community data manager (global `random`, seeded per call)."""
-    _dt_random.seed(trial)
+    random.seed(trial)
     rgb_cameras = ["cam1", "cam2", "cam4", "cam5"] if mode == "all" else ["cam1", "cam2"]
-    with open(_dt_os.path.join(root, "exp/test_id.txt")) as f:
+    with open(os.path.join(root, "exp/test_id.txt")) as f:
         ids = ["%04d" % int(y) for y in f.read().splitlines()[0].split(",")]
     files = []
     for pid in sorted(ids):
         for cam in rgb_cameras:
-            img_dir = _dt_os.path.join(root, cam, pid)
-            if _dt_os.path.isdir(img_dir):
-                new_files = sorted([img_dir + "/" + i for i in _dt_os.listdir(img_dir)])
+            img_dir = os.path.join(root, cam, pid)
+            if os.path.isdir(img_dir):
+                new_files = sorted([img_dir + "/" + i for i in os.listdir(img_dir)])
                 if shot == "single":
-                    files.append(_dt_random.choice(new_files))
+                    files.append(random.choice(new_files))
                 else:
-                    files.extend(_dt_random.sample(new_files, min(10, len(new_files))))
+                    files.extend(random.sample(new_files, min(10, len(new_files))))
     return files
 
 
-class _DTTree(unittest.TestCase):
-    """Builds the hand-made SYSU and RegDB trees once per class in a temporary directory."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls._tmp = _dt_tempfile.TemporaryDirectory()
-        cls.tmp = cls._tmp.name
-        cls.sysu = _dt_os.path.join(cls.tmp, "SYSU-MM01")
-        cls.regdb = _dt_os.path.join(cls.tmp, "RegDB")
-        _dt_make_sysu(cls.sysu)
-        _dt_make_regdb(cls.regdb)
-        cls.cache = _dt_os.path.join(cls.tmp, "cache")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls._tmp.cleanup()
-
-    def copy(self, src, name):
-        dst = _dt_os.path.join(self.tmp, name)
-        _dt_shutil.copytree(src, dst)
-        return dst
-
-    def load_sysu(self, root=None, log=None, **kw):
-        return _dt_data.load_sysu(root or self.sysu, _DT_H, _DT_W, self.cache, log=log or (lambda m: None), **kw)
-
-
-class TestDataSYSU(_DTTree):
+class TestDataSYSU(HandMadeTrees):
     def test_train_set(self):
         train, _ = self.load_sysu()
-        ids = sorted(list(_DT_SYSU_TRAIN) + list(_DT_SYSU_VAL))          # 1, 2, 5, 7 -> 0..3
+        ids = sorted(list(SYSU_TRAIN) + list(SYSU_VAL))                  # 1, 2, 5, 7 -> 0..3
         self.assertEqual(train.num_classes, 4)
         for s, cams in ((train.v, (1, 2, 4, 5)), (train.r, (3, 6))):
-            expect = [(_dt_os.path.join(self.sysu, f"cam{c}", f"{pid:04d}", f"{k + 1:04d}.jpg"), label, c)
+            expect = [(os.path.join(self.sysu, f"cam{c}", f"{pid:04d}", f"{k + 1:04d}.jpg"), label, c)
                       for label, pid in enumerate(ids) for c in cams
-                      for k in range({**_DT_SYSU_TRAIN, **_DT_SYSU_VAL}[pid].get(c, 0))]
+                      for k in range({**SYSU_TRAIN, **SYSU_VAL}[pid].get(c, 0))]
             self.assertEqual(s.files, [e[0] for e in expect])
             self.assertEqual(s.labels.tolist(), [e[1] for e in expect])
             self.assertEqual(s.cams.tolist(), [e[2] for e in expect])
-            self.assertEqual(s.labels.dtype, _dt_np.int64)
-            self.assertEqual(s.images.shape, (len(expect), _DT_H, _DT_W, 3))
-            self.assertEqual(s.images.dtype, _dt_np.uint8)
+            self.assertEqual(s.labels.dtype, np.int64)
+            self.assertEqual(s.images.shape, (len(expect), TREE_H, TREE_W, 3))
+            self.assertEqual(s.images.dtype, np.uint8)
         gray = 0
         for s in (train.v, train.r):
             for f, img in zip(s.files, s.images):
-                _dt_np.testing.assert_array_equal(img, _dt_decode(f))
-                with _dt_Image.open(f) as im:
+                np.testing.assert_array_equal(img, decode(f))
+                with Image.open(f) as im:
                     if im.mode == "L":
                         gray += 1
                         self.assertTrue((img == img[..., :1]).all())
@@ -433,13 +585,13 @@ class TestDataSYSU(_DTTree):
 
     def test_test_pools_and_queries(self):
         _, test = self.load_sysu()
-        ids = sorted(_DT_SYSU_TEST)
-        q = [(_dt_os.path.join(self.sysu, f"cam{c}", f"{pid:04d}", f"{k + 1:04d}.jpg"), pid, c)
-             for pid in ids for c in (3, 6) for k in range(_DT_SYSU_TEST[pid].get(c, 0))]
+        ids = sorted(SYSU_TEST)
+        q = [(os.path.join(self.sysu, f"cam{c}", f"{pid:04d}", f"{k + 1:04d}.jpg"), pid, c)
+             for pid in ids for c in (3, 6) for k in range(SYSU_TEST[pid].get(c, 0))]
         self.assertEqual(test.pools["r"].files, [e[0] for e in q])
         self.assertEqual(test.pools["r"].labels.tolist(), [e[1] for e in q])   # original (large) ids
         self.assertEqual(test.pools["r"].cams.tolist(), [e[2] for e in q])
-        nv = sum(n for pid in ids for c, n in _DT_SYSU_TEST[pid].items() if c in (1, 2, 4, 5))
+        nv = sum(n for pid in ids for c, n in SYSU_TEST[pid].items() if c in (1, 2, 4, 5))
         self.assertEqual(len(test.pools["v"]), nv)
         self.assertEqual(set(test.pools["v"].labels.tolist()), {12, 345, 9876})
         self.assertEqual([p.name for p in test.protocols], ["all-single", "all-multi", "indoor-single", "indoor-multi"])
@@ -452,21 +604,21 @@ class TestDataSYSU(_DTTree):
         after `random.seed(trial)` for both shots (IDLNL/MCE data_manager.py: the same with 10); that code raises
         on a camera with fewer than `shot` images, where the project takes them all (data.py's deviation)."""
         def cmnas_gallery(mode, shot, trial):
-            _dt_random.seed(trial)
+            random.seed(trial)
             cams = {"all": ["cam1", "cam2", "cam4", "cam5"], "indoor": ["cam1", "cam2"]}[mode]
-            with open(_dt_os.path.join(self.sysu, "exp", "test_id.txt")) as fh:
+            with open(os.path.join(self.sysu, "exp", "test_id.txt")) as fh:
                 ids = ["%04d" % int(x) for x in fh.read().splitlines()[0].split(",")]
             paths = []
             for pid in sorted(ids):
                 for cam in cams:
-                    d = _dt_os.path.join(self.sysu, cam, pid)
-                    if _dt_os.path.isdir(d):
-                        names = sorted(d + "/" + n for n in _dt_os.listdir(d))
-                        paths += _dt_random.sample(names, min(shot, len(names)))
+                    d = os.path.join(self.sysu, cam, pid)
+                    if os.path.isdir(d):
+                        names = sorted(d + "/" + n for n in os.listdir(d))
+                        paths += random.sample(names, min(shot, len(names)))
             return paths
 
         _, test = self.load_sysu()
-        state = _dt_random.getstate()
+        state = random.getstate()
         try:
             for p in test.protocols:
                 mode, shot = p.name.split("-")
@@ -476,7 +628,7 @@ class TestDataSYSU(_DTTree):
                     got = [test.pools["v"].files[i] for i in gi]
                     self.assertEqual(got, cmnas_gallery(mode, {"single": 1, "multi": 10}[shot], t), (p.name, t))
                     if shot == "single":
-                        self.assertEqual(got, _dt_community_gallery(self.sysu, mode, shot, t), (p.name, t))
+                        self.assertEqual(got, community_gallery(self.sysu, mode, shot, t), (p.name, t))
                     galleries.add(tuple(got))
                     cams = test.pools["v"].cams[gi]
                     self.assertTrue(set(cams.tolist()) <= ({1, 2, 4, 5} if mode == "all" else {1, 2}))
@@ -486,7 +638,7 @@ class TestDataSYSU(_DTTree):
             multi = test.protocols[1].trials[0][1]
             self.assertEqual(len(multi), 10 + 3 + 10 + 2 + 5 + 1 + 1 + 10 + 9)
         finally:
-            _dt_random.setstate(state)
+            random.setstate(state)
 
     def test_published_statistics_warning(self):
         logs = []
@@ -501,22 +653,22 @@ class TestDataSYSU(_DTTree):
         self.assertTrue(any("train ids 4" in m for m in logs))
 
 
-class TestDataRegDB(_DTTree):
+class TestDataRegDB(HandMadeTrees):
     def load(self, trial, root=None):
-        return _dt_data.load_regdb(root or self.regdb, trial, _DT_H, _DT_W, self.cache, log=lambda m: None)
+        return data.load_regdb(root or self.regdb, trial, TREE_H, TREE_W, self.cache, log=lambda m: None)
 
     def test_trials_relabel_and_test_labels(self):
-        for trial, splits in _DT_REGDB.items():
+        for trial, splits in REGDB_TRIALS.items():
             train, test = self.load(trial)
             order = sorted(label for _, label in splits["train"])
             for s, d, m, cam in ((train.v, "Visible", "v", 1), (train.r, "Thermal", "t", 2)):
-                expect = [(_dt_os.path.join(self.regdb, d, str(pid), f"male_front_{m}_{pid:05d}_{k + 1}.bmp"),
+                expect = [(os.path.join(self.regdb, d, str(pid), f"male_front_{m}_{pid:05d}_{k + 1}.bmp"),
                            order.index(label)) for pid, label in splits["train"] for k in range(3)]
                 self.assertEqual(s.files, [e[0] for e in expect])
                 self.assertEqual(s.labels.tolist(), [e[1] for e in expect])
                 self.assertEqual(s.cams.tolist(), [cam] * len(expect))
                 for f, img in zip(s.files, s.images):
-                    _dt_np.testing.assert_array_equal(img, _dt_decode(f))
+                    np.testing.assert_array_equal(img, decode(f))
             self.assertEqual(train.num_classes, 3)
             for key, cam in (("v", 1), ("r", 2)):
                 self.assertEqual(test.pools[key].labels.tolist(), [lab for _, lab in splits["test"] for _ in range(3)])
@@ -533,25 +685,25 @@ class TestDataRegDB(_DTTree):
     def test_trials_share_one_cache(self):
         self.load(1)
         self.load(2)
-        names = [n for n in _dt_os.listdir(self.cache) if n.startswith("regdb-")]
+        names = [n for n in os.listdir(self.cache) if n.startswith("regdb-")]
         self.assertEqual(len(names), 2)    # one per modality
 
 
 class TestDataSampler(unittest.TestCase):
     # ids 0..5: visible counts 5,1,4,6,3,0; infrared counts 2,4,0,5,4,3 -> ids with both: 0, 1, 3, 4
-    lv = _dt_np.repeat(_dt_np.arange(6), [5, 1, 4, 6, 3, 0])
-    lr = _dt_np.repeat(_dt_np.arange(6), [2, 4, 0, 5, 4, 3])
+    lv = np.repeat(np.arange(6), [5, 1, 4, 6, 3, 0])
+    lr = np.repeat(np.arange(6), [2, 4, 0, 5, 4, 3])
 
     def test_layout_and_length(self):
         P, K = 2, 3
-        s = _dt_data.CrossModalitySampler(self.lv, self.lr, P, K, seed=1)
+        s = data.CrossModalitySampler(self.lv, self.lr, P, K, seed=1)
         self.assertEqual(len(s), 19 // 6)
         seen = set()
         for e in range(20):
             batches = s.epoch(e)
             self.assertEqual(len(batches), 3)
             for iv, ir in batches:
-                self.assertEqual((iv.shape, ir.shape, iv.dtype), ((P * K,), (P * K,), _dt_np.int64))
+                self.assertEqual((iv.shape, ir.shape, iv.dtype), ((P * K,), (P * K,), np.int64))
                 yv, yr = self.lv[iv].reshape(P, K), self.lr[ir].reshape(P, K)
                 self.assertTrue((yv == yv[:, :1]).all() and (yr == yr[:, :1]).all())
                 self.assertEqual(yv[:, 0].tolist(), yr[:, 0].tolist())        # same identity order
@@ -563,11 +715,11 @@ class TestDataSampler(unittest.TestCase):
                             self.assertEqual(len(set(row.tolist())), K)        # no replacement when enough
                 seen |= set(yv[:, 0].tolist())
         self.assertEqual(seen, {0, 1, 3, 4})
-        self.assertEqual(len(_dt_data.CrossModalitySampler(self.lv, self.lr, 2, 4, 0)), 19 // 8)
+        self.assertEqual(len(data.CrossModalitySampler(self.lv, self.lr, 2, 4, 0)), 19 // 8)
 
     def test_deterministic_and_resumable(self):
-        a = _dt_data.CrossModalitySampler(self.lv, self.lr, 2, 2, seed=5)
-        b = _dt_data.CrossModalitySampler(self.lv, self.lr, 2, 2, seed=6)
+        a = data.CrossModalitySampler(self.lv, self.lr, 2, 2, seed=5)
+        b = data.CrossModalitySampler(self.lv, self.lr, 2, 2, seed=6)
 
         def same(x, y):
             return all((p == q).all() and (r == t).all() for (p, r), (q, t) in zip(x, y))
@@ -578,77 +730,67 @@ class TestDataSampler(unittest.TestCase):
         self.assertTrue(same(a.epoch(3), b.epoch(3)))
 
 
-def _dt_extra(batch, g):
+def extra_hook(batch, g):
     """An `extra` hook like MCE's: adds an auxiliary image from a random channel of x_v."""
-    c = _dt_torch.randint(0, 3, (1,), generator=g).item()
+    c = torch.randint(0, 3, (1,), generator=g).item()
     batch["x_a"] = batch["x_v"][:, c:c + 1].expand(-1, 3, -1, -1).clone()
     return batch
 
 
-def _dt_trainset(n_ids=4, per=3, h=12, w=6, seed=0):
-    rng = _dt_np.random.default_rng(seed)
-    labels = _dt_np.repeat(_dt_np.arange(n_ids), per)
-
-    def s(cam):
-        return _dt_data.ImageSet([f"{cam}-{i}" for i in range(len(labels))], labels.copy(),
-                                 _dt_np.full(len(labels), cam), rng.integers(0, 256, (len(labels), h, w, 3), dtype=_dt_np.uint8))
-    return _dt_data.TrainSet(s(1), s(3), n_ids)
-
-
-_DT_MEAN = _dt_torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-_DT_STD = _dt_torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 class TestDataLoader(unittest.TestCase):
     def test_workers_do_not_change_batches(self):
-        ts = _dt_trainset()
-        aug = _dt_data.Augment(12, 6, pad=2, extra=_dt_extra)
+        ts = tiny_trainset(h=12, w=6)
+        aug = data.Augment(12, 6, pad=2, extra=extra_hook)
         runs = []
         for workers in (0, 2):
-            loader = _dt_data.train_loader(ts, 2, 2, seed=3, augment=aug, workers=workers)
+            loader = data.train_loader(ts, 2, 2, seed=3, augment=aug, workers=workers)
             self.assertEqual(len(loader), 12 // 4)
             runs.append([b for e in (0, 1) for b in loader.epoch(e)])
         self.assertEqual(len(runs[0]), 6)
         for b0, b2 in zip(*runs):
             self.assertEqual(sorted(b0), ["x_a", "x_r", "x_v", "y_r", "y_v"])
             for k in b0:
-                self.assertTrue(_dt_torch.equal(b0[k], b2[k]), k)
+                self.assertTrue(torch.equal(b0[k], b2[k]), k)
             self.assertEqual(b0["x_v"].shape, (4, 3, 12, 6))
-            self.assertEqual(b0["y_v"].dtype, _dt_torch.int64)
+            self.assertEqual(b0["y_v"].dtype, torch.int64)
             self.assertEqual(b0["y_v"].tolist(), b0["y_r"].tolist())
-        self.assertFalse(_dt_torch.equal(runs[0][0]["x_v"], runs[0][3]["x_v"]))   # epochs differ
-        state = _dt_data.train_loader(ts, 2, 2, seed=3, augment=aug).state_dict()
-        other = _dt_data.train_loader(ts, 2, 2, seed=9, augment=aug)
+        self.assertFalse(torch.equal(runs[0][0]["x_v"], runs[0][3]["x_v"]))       # epochs differ
+        state = data.train_loader(ts, 2, 2, seed=3, augment=aug).state_dict()
+        other = data.train_loader(ts, 2, 2, seed=9, augment=aug)
         other.load_state_dict(state)
-        self.assertTrue(_dt_torch.equal(next(other.epoch(1))["x_r"], runs[0][3]["x_r"]))
+        self.assertTrue(torch.equal(next(other.epoch(1))["x_r"], runs[0][3]["x_r"]))
 
     def test_batch_is_labelled_crop_of_sampled_images(self):
-        ts = _dt_trainset(h=10, w=5)
-        loader = _dt_data.train_loader(ts, 2, 2, seed=0, augment=_dt_data.Augment(10, 5, pad=3, erasing=0))
+        ts = tiny_trainset(h=10, w=5)
+        loader = data.train_loader(ts, 2, 2, seed=0, augment=data.Augment(10, 5, pad=3, erasing=0))
         batches = loader.sampler.epoch(0)
         flips = set()
         for (iv, ir), b in zip(batches, loader.epoch(0)):
             for key, idx, s in (("x_v", iv, ts.v), ("x_r", ir, ts.r)):
                 self.assertEqual(b["y" + key[1:]].tolist(), s.labels[idx].tolist())
-                out = ((b[key] * _DT_STD + _DT_MEAN) * 255).round().to(_dt_torch.uint8).permute(0, 2, 3, 1).numpy()
+                out = ((b[key] * STD + MEAN) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
                 for img, src in zip(out, s.images[idx]):
-                    padded = _dt_np.pad(src, ((3, 3), (3, 3), (0, 0)))
+                    padded = np.pad(src, ((3, 3), (3, 3), (0, 0)))
                     found = [(y, x, f) for y in range(7) for x in range(7) for f in (0, 1)
-                             if (_dt_np.flip(padded[y:y + 10, x:x + 5], 1) if f else padded[y:y + 10, x:x + 5]).tolist()
+                             if (np.flip(padded[y:y + 10, x:x + 5], 1) if f else padded[y:y + 10, x:x + 5]).tolist()
                              == img.tolist()]
                     self.assertTrue(found)
                     flips |= {f for _, _, f in found}
         self.assertEqual(flips, {0, 1})
 
     def test_random_erasing_rectangles(self):
-        aug = _dt_data.Augment(40, 20, pad=0, flip=False, erasing=1.0)
-        x = _dt_torch.full((16, 40, 20, 3), 200, dtype=_dt_torch.uint8)
-        g = _dt_torch.Generator().manual_seed(0)
-        out = aug({"x_v": x, "y_v": _dt_torch.zeros(16, dtype=_dt_torch.int64)}, g)["x_v"]
-        value = (200 / 255 - _DT_MEAN) / _DT_STD
+        aug = data.Augment(40, 20, pad=0, flip=False, erasing=1.0)
+        x = torch.full((16, 40, 20, 3), 200, dtype=torch.uint8)
+        g = torch.Generator().manual_seed(0)
+        out = aug({"x_v": x, "y_v": torch.zeros(16, dtype=torch.int64)}, g)["x_v"]
+        value = (200 / 255 - MEAN) / STD
         for img in out:
             zero = (img == 0).all(0)
-            kept = _dt_torch.isclose(img, value.view(3, 1, 1).expand_as(img)).all(0)
+            kept = torch.isclose(img, value.view(3, 1, 1).expand_as(img)).all(0)
             self.assertTrue((zero | kept).all())
             rows, cols = zero.any(1).nonzero()[:, 0], zero.any(0).nonzero()[:, 0]
             self.assertEqual(int(zero.sum()), len(rows) * len(cols))   # one filled rectangle
@@ -656,14 +798,14 @@ class TestDataLoader(unittest.TestCase):
             self.assertTrue(0.015 <= zero.float().mean().item() <= 0.45)
 
     def test_test_batches(self):
-        images = _dt_np.random.default_rng(0).integers(0, 256, (5, 4, 3, 3), dtype=_dt_np.uint8)
-        got = list(_dt_data.test_batches(images, 2))
+        images = np.random.default_rng(0).integers(0, 256, (5, 4, 3, 3), dtype=np.uint8)
+        got = list(data.test_batches(images, 2))
         self.assertEqual([b.shape[0] for b in got], [2, 2, 1])
-        expect = (_dt_torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - _DT_MEAN) / _DT_STD
-        self.assertTrue(_dt_torch.allclose(_dt_torch.cat(got), expect, atol=1e-6))
+        expect = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - MEAN) / STD
+        self.assertTrue(torch.allclose(torch.cat(got), expect, atol=1e-6))
 
     def test_splits(self):
-        ts = _dt_trainset(n_ids=5, per=5)
+        ts = tiny_trainset(ids=5, per_v=5, per_r=5, h=12, w=6)
         a, b = ts.split_ids(0.8, seed=0)
         self.assertEqual((a.num_classes, b.num_classes), (5, 5))
         ids_a, ids_b = set(a.v.labels.tolist()), set(b.v.labels.tolist())
@@ -676,106 +818,107 @@ class TestDataLoader(unittest.TestCase):
         for part in (a, b):
             for s, full in ((part.v, ts.v), (part.r, ts.r)):
                 src = [full.files.index(f) for f in s.files]
-                _dt_np.testing.assert_array_equal(s.images, full.images[src])
-                _dt_np.testing.assert_array_equal(s.labels, full.labels[src])
+                np.testing.assert_array_equal(s.images, full.images[src])
+                np.testing.assert_array_equal(s.labels, full.labels[src])
 
 
-class TestDataCache(_DTTree):
+class TestDataCache(HandMadeTrees):
     def test_rebuilt_only_when_files_or_size_change(self):
         root = self.copy(self.sysu, "sysu-cache")
-        cache = _dt_os.path.join(self.tmp, "cache-test")
+        cache = os.path.join(self.tmp, "cache-test")
 
-        def load(h=_DT_H, w=_DT_W):
+        def load(h=TREE_H, w=TREE_W):
             logs = []
-            train, test = _dt_data.load_sysu(root, h, w, cache, log=logs.append, expect_published=False)
+            train, test = data.load_sysu(root, h, w, cache, log=logs.append, expect_published=False)
             return train, test, [m for m in logs if m.startswith("caching")]
         _, _, built = load()
         self.assertEqual(len(built), 4)
         train, _, built = load()
         self.assertEqual(built, [])
-        self.assertIsInstance(train.v.images, _dt_np.memmap)
+        self.assertIsInstance(train.v.images, np.memmap)
         f = train.v.files[2]
-        st = _dt_os.stat(f)
-        _dt_os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))        # touch: same content, no rebuild
+        st = os.stat(f)
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))            # touch: same content, no rebuild
         _, _, built = load()
         self.assertEqual(built, [])
-        _dt_Image.new("RGB", (13, 29), (255, 0, 0)).save(f)                 # new content
+        Image.new("RGB", (13, 29), (255, 0, 0)).save(f)                     # new content
         train, _, built = load()
         self.assertEqual(len(built), 1)
         self.assertIn("train-v", built[0])
-        _dt_np.testing.assert_array_equal(train.v.images[2], _dt_decode(f))
+        np.testing.assert_array_equal(train.v.images[2], decode(f))
         self.assertTrue((train.v.images[2, ..., 0] > 250).all() and (train.v.images[2, ..., 1:] < 5).all())
-        self.assertEqual(len(_dt_os.listdir(cache)), 4)                     # stale files removed
+        self.assertEqual(len(os.listdir(cache)), 4)                         # stale files removed
         train, _, built = load(h=20, w=10)
         self.assertEqual(len(built), 4)
         self.assertEqual(train.v.images.shape[1:], (20, 10, 3))
-        self.assertFalse([n for n in _dt_os.listdir(cache) if ".tmp" in n])
+        self.assertFalse([n for n in os.listdir(cache) if ".tmp" in n])
 
     def test_edit_with_size_and_mtime_restored_is_redecoded(self):
         """D16: thermal .bmp pixels changed in place, size and mtime put back: the content key sees it."""
         root = self.copy(self.regdb, "regdb-d16")
-        cache = _dt_os.path.join(self.tmp, "cache-d16")
+        cache = os.path.join(self.tmp, "cache-d16")
 
         def load():
             logs = []
-            train, _ = _dt_data.load_regdb(root, 1, _DT_H, _DT_W, cache, log=logs.append)
+            train, _ = data.load_regdb(root, 1, TREE_H, TREE_W, cache, log=logs.append)
             return train, [m for m in logs if m.startswith("caching")]
         train, built = load()
         self.assertEqual(len(built), 2)
         f = train.r.files[4]
-        before, st = train.r.images[4].copy(), _dt_os.stat(f)
+        before, st = train.r.images[4].copy(), os.stat(f)
         with open(f, "rb") as fh:
             raw = bytearray(fh.read())
         mid = (int.from_bytes(raw[10:14], "little") + len(raw)) // 2   # middle of the pixel array (BMP bfOffBits)
         raw[mid:mid + 40] = bytes(255 - b for b in raw[mid:mid + 40])
         with open(f, "wb") as fh:
             fh.write(raw)
-        _dt_os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-        self.assertEqual((_dt_os.stat(f).st_size, _dt_os.stat(f).st_mtime_ns), (st.st_size, st.st_mtime_ns))
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+        self.assertEqual((os.stat(f).st_size, os.stat(f).st_mtime_ns), (st.st_size, st.st_mtime_ns))
         train, built = load()
         self.assertEqual(len(built), 1)
         self.assertIn("-r-", built[0])
-        _dt_np.testing.assert_array_equal(train.r.images[4], _dt_decode(f))
+        np.testing.assert_array_equal(train.r.images[4], decode(f))
         self.assertFalse((train.r.images[4] == before).all())
         self.assertEqual(load()[1], [])                       # and then cached again
 
     def test_decode_pool_matches_in_process(self):
-        from unittest import mock
         files = self.load_sysu()[0].v.files
-        with mock.patch.object(_dt_data, "POOL_MIN_IMAGES", 1):
-            images = _dt_data.cached_images(files, _DT_H, _DT_W, _dt_os.path.join(self.tmp, "cache-pool"), "pool", lambda m: None)
-            _dt_np.testing.assert_array_equal(images, _dt_np.stack([_dt_decode(f) for f in files]))
+        with mock.patch.object(data, "POOL_MIN_IMAGES", 1):
+            images = data.cached_images(files, TREE_H, TREE_W, os.path.join(self.tmp, "cache-pool"), "pool",
+                                        lambda m: None)
+            np.testing.assert_array_equal(images, np.stack([decode(f) for f in files]))
             root = self.copy(self.sysu, "sysu-pool-corrupt")
-            bad = _dt_os.path.join(root, "cam2", "0005", "0002.jpg")
+            bad = os.path.join(root, "cam2", "0005", "0002.jpg")
             with open(bad, "wb") as f:
                 f.write(b"garbage")
-            with self.assertRaises(_dt_data.DataError) as cm:
+            with self.assertRaises(data.DataError) as cm:
                 self.load_sysu(root)
             self.assertIn(bad, str(cm.exception))
 
 
-class TestDataErrors(_DTTree):
+class TestDataErrors(HandMadeTrees):
     def assertDataError(self, fn, *needles):
-        with self.assertRaises(_dt_data.DataError) as cm:
+        with self.assertRaises(data.DataError) as cm:
             fn()
         for n in needles:
             self.assertIn(str(n), str(cm.exception))
         return str(cm.exception)
 
     def test_is_user_error(self):
-        self.assertTrue(issubclass(_dt_data.DataError, _dt_UserError))
+        self.assertTrue(issubclass(data.DataError, UserError))
 
     def test_roots(self):
-        missing = _dt_os.path.join(self.tmp, "nope")
+        missing = os.path.join(self.tmp, "nope")
         self.assertDataError(lambda: self.load_sysu(missing), missing)
-        self.assertDataError(lambda: self.load_sysu(self.tmp), self.tmp, self.sysu)         # parent: suggests child
-        self.assertDataError(lambda: _dt_data.load_regdb(self.tmp, 1, 8, 4, self.cache), self.regdb)
-        self.assertDataError(lambda: _dt_data.load_regdb(missing, 1, 8, 4, self.cache), missing)
+        parent = os.path.dirname(self.sysu)
+        self.assertDataError(lambda: self.load_sysu(parent), parent, self.sysu)             # parent: suggests child
+        self.assertDataError(lambda: data.load_regdb(os.path.dirname(self.regdb), 1, 8, 4, self.cache), self.regdb)
+        self.assertDataError(lambda: data.load_regdb(missing, 1, 8, 4, self.cache), missing)
 
     def test_sysu_exp_files(self):
         root = self.copy(self.sysu, "sysu-bad-exp")
-        val = _dt_os.path.join(root, "exp", "val_id.txt")
-        _dt_os.remove(val)
+        val = os.path.join(root, "exp", "val_id.txt")
+        os.remove(val)
         self.assertDataError(lambda: self.load_sysu(root), val)
         with open(val, "w") as f:
             f.write("7,x8\n")
@@ -789,46 +932,41 @@ class TestDataErrors(_DTTree):
 
     def test_corrupt_image(self):
         root = self.copy(self.sysu, "sysu-corrupt")
-        bad = _dt_os.path.join(root, "cam4", "0345", "0003.jpg")
+        bad = os.path.join(root, "cam4", "0345", "0003.jpg")
         with open(bad, "wb") as f:
             f.write(b"\xff\xd8 not really a jpeg")
         self.assertDataError(lambda: self.load_sysu(root), bad)
 
     def test_regdb_inputs(self):
         for trial in (0, 11, "1", 2.0):
-            self.assertDataError(lambda: _dt_data.load_regdb(self.regdb, trial, 8, 4, self.cache), repr(trial), "1 to 10")
-        self.assertDataError(lambda: _dt_data.load_regdb(self.regdb, 3, 8, 4, self.cache),
-                             _dt_os.path.join(self.regdb, "idx", "train_visible_3.txt"))
+            self.assertDataError(lambda: data.load_regdb(self.regdb, trial, 8, 4, self.cache), repr(trial), "1 to 10")
+        self.assertDataError(lambda: data.load_regdb(self.regdb, 3, 8, 4, self.cache),
+                             os.path.join(self.regdb, "idx", "train_visible_3.txt"))
         root = self.copy(self.regdb, "regdb-bad")
-        idx = _dt_os.path.join(root, "idx", "test_thermal_1.txt")
+        idx = os.path.join(root, "idx", "test_thermal_1.txt")
         with open(idx) as f:
             lines = f.read().splitlines()
         with open(idx, "w") as f:
             f.write("\n".join([lines[0], "Thermal/4/only_a_path.bmp"] + lines[2:]) + "\n")
-        self.assertDataError(lambda: _dt_data.load_regdb(root, 1, 8, 4, self.cache), idx, "line 2")
+        self.assertDataError(lambda: data.load_regdb(root, 1, 8, 4, self.cache), idx, "line 2")
         with open(idx, "w") as f:
             f.write("\n".join([lines[0], "Thermal/4/missing.bmp 205"] + lines[2:]) + "\n")
-        self.assertDataError(lambda: _dt_data.load_regdb(root, 1, 8, 4, self.cache), idx, "line 2", "missing.bmp")
+        self.assertDataError(lambda: data.load_regdb(root, 1, 8, 4, self.cache), idx, "line 2", "missing.bmp")
 
     def test_cache_dir_not_writable(self):
-        blocker = _dt_os.path.join(self.tmp, "a-file")
+        blocker = os.path.join(self.tmp, "a-file")
         open(blocker, "w").close()
-        self.assertDataError(lambda: _dt_data.load_sysu(self.sysu, 8, 4, blocker, log=lambda m: None), blocker)
+        self.assertDataError(lambda: data.load_sysu(self.sysu, 8, 4, blocker, log=lambda m: None), blocker)
 
     def test_sampler_too_many_ids(self):
-        labels = _dt_np.array([0, 0, 1, 1, 2])
-        self.assertDataError(lambda: _dt_data.CrossModalitySampler(labels, _dt_np.array([0, 1]), 3, 2, 0), "P=3", "2")
+        labels = np.array([0, 0, 1, 1, 2])
+        self.assertDataError(lambda: data.CrossModalitySampler(labels, np.array([0, 1]), 3, 2, 0), "P=3", "2")
 
 
 # ---- bad inputs of issue 19, one row each (review ids of shared/reviews/reliability.md)
-import contextlib as _dt_contextlib
-import errno as _dt_errno
-import signal as _dt_signal
-import time as _dt_time
-from unittest import mock as _dt_mock
 
 
-def _dt_edit_lines(path, edit):
+def edit_lines(path, edit):
     """Rewrite a text file through edit(list of lines) -> list of lines."""
     with open(path) as f:
         lines = f.read().splitlines()
@@ -836,177 +974,174 @@ def _dt_edit_lines(path, edit):
         f.write("\n".join(edit(lines)) + "\n")
 
 
-def _dt_refuse(call, target):
+def refuse(call, target):
     """A patch making call ('listdir' or 'open') raise PermissionError for the path `target` only, as a chmod 000
     does for a user without CAP_DAC_OVERRIDE (the tests may run as root, where a real chmod changes nothing)."""
-    real = {"listdir": _dt_os.listdir, "open": open}[call]
+    real = {"listdir": os.listdir, "open": open}[call]
 
     def fake(path, *a, **k):
-        if _dt_os.path.abspath(_dt_os.fspath(path)) == target:
-            raise PermissionError(_dt_errno.EACCES, "Permission denied", _dt_os.fspath(path))
+        if os.path.abspath(os.fspath(path)) == target:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
         return real(path, *a, **k)
     if call == "listdir":
-        return _dt_mock.patch.object(_dt_data.os, "listdir", fake)
-    return _dt_mock.patch.object(_dt_data, "open", fake, create=True)
+        return mock.patch.object(data.os, "listdir", fake)
+    return mock.patch.object(data, "open", fake, create=True)
 
 
-def _dt_decode_patch(bad_name, action):
+def decode_patch(bad_name, action):
     """Patch data._decode so that the image named `bad_name` kills its decode process or hangs it."""
-    real = _dt_data._decode
+    real = data._decode
 
     def fake(path, h, w):
-        if _dt_os.path.basename(_dt_os.path.dirname(path)) + "/" + _dt_os.path.basename(path) == bad_name:
+        if os.path.basename(os.path.dirname(path)) + "/" + os.path.basename(path) == bad_name:
             if action == "kill":
-                _dt_os.kill(_dt_os.getpid(), _dt_signal.SIGKILL)
-            _dt_time.sleep(60)
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(60)
         return real(path, h, w)
-    return _dt_mock.patch.object(_dt_data, "_decode", fake)
+    return mock.patch.object(data, "_decode", fake)
 
 
-def _dt_garbage(root, rels):
+def garbage(root, rels):
     for rel in rels:
-        with open(_dt_os.path.join(root, rel), "wb") as f:
+        with open(os.path.join(root, rel), "wb") as f:
             f.write(b"\xff\xd8 not really a jpeg")
     return []
 
 
-def _dt_pool():
-    return _dt_mock.patch.object(_dt_data, "POOL_MIN_IMAGES", 1)
+def decode_pool():
+    return mock.patch.object(data, "POOL_MIN_IMAGES", 1)
 
 
-_DT_TRAIN_V1 = "idx/train_visible_1.txt"
-_DT_TEST_V1 = "idx/test_visible_1.txt"
-_DT_SYSU_BAD12 = [f"cam1/0012/{k:04d}.jpg" for k in range(1, 13)]
+TRAIN_V1 = "idx/train_visible_1.txt"
+TEST_V1 = "idx/test_visible_1.txt"
+SYSU_BAD12 = [f"cam1/0012/{k:04d}.jpg" for k in range(1, 13)]
 # (case, dataset, setup(root, cache) -> [patches active during the load], exception, words the message must
 #  contain ({root}, {cache} filled in), files (relative to root) that must still exist afterwards)
-_DT_BAD_INPUTS = [
+BAD_INPUTS = [
     ("D13_extra_column", "regdb",
-     lambda r, c: _dt_edit_lines(_dt_os.path.join(r, _DT_TRAIN_V1), lambda ls: ls[:2] + [ls[2] + " 7"] + ls[3:]) or [],
-     _dt_data.DataError, ["train_visible_1.txt line 3", "malformed", "3 fields"], [_DT_TRAIN_V1]),
+     lambda r, c: edit_lines(os.path.join(r, TRAIN_V1), lambda ls: ls[:2] + [ls[2] + " 7"] + ls[3:]) or [],
+     data.DataError, ["train_visible_1.txt line 3", "malformed", "3 fields"], [TRAIN_V1]),
     ("D13b_extra_column_all", "regdb",
-     lambda r, c: _dt_edit_lines(_dt_os.path.join(r, _DT_TRAIN_V1), lambda ls: [x + " 7" for x in ls]) or [],
-     _dt_data.DataError, ["train_visible_1.txt line 1", "malformed"], [_DT_TRAIN_V1]),
+     lambda r, c: edit_lines(os.path.join(r, TRAIN_V1), lambda ls: [x + " 7" for x in ls]) or [],
+     data.DataError, ["train_visible_1.txt line 1", "malformed"], [TRAIN_V1]),
     ("D13c_label_dashdash", "regdb",
-     lambda r, c: _dt_edit_lines(_dt_os.path.join(r, _DT_TRAIN_V1),
-                                 lambda ls: ls[:2] + [ls[2].split()[0] + " --1"] + ls[3:]) or [],
-     _dt_data.DataError, ["train_visible_1.txt line 3", "malformed", "'--1'"], [_DT_TRAIN_V1]),
+     lambda r, c: edit_lines(os.path.join(r, TRAIN_V1),
+                             lambda ls: ls[:2] + [ls[2].split()[0] + " --1"] + ls[3:]) or [],
+     data.DataError, ["train_visible_1.txt line 3", "malformed", "'--1'"], [TRAIN_V1]),
     ("D13c_label_negative", "regdb",
-     lambda r, c: _dt_edit_lines(_dt_os.path.join(r, _DT_TRAIN_V1), lambda ls: [ls[0].split()[0] + " -1"] + ls[1:]) or [],
-     _dt_data.DataError, ["line 1", "non-negative"], []),
+     lambda r, c: edit_lines(os.path.join(r, TRAIN_V1), lambda ls: [ls[0].split()[0] + " -1"] + ls[1:]) or [],
+     data.DataError, ["line 1", "non-negative"], []),
     ("D13d_test_lists_are_train_lists", "regdb",
-     lambda r, c: [_dt_shutil.copy(_dt_os.path.join(r, f"idx/train_{m}_1.txt"), _dt_os.path.join(r, f"idx/test_{m}_1.txt"))
+     lambda r, c: [shutil.copy(os.path.join(r, f"idx/train_{m}_1.txt"), os.path.join(r, f"idx/test_{m}_1.txt"))
                    for m in ("visible", "thermal")] and [],
-     _dt_data.DataError, ["train_visible_1.txt and idx/test_visible_1.txt share 9 images", "disjoint"], [_DT_TEST_V1]),
+     data.DataError, ["train_visible_1.txt and idx/test_visible_1.txt share 9 images", "disjoint"], [TEST_V1]),
     ("D13d_identity_in_both", "regdb",   # one image of folder 1 moved from the train list to the test list
-     lambda r, c: (_dt_edit_lines(_dt_os.path.join(r, _DT_TRAIN_V1), lambda ls: ls[:2] + ls[3:]),
-                   _dt_edit_lines(_dt_os.path.join(r, _DT_TEST_V1),
-                                  lambda ls: ls + ["Visible/1/male_front_v_00001_3.bmp 205"])) and [],
-     _dt_data.DataError, ["identity folders ['1']", "disjoint"], []),
+     lambda r, c: (edit_lines(os.path.join(r, TRAIN_V1), lambda ls: ls[:2] + ls[3:]),
+                   edit_lines(os.path.join(r, TEST_V1),
+                              lambda ls: ls + ["Visible/1/male_front_v_00001_3.bmp 205"])) and [],
+     data.DataError, ["identity folders ['1']", "disjoint"], []),
     ("D13f_duplicate_line", "regdb",
-     lambda r, c: _dt_edit_lines(_dt_os.path.join(r, _DT_TRAIN_V1), lambda ls: ls + [ls[1]]) or [],
-     _dt_data.DataError, ["train_visible_1.txt line 10", "already listed on line 2"], [_DT_TRAIN_V1]),
+     lambda r, c: edit_lines(os.path.join(r, TRAIN_V1), lambda ls: ls + [ls[1]]) or [],
+     data.DataError, ["train_visible_1.txt line 10", "already listed on line 2"], [TRAIN_V1]),
     ("D10g_regdb_index_unreadable", "regdb",
-     lambda r, c: [_dt_refuse("open", _dt_os.path.join(r, _DT_TRAIN_V1))],
-     _dt_data.DataError, ["{root}/idx/train_visible_1.txt", "Permission denied"], [_DT_TRAIN_V1]),
+     lambda r, c: [refuse("open", os.path.join(r, TRAIN_V1))],
+     data.DataError, ["{root}/idx/train_visible_1.txt", "Permission denied"], [TRAIN_V1]),
     ("D10e_camera_unreadable", "sysu",
-     lambda r, c: [_dt_refuse("listdir", _dt_os.path.join(r, "cam1"))],
-     _dt_data.DataError, ["camera directory {root}/cam1", "Permission denied", "chmod"], ["cam1/0001/0001.jpg"]),
+     lambda r, c: [refuse("listdir", os.path.join(r, "cam1"))],
+     data.DataError, ["camera directory {root}/cam1", "Permission denied", "chmod"], ["cam1/0001/0001.jpg"]),
     ("D10d_identity_folder_unreadable", "sysu",
-     lambda r, c: [_dt_refuse("listdir", _dt_os.path.join(r, "cam1", "0001"))],
-     _dt_data.DataError, ["identity folder {root}/cam1/0001", "Permission denied"], ["cam1/0001/0001.jpg"]),
+     lambda r, c: [refuse("listdir", os.path.join(r, "cam1", "0001"))],
+     data.DataError, ["identity folder {root}/cam1/0001", "Permission denied"], ["cam1/0001/0001.jpg"]),
     ("D10f_test_id_unreadable", "sysu",
-     lambda r, c: [_dt_refuse("open", _dt_os.path.join(r, "exp", "test_id.txt"))],
-     _dt_data.DataError, ["{root}/exp/test_id.txt", "Permission denied"], ["exp/test_id.txt"]),
+     lambda r, c: [refuse("open", os.path.join(r, "exp", "test_id.txt"))],
+     data.DataError, ["{root}/exp/test_id.txt", "Permission denied"], ["exp/test_id.txt"]),
     ("D10c_image_unreadable", "sysu",
-     lambda r, c: [_dt_refuse("open", _dt_os.path.join(r, "cam2", "0005", "0002.jpg"))],
-     _dt_data.DataError, ["{root}/cam2/0005/0002.jpg", "PermissionError", "chmod"], ["cam2/0005/0002.jpg"]),
+     lambda r, c: [refuse("open", os.path.join(r, "cam2", "0005", "0002.jpg"))],
+     data.DataError, ["{root}/cam2/0005/0002.jpg", "PermissionError", "chmod"], ["cam2/0005/0002.jpg"]),
     ("D18_thumbs_db_in_process", "sysu",
-     lambda r, c: _dt_garbage(r, ["cam1/0001/Thumbs.db"]),
-     _dt_data.DataError, ["{root}/cam1/0001/Thumbs.db", "not images"], ["cam1/0001/Thumbs.db"]),
+     lambda r, c: garbage(r, ["cam1/0001/Thumbs.db"]),
+     data.DataError, ["{root}/cam1/0001/Thumbs.db", "not images"], ["cam1/0001/Thumbs.db"]),
     ("D18_thumbs_db_decode_processes", "sysu",
-     lambda r, c: _dt_garbage(r, ["cam1/0001/Thumbs.db"]) + [_dt_pool()],
-     _dt_data.DataError, ["{root}/cam1/0001/Thumbs.db", "not images"], ["cam1/0001/Thumbs.db"]),
+     lambda r, c: garbage(r, ["cam1/0001/Thumbs.db"]) + [decode_pool()],
+     data.DataError, ["{root}/cam1/0001/Thumbs.db", "not images"], ["cam1/0001/Thumbs.db"]),
     ("D18_decode_process_killed", "sysu",
-     lambda r, c: [_dt_pool(), _dt_decode_patch("0005/0002.jpg", "kill")],
-     _dt_data.DataError, ["died (signal SIGKILL) while reading {root}/cam2/0005/0002.jpg"], []),
+     lambda r, c: [decode_pool(), decode_patch("0005/0002.jpg", "kill")],
+     data.DataError, ["died (signal SIGKILL) while reading {root}/cam2/0005/0002.jpg"], []),
     ("D18_decode_process_stuck", "sysu",
-     lambda r, c: [_dt_pool(), _dt_decode_patch("0005/0002.jpg", "hang"),
-                   _dt_mock.patch.object(_dt_data, "DECODE_STALL_SECONDS", 1.0)],
-     _dt_data.DataError, ["stalled", "{root}/cam2/0005/0002.jpg"], []),
+     lambda r, c: [decode_pool(), decode_patch("0005/0002.jpg", "hang"),
+                   mock.patch.object(data, "DECODE_STALL_SECONDS", 1.0)],
+     data.DataError, ["stalled", "{root}/cam2/0005/0002.jpg"], []),
     ("every_bad_image_reported", "sysu",
-     lambda r, c: _dt_garbage(r, _DT_SYSU_BAD12) + [_dt_pool()],
-     _dt_data.DataError, ["cannot read 12 images", "{root}/cam1/0012/0001.jpg", "{root}/cam1/0012/0010.jpg",
-                          "and 2 more", "replace or re-extract"], _DT_SYSU_BAD12),
+     lambda r, c: garbage(r, SYSU_BAD12) + [decode_pool()],
+     data.DataError, ["cannot read 12 images", "{root}/cam1/0012/0001.jpg", "{root}/cam1/0012/0010.jpg",
+                      "and 2 more", "replace or re-extract"], SYSU_BAD12),
     ("every_bad_image_of_every_set", "sysu",   # a training and a test image: both named in one run
-     lambda r, c: _dt_garbage(r, ["cam2/0005/0002.jpg", "cam1/0012/0001.jpg"]),
-     _dt_data.DataError, ["cannot read 2 images", "{root}/cam2/0005/0002.jpg", "{root}/cam1/0012/0001.jpg"], []),
+     lambda r, c: garbage(r, ["cam2/0005/0002.jpg", "cam1/0012/0001.jpg"]),
+     data.DataError, ["cannot read 2 images", "{root}/cam2/0005/0002.jpg", "{root}/cam1/0012/0001.jpg"], []),
     ("every_bad_image_of_every_set_regdb", "regdb",   # a visible and a thermal image
-     lambda r, c: _dt_garbage(r, ["Visible/1/male_front_v_00001_1.bmp", "Thermal/5/male_front_t_00005_2.bmp"]),
-     _dt_data.DataError, ["cannot read 2 images", "{root}/Visible/1/male_front_v_00001_1.bmp",
-                          "{root}/Thermal/5/male_front_t_00005_2.bmp"], []),
+     lambda r, c: garbage(r, ["Visible/1/male_front_v_00001_1.bmp", "Thermal/5/male_front_t_00005_2.bmp"]),
+     data.DataError, ["cannot read 2 images", "{root}/Visible/1/male_front_v_00001_1.bmp",
+                      "{root}/Thermal/5/male_front_t_00005_2.bmp"], []),
     ("every_bad_image_reported_in_process", "sysu",
-     lambda r, c: _dt_garbage(r, _DT_SYSU_BAD12[:3]),
-     _dt_data.DataError, ["cannot read 3 images", "{root}/cam1/0012/0003.jpg"], []),
+     lambda r, c: garbage(r, SYSU_BAD12[:3]),
+     data.DataError, ["cannot read 3 images", "{root}/cam1/0012/0003.jpg"], []),
     ("O06_disk_too_small", "sysu",
-     lambda r, c: [_dt_mock.patch.object(_dt_data.shutil, "disk_usage", lambda p: _dt_mock.Mock(free=2 * 2 ** 20))],
-     _dt_data.DataError, ["needs", "has 2.0 MB free", "free disk space"], []),
+     lambda r, c: [mock.patch.object(data.shutil, "disk_usage", lambda p: mock.Mock(free=2 * 2 ** 20))],
+     data.DataError, ["needs", "has 2.0 MB free", "free disk space"], []),
     ("O06_disk_full_while_reserving", "sysu",
-     lambda r, c: [_dt_mock.patch.object(_dt_data.os, "posix_fallocate",
-                                         _dt_mock.Mock(side_effect=OSError(_dt_errno.ENOSPC, "No space left on device")),
-                                         create=True)],
-     _dt_data.DataError, ["cannot write the image cache", "No space left", "free disk space"], []),
+     lambda r, c: [mock.patch.object(data.os, "posix_fallocate",
+                                     mock.Mock(side_effect=OSError(errno.ENOSPC, "No space left on device")),
+                                     create=True)],
+     data.DataError, ["cannot write the image cache", "No space left", "free disk space"], []),
     ("F11_cache_dir_is_a_file", "sysu",
      lambda r, c: open(c, "w").close() or [],
-     _dt_data.DataError, ["cache directory {cache} is a file", "--cache-dir"], []),
+     data.DataError, ["cache directory {cache} is a file", "--cache-dir"], []),
     ("F11_cache_dir_under_a_file", "sysu",
      lambda r, c: open(c, "w").close() or [],                    # the cache directory given is <that file>/sub
-     _dt_data.DataError, ["cannot create the cache directory {cache}/sub", "Not a directory"], []),
+     data.DataError, ["cannot create the cache directory {cache}/sub", "Not a directory"], []),
     ("F11d_cache_dir_read_only", "sysu",
-     lambda r, c: [_dt_mock.patch.object(_dt_data.os, "access", lambda p, mode: False)],
-     _dt_data.DataError, ["cache directory {cache} is not writable", "--cache-dir"], []),
+     lambda r, c: [mock.patch.object(data.os, "access", lambda p, mode: False)],
+     data.DataError, ["cache directory {cache} is not writable", "--cache-dir"], []),
 ]
 
 
-class TestDataBadInputs(_DTTree):
-    """Each row of _DT_BAD_INPUTS on a fresh copy of the hand-made tree and a fresh cache directory: the loader
+class TestDataBadInputs(HandMadeTrees):
+    """Each row of BAD_INPUTS on a fresh copy of the hand-made tree and a fresh cache directory: the loader
     raises the row's exception with a one-line message holding every word, the listed files are still there, and
     the cache holds no temporary file."""
 
     def test_rows(self):
-        for case, dataset, setup, exc, words, keep in _DT_BAD_INPUTS:
+        for case, dataset, setup, exc, words, keep in BAD_INPUTS:
             with self.subTest(case):
                 root = self.copy(self.sysu if dataset == "sysu" else self.regdb, f"bad-{case}")
-                cache = _dt_os.path.join(self.tmp, f"cache-{case}")
+                cache = os.path.join(self.tmp, f"cache-{case}")
                 patches = setup(root, cache)
                 target = cache + "/sub" if case == "F11_cache_dir_under_a_file" else cache
                 with self.assertRaises(exc) as cm:
-                    with _dt_contextlib.ExitStack() as stack:
+                    with contextlib.ExitStack() as stack:
                         for p in patches:
                             stack.enter_context(p)
                         if dataset == "sysu":
-                            _dt_data.load_sysu(root, _DT_H, _DT_W, target, log=lambda m: None)
+                            data.load_sysu(root, TREE_H, TREE_W, target, log=lambda m: None)
                         else:
-                            _dt_data.load_regdb(root, 1, _DT_H, _DT_W, target, log=lambda m: None)
+                            data.load_regdb(root, 1, TREE_H, TREE_W, target, log=lambda m: None)
                 msg = str(cm.exception)
                 self.assertNotIn("\n", msg)
                 for w in words:
                     self.assertIn(w.format(root=root, cache=cache), msg)
                 for rel in keep:
-                    self.assertTrue(_dt_os.path.exists(_dt_os.path.join(root, rel)), rel)
-                if _dt_os.path.isdir(target):
-                    self.assertEqual([n for n in _dt_os.listdir(target) if ".tmp" in n], [])
+                    self.assertTrue(os.path.exists(os.path.join(root, rel)), rel)
+                if os.path.isdir(target):
+                    self.assertEqual([n for n in os.listdir(target) if ".tmp" in n], [])
 
     def test_rows_cover_the_review_cases(self):
-        ids = {row[0].split("_")[0] for row in _DT_BAD_INPUTS}
+        ids = {row[0].split("_")[0] for row in BAD_INPUTS}
         self.assertTrue({"D10c", "D10d", "D10e", "D10f", "D10g", "D13", "D13b", "D13c", "D13d", "D13f", "D18", "O06",
                          "F11", "F11d"} <= ids)
 
     def test_file_size_limit_is_a_full_disk(self):
         """O06 without mocks: a child process whose files may not grow past 4 KB (RLIMIT_FSIZE) builds the cache."""
-        import resource
-        import subprocess
-        import sys
-        cache = _dt_os.path.join(self.tmp, "cache-fsize")
+        cache = os.path.join(self.tmp, "cache-fsize")
         code = ("import sys, data\n"
                 "try:\n"
                 f"    data.load_sysu({self.sysu!r}, 64, 32, {cache!r}, log=lambda m: None)\n"
@@ -1015,53 +1150,40 @@ class TestDataBadInputs(_DTTree):
 
         def limit():
             resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-        done = subprocess.run([sys.executable, "-c", code], cwd=_dt_os.path.dirname(_dt_os.path.abspath(_dt_data.__file__)),
-                              preexec_fn=limit, capture_output=True, text=True, timeout=300)
+        done = subprocess.run([sys.executable, "-c", code], cwd=str(HERE), preexec_fn=limit, capture_output=True,
+                              text=True, timeout=300)
         self.assertEqual(done.returncode, 2, done.stderr[-2000:])
         self.assertIn("cannot write the image cache", done.stdout)
         self.assertIn("free disk space", done.stdout)
         self.assertEqual(done.stdout.count("\n"), 1)
-        self.assertEqual([n for n in _dt_os.listdir(cache) if ".tmp" in n], [])
+        self.assertEqual([n for n in os.listdir(cache) if ".tmp" in n], [])
 
     def test_good_variants_still_load(self):
         root = self.copy(self.sysu, "good-bom")
-        _dt_edit_lines(_dt_os.path.join(root, "exp", "test_id.txt"), lambda ls: ["\ufeff" + ls[0]])   # Notepad BOM
+        edit_lines(os.path.join(root, "exp", "test_id.txt"), lambda ls: ["\ufeff" + ls[0]])           # Notepad BOM
         _, test = self.load_sysu(root)
-        self.assertEqual(sorted(set(test.pools["r"].labels.tolist())), sorted(_DT_SYSU_TEST))
+        self.assertEqual(sorted(set(test.pools["r"].labels.tolist())), sorted(SYSU_TEST))
 
     def test_orphaned_temporary_cache_file_removed(self):
-        cache = _dt_os.path.join(self.tmp, "cache-orphan")
-        _dt_os.makedirs(cache)
-        dead = _dt_os.path.join(cache, f"sysu-x-train-v-{_DT_H}x{_DT_W}-0.npy.tmp999999991")
-        alive = _dt_os.path.join(cache, f"sysu-x-train-v-{_DT_H}x{_DT_W}-0.npy.tmp999999992")
+        cache = os.path.join(self.tmp, "cache-orphan")
+        os.makedirs(cache)
+        dead = os.path.join(cache, f"sysu-x-train-v-{TREE_H}x{TREE_W}-0.npy.tmp999999991")
+        alive = os.path.join(cache, f"sysu-x-train-v-{TREE_H}x{TREE_W}-0.npy.tmp999999992")
         for p in (dead, alive):
             open(p, "w").close()
-        self.assertFalse(_dt_data._pid_running(999999991))   # above the largest pid Linux hands out
-        self.assertTrue(_dt_data._pid_running(_dt_os.getpid()))
-        with _dt_mock.patch.object(_dt_data, "_pid_running", lambda pid: pid == 999999992):
-            _dt_data.cached_images(self.load_sysu()[0].v.files, _DT_H, _DT_W, cache, "sysu-x-train-v", lambda m: None)
-        self.assertFalse(_dt_os.path.exists(dead))
-        self.assertTrue(_dt_os.path.exists(alive))
-
-# ==== end data ====
-
-# ==== eval.py tests (TestEval*) ====
-import os
-import tempfile
-from types import SimpleNamespace
-from unittest import mock
-
-import numpy as np
-import torch
-from PIL import Image
-
-import eval as reid_eval
-from methods.common import UserError
+        self.assertFalse(data._pid_running(999999991))       # above the largest pid Linux hands out
+        self.assertTrue(data._pid_running(os.getpid()))
+        with mock.patch.object(data, "_pid_running", lambda pid: pid == 999999992):
+            data.cached_images(self.load_sysu()[0].v.files, TREE_H, TREE_W, cache, "sysu-x-train-v", lambda m: None)
+        self.assertFalse(os.path.exists(dead))
+        self.assertTrue(os.path.exists(alive))
 
 
-def _evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol="sysu", max_rank=3):
+# ==== eval.py (TestEval*) ====
+
+def evaluate_lists(dist, q_pids, g_pids, q_cams, g_cams, protocol="sysu", max_rank=3):
     arrays = [np.asarray(x) for x in (dist, q_pids, g_pids, q_cams, g_cams)]
-    return reid_eval.evaluate(*arrays, protocol=protocol, max_rank=max_rank)
+    return evaluation.evaluate(*arrays, protocol=protocol, max_rank=max_rank)
 
 
 class TestEvalToy(unittest.TestCase):
@@ -1082,10 +1204,10 @@ class TestEvalToy(unittest.TestCase):
         #   AP = (1/1 + 2/3) / 2 = 5/6, INP = 2/3.
         # cmc: rank 1 only B, rank 2 both -> [1/2, 1, 1]; mAP = (1/2 + 5/6) / 2 = 2/3; mINP = (1/2 + 2/3) / 2 = 7/12.
         dist = [[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]]
-        r = _evaluate(dist, [1, 1], [1, 2, 1], [3, 6], [2, 1, 4])
+        r = evaluate_lists(dist, [1, 1], [1, 2, 1], [3, 6], [2, 1, 4])
         self.assertResult(r, [0.5, 1, 1], [0.5, 1, 1], 2 / 3, 7 / 12, 2, 0)
         # RegDB has no camera rule: A ranks like B -> cmc [1, 1, 1], mAP 5/6, mINP 2/3.
-        r = _evaluate(dist, [1, 1], [1, 2, 1], [3, 6], [2, 1, 4], protocol="regdb")
+        r = evaluate_lists(dist, [1, 1], [1, 2, 1], [3, 6], [2, 1, 4], protocol="regdb")
         self.assertResult(r, [1, 1, 1], [1, 1, 1], 5 / 6, 2 / 3, 2, 0)
 
     def test_identity_deduplication(self):
@@ -1093,25 +1215,25 @@ class TestEvalToy(unittest.TestCase):
         #   standard list: first match at rank 4 -> cmc_standard [0, 0, 0, 1, 1].
         #   de-duplicated list [2, 3, 1] -> match at rank 3 -> cmc [0, 0, 1, 1, 1] (padded with its last value).
         #   AP = (1/4 + 2/6) / 2 = 7/24; INP = 2/6 = 1/3.
-        r = _evaluate([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], [1], [2, 2, 3, 1, 2, 1], [6], [1] * 6, max_rank=5)
+        r = evaluate_lists([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], [1], [2, 2, 3, 1, 2, 1], [6], [1] * 6, max_rank=5)
         self.assertResult(r, [0, 0, 1, 1, 1], [0, 0, 0, 1, 1], 7 / 24, 1 / 3, 1, 0)
         # query B: id 1, cam 3; gallery ranked: ids [2, 3, 3, 1], cams [2, 1, 1, 1]. The same-room rule
         #   comes first: id 2 (cam 2) is removed -> kept [3, 3, 1]: standard rank 3, de-duplicated [3, 1]: rank 2.
         #   (Ignoring the removal would give [2, 3, 1]: rank 3.) AP = 1/3, INP = 1/3.
-        r = _evaluate([[0.1, 0.2, 0.3, 0.4]], [1], [2, 3, 3, 1], [3], [2, 1, 1, 1], max_rank=4)
+        r = evaluate_lists([[0.1, 0.2, 0.3, 0.4]], [1], [2, 3, 3, 1], [3], [2, 1, 1, 1], max_rank=4)
         self.assertResult(r, [0, 1, 1, 1], [0, 0, 1, 1], 1 / 3, 1 / 3, 1, 0)
 
     def test_ties_earlier_gallery_index_first(self):
         # all distances equal: the ranked list is the gallery order [id 2, id 1, id 2, id 1]:
         #   matches at ranks 2 and 4: AP = (1/2 + 2/4) / 2 = 1/2, INP = 2/4; de-duplicated [2, 1]: rank 2.
-        r = _evaluate([[0.5] * 4], [1], [2, 1, 2, 1], [6], [1] * 4)
+        r = evaluate_lists([[0.5] * 4], [1], [2, 1, 2, 1], [6], [1] * 4)
         self.assertResult(r, [0, 1, 1], [0, 1, 1], 0.5, 0.5, 1, 0)
         # the gallery reversed: [id 1, id 2, id 1, id 2]: ranks 1 and 3: AP = (1 + 2/3) / 2 = 5/6, INP = 2/3.
-        r = _evaluate([[0.5] * 4], [1], [1, 2, 1, 2], [6], [1] * 4)
+        r = evaluate_lists([[0.5] * 4], [1], [1, 2, 1, 2], [6], [1] * 4)
         self.assertResult(r, [1, 1, 1], [1, 1, 1], 5 / 6, 2 / 3, 1, 0)
         # -0.0 ties with 0.0 (earlier index first: id 2 then id 1); a negative distance ranks before a
         # less negative one: -2 (id 1) before -1 (id 2).
-        r = _evaluate([[0.0, -0.0], [-1.0, -2.0]], [1, 1], [2, 1], [6, 6], [1, 1], max_rank=2)
+        r = evaluate_lists([[0.0, -0.0], [-1.0, -2.0]], [1, 1], [2, 1], [6, 6], [1, 1], max_rank=2)
         self.assertResult(r, [0.5, 1], [0.5, 1], (1 / 2 + 1) / 2, (1 / 2 + 1) / 2, 2, 0)
 
     def test_query_without_match_is_skipped(self):
@@ -1119,18 +1241,18 @@ class TestEvalToy(unittest.TestCase):
         # q0 id 1 cam 6: [id 1, id 2] -> rank 1, AP 1, INP 1.   q1 id 9: not in the gallery -> skipped.
         # q2 id 1 cam 3: g0 removed -> [id 2] -> no match left -> skipped.
         dist = [[0.1, 0.2]] * 3
-        r = _evaluate(dist, [1, 9, 1], [1, 2], [6, 6, 3], [2, 1])
+        r = evaluate_lists(dist, [1, 9, 1], [1, 2], [6, 6, 3], [2, 1])
         self.assertResult(r, [1, 1, 1], [1, 1, 1], 1.0, 1.0, 1, 2)
         # RegDB keeps g0 for q2 -> q2 like q0; only q1 skipped.
-        r = _evaluate(dist, [1, 9, 1], [1, 2], [6, 6, 3], [2, 1], protocol="regdb")
+        r = evaluate_lists(dist, [1, 9, 1], [1, 2], [6, 6, 3], [2, 1], protocol="regdb")
         self.assertResult(r, [1, 1, 1], [1, 1, 1], 1.0, 1.0, 2, 1)
         with self.assertRaisesRegex(UserError, "no query has a matching identity"):
-            _evaluate(dist[:2], [9, 8], [1, 2], [6, 6], [2, 1])
+            evaluate_lists(dist[:2], [9, 8], [1, 2], [6, 6], [2, 1])
 
     def test_regdb_standard_cmc(self):
         # RegDB does not de-duplicate: ranked ids [2, 2, 3, 1, 2, 1] -> cmc = cmc_standard = [0, 0, 0, 1, 1];
         # cameras 3 and 2 mean nothing here. AP = (1/4 + 2/6) / 2 = 7/24, INP = 1/3.
-        r = _evaluate([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], [1], [2, 2, 3, 1, 2, 1], [3], [2] * 6, "regdb", max_rank=5)
+        r = evaluate_lists([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], [1], [2, 2, 3, 1, 2, 1], [3], [2] * 6, "regdb", max_rank=5)
         self.assertResult(r, [0, 0, 0, 1, 1], [0, 0, 0, 1, 1], 7 / 24, 1 / 3, 1, 0)
 
     def test_minp(self):
@@ -1142,24 +1264,24 @@ class TestEvalToy(unittest.TestCase):
         # mAP = (29/36 + 53/90) / 2 = (145 + 106) / 360 = 251/360; mINP = (3/4 + 3/5) / 2 = 27/40.
         # cmc: rank 1 only q0, rank 2 both -> [1/2, 1, 1].
         dist = [[0.1, 0.2, 0.3, 0.4, 0.5], [0.5, 0.1, 0.2, 0.3, 0.4]]
-        r = _evaluate(dist, [1, 1], [1, 5, 1, 1, 6], [1, 1], [2] * 5, "regdb")
+        r = evaluate_lists(dist, [1, 1], [1, 5, 1, 1, 6], [1, 1], [2] * 5, "regdb")
         self.assertResult(r, [0.5, 1, 1], [0.5, 1, 1], 251 / 360, 27 / 40, 2, 0)
 
     def test_torch_inputs(self):
         dist, q, g, qc, gc = [[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]], [1, 1], [1, 2, 1], [3, 6], [2, 1, 4]
-        a = _evaluate(dist, q, g, qc, gc)
-        b = reid_eval.evaluate(*(torch.tensor(x) for x in (dist, q, g, qc, gc)), max_rank=3)
+        a = evaluate_lists(dist, q, g, qc, gc)
+        b = evaluation.evaluate(*(torch.tensor(x) for x in (dist, q, g, qc, gc)), max_rank=3)
         np.testing.assert_array_equal(a["cmc"], b["cmc"])
         self.assertEqual((a["mAP"], a["mINP"]), (b["mAP"], b["mINP"]))
-        c = reid_eval.evaluate(torch.tensor(dist, dtype=torch.bfloat16), q, g, qc, gc, max_rank=3)  # autocast output
+        c = evaluation.evaluate(torch.tensor(dist, dtype=torch.bfloat16), q, g, qc, gc, max_rank=3)  # autocast output
         self.assertEqual((a["mAP"], a["mINP"]), (c["mAP"], c["mINP"]))
 
     def test_nan_distance_is_an_error(self):
         with self.assertRaisesRegex(UserError, "contains NaN"):
-            _evaluate([[0.1, float("nan")]], [1], [1, 2], [6], [1, 1])
+            evaluate_lists([[0.1, float("nan")]], [1], [1, 2], [6], [1, 1])
 
 
-def _loop_evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol, max_rank):
+def loop_evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol, max_rank):
     """Independent re-statement of the protocol, one query at a time."""
     cmcs, standard, aps, inps, skipped = [], [], [], [], 0
     for i in range(len(dist)):
@@ -1194,11 +1316,11 @@ class TestEvalAgainstLoop(unittest.TestCase):
         matrices = {"real": rng.standard_normal((nq, ng)).astype(np.float32),
                     "tied": rng.integers(0, 4, (nq, ng)).astype(np.float64)}
         for (name, dist), protocol, chunk in [(m, p, c) for m in matrices.items() for p in ("sysu", "regdb")
-                                              for c in (ng * 7, reid_eval.CHUNK_ELEMENTS)]:
+                                              for c in (ng * 7, evaluation.CHUNK_ELEMENTS)]:
             with self.subTest(matrix=name, protocol=protocol, chunk=chunk):
-                with mock.patch.object(reid_eval, "CHUNK_ELEMENTS", chunk):   # 7 queries per chunk, or all
-                    r = reid_eval.evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol, max_rank=20)
-                cmc, standard, mAP, mINP, skipped = _loop_evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol, 20)
+                with mock.patch.object(evaluation, "CHUNK_ELEMENTS", chunk):  # 7 queries per chunk, or all
+                    r = evaluation.evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol, max_rank=20)
+                cmc, standard, mAP, mINP, skipped = loop_evaluate(dist, q_pids, g_pids, q_cams, g_cams, protocol, 20)
                 np.testing.assert_allclose(r["cmc"], cmc, atol=1e-6)
                 np.testing.assert_allclose(r["cmc_standard"], standard, atol=1e-6)
                 self.assertAlmostEqual(r["mAP"], mAP, delta=1e-6)
@@ -1207,7 +1329,7 @@ class TestEvalAgainstLoop(unittest.TestCase):
                 self.assertGreater(skipped, 0)
 
 
-def _fake_testset(rng, kind):
+def fake_testset(rng, kind):
     """A TestSet-like object: 6 identities, infrared queries and a visible gallery, 2 trials."""
     pool = lambda n, cams: SimpleNamespace(labels=rng.integers(0, 6, n), cams=rng.choice(cams, n))
     pools = {"r": pool(30, [3, 6]), "v": pool(40, [1, 2, 4, 5])}
@@ -1219,22 +1341,22 @@ def _fake_testset(rng, kind):
 class TestEvalRunProtocol(unittest.TestCase):
     def test_identity_features_are_perfect(self):
         # features = one-hot identity: every match is at distance 0, before every non-match (distance sqrt 2).
-        testset = _fake_testset(np.random.default_rng(1), "regdb")
+        testset = fake_testset(np.random.default_rng(1), "regdb")
         features = {k: torch.eye(6)[torch.as_tensor(p.labels)] for k, p in testset.pools.items()}
-        res = reid_eval.run_protocol(features, testset, torch.cdist, torch.device("cpu"))["x"]
+        res = evaluation.run_protocol(features, testset, torch.cdist, torch.device("cpu"))["x"]
         for key in ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP"):
             self.assertAlmostEqual(res[key], 100.0)
             self.assertAlmostEqual(res[f"{key}_std"], 0.0)
 
     def test_mean_and_std_over_trials(self):
         rng = np.random.default_rng(2)
-        testset = _fake_testset(rng, "sysu")
+        testset = fake_testset(rng, "sysu")
         features = {k: torch.randn(len(p.labels), 5, generator=torch.Generator().manual_seed(3))
                     for k, p in testset.pools.items()}
-        res = reid_eval.run_protocol(features, testset, torch.cdist, torch.device("cpu"))["x"]
+        res = evaluation.run_protocol(features, testset, torch.cdist, torch.device("cpu"))["x"]
         q, g = testset.pools["r"], testset.pools["v"]
-        direct = [reid_eval.evaluate(torch.cdist(features["r"][qi], features["v"][gi]), q.labels[qi], g.labels[gi],
-                                     q.cams[qi], g.cams[gi], "sysu") for qi, gi in testset.protocols[0].trials]
+        direct = [evaluation.evaluate(torch.cdist(features["r"][qi], features["v"][gi]), q.labels[qi], g.labels[gi],
+                                      q.cams[qi], g.cams[gi], "sysu") for qi, gi in testset.protocols[0].trials]
         rank5 = [100 * d["cmc"][4] for d in direct]
         mAP = [100 * d["mAP"] for d in direct]
         self.assertAlmostEqual(res["rank5"], np.mean(rank5), places=9)
@@ -1252,8 +1374,8 @@ class TestEvalPicture(unittest.TestCase):
         g_images = np.stack([np.full((8, 6, 3), 40 * (i + 1), np.uint8) for i in range(4)])
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "ranks.png")
-            reid_eval.ranked_list_picture(path, q_images, g_images, np.array([[0.1, 0.2, 0.3, 0.4]]), [1],
-                                          [1, 2, 1, 3], top=2, q_cams=[3], g_cams=[2, 1, 1, 1])
+            evaluation.ranked_list_picture(path, q_images, g_images, np.array([[0.1, 0.2, 0.3, 0.4]]), [1],
+                                           [1, 2, 1, 3], top=2, q_cams=[3], g_cams=[2, 1, 1, 1])
             picture = np.asarray(Image.open(path).convert("RGB"))
         border, w = 4, 6 + 8                                      # cell width = image + 2 borders
         self.assertEqual(picture.shape[1], 3 * w + border)
@@ -1264,39 +1386,11 @@ class TestEvalPicture(unittest.TestCase):
         self.assertEqual(tuple(picture[border, cell(2) + border]), (120,) * 3)   # g2's pixels
         self.assertEqual(tuple(picture[border, border]), (200,) * 3)            # the query
 
-# ==== end eval ====
 
-# ==== reid.py / agw tests (TestCLI*, TestAGW*) ====
-import json
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
-# One cache for every test that needs a synthetic world: worlds are deterministic and keyed by their parameters.
-TEST_CACHE = os.environ.get("VIREID_TEST_CACHE") or os.path.join(tempfile.gettempdir(), "vireid-test-cache")
-HERE = Path(__file__).resolve().parent
-
-
-def reid_cli(*args):
-    """Run reid.py in a subprocess; returns the CompletedProcess (text output)."""
-    return subprocess.run([sys.executable, str(HERE / "reid.py"), *args], capture_output=True, text=True,
-                          cwd=str(HERE), timeout=600)
-
-
-def reid_smoke(method, out, *extra):
-    """One --smoke train + evaluate through reid.main in this process; returns results.json as a dict."""
-    import reid
-    reid.main(["--method", method, "--smoke", "--out", str(out), "--cache-dir", TEST_CACHE, "--overwrite",
-               *extra])
-    return json.loads((Path(out) / "results.json").read_text())
-
+# ==== reid.py (TestCLI*, TestRecipes*, TestReliabilityCLI, TestOverwriteSafety) ====
 
 class TestCLIPlumbing(unittest.TestCase):
     def test_warmup_multistep_factors(self):
-        import torch
-        from methods import common
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         sched = common.WarmupMultiStep(opt, milestones=(20, 50), gamma=0.1, warmup=10)
         # warm-up (e + 1) / 10, then 1, 0.1 from epoch 20, 0.01 from epoch 50
@@ -1307,8 +1401,6 @@ class TestCLIPlumbing(unittest.TestCase):
 
     def test_settings_resolution_order(self):
         # paper defaults < synthetic recipe < --smoke < explicit flags
-        import reid
-        from methods import agw
         parser = reid.common_parser()
         reid.add_settings_options(parser, agw)
         argv = ["--method", "agw", "--smoke", "--lr", "0.5", "--milestones", "3", "4", "--non-local", "false"]
@@ -1321,10 +1413,6 @@ class TestCLIPlumbing(unittest.TestCase):
 
     def test_help_lists_the_methods_settings(self):
         # --help with --method shows that method's settings, the paper's default and the synthetic recipe's
-        import contextlib
-        import io
-        import reid
-        from methods import rfm
         text = io.StringIO()
         with contextlib.redirect_stdout(text), self.assertRaises(SystemExit):
             reid.main(["--method", "rfm", "--help"])
@@ -1335,11 +1423,6 @@ class TestCLIPlumbing(unittest.TestCase):
     def test_every_method_parser_builds(self):
         # no Settings field may collide with a shared option (argparse refuses the duplicate at --help time),
         # and every RELEASE / SYNTHETIC / SMOKE key names a field
-        import importlib
-        import inspect
-        import dataclasses
-        import reid
-        from methods import METHODS
         for name in METHODS:
             with self.subTest(method=name):
                 method = importlib.import_module(f"methods.{name}")
@@ -1352,14 +1435,11 @@ class TestCLIPlumbing(unittest.TestCase):
                 self.assertEqual(list(inspect.signature(method.objective).parameters)[:3], ["model", "batch", "settings"])
 
 
-class TestRecipes(_DTTree):
+class TestRecipes(HandMadeTrees):
     """--recipe, --split val, --seeds, --report (issue: recipes a researcher can trust)."""
 
     def fake_method(self):
-        import types
-        from dataclasses import dataclass
-
-        @dataclass
+        @dataclasses.dataclass
         class Settings:
             height: int = 288
             width: int = 144
@@ -1367,13 +1447,12 @@ class TestRecipes(_DTTree):
             t_min: float = 1e-6
             cc: str = "euclidean"
             epochs: int = 80
-        return types.SimpleNamespace(
+        return SimpleNamespace(
             __name__="methods.fake", Settings=Settings, CHOICES={"cc": ("euclidean", "squared-unit")},
             RELEASE=dict(lr=0.01, t_min=1e-2, cc="squared-unit", epochs=101), RELEASE_REGDB=dict(epochs=61),
             SYNTHETIC=dict(height=128, width=64, epochs=10), SMOKE=dict(height=64, epochs=1))
 
     def resolve(self, method, *argv):
-        import reid
         parser = reid.common_parser()
         reid.add_settings_options(parser, method)
         argv = ["--method", "agw", *argv]
@@ -1397,8 +1476,6 @@ class TestRecipes(_DTTree):
         self.assertEqual((s.epochs, s.cc, src["epochs"], src["cc"]), (3, "euclidean", "flag", "flag"))
 
     def test_choices_and_no_release(self):
-        import reid
-        from methods.common import UserError
         m = self.fake_method()
         with self.assertRaises(SystemExit):
             self.resolve(m, "--cc", "manhattan")
@@ -1408,7 +1485,7 @@ class TestRecipes(_DTTree):
         self.assertEqual(reid.RECIPES, ("paper", "release"))
 
     def test_val_split_holds_no_test_id_and_trains_on_no_val_id(self):
-        val_ids, test_ids, train_ids = set(_DT_SYSU_VAL), set(_DT_SYSU_TEST), set(_DT_SYSU_TRAIN)
+        val_ids, test_ids, train_ids = set(SYSU_VAL), set(SYSU_TEST), set(SYSU_TRAIN)
         trainset, valset = self.load_sysu(split="val")
         _, testset = self.load_sysu()
         self.assertEqual(trainset.num_classes, len(train_ids))
@@ -1418,8 +1495,7 @@ class TestRecipes(_DTTree):
         self.assertEqual(pool_ids, val_ids)
         self.assertEqual(set(testset.pools["v"].labels) | set(testset.pools["r"].labels), test_ids)
         # RegDB: round(0.2 n) held-out training identities, disjoint from what is trained, test lists unused
-        import data
-        train, val = data.load_regdb(self.regdb, 1, _DT_H, _DT_W, self.cache, log=lambda m: None, split="val")
+        train, val = data.load_regdb(self.regdb, 1, TREE_H, TREE_W, self.cache, log=lambda m: None, split="val")
         self.assertEqual(train.num_classes + len(set(val.pools["v"].labels)), 3)
         self.assertEqual(len(set(val.pools["v"].labels)), 1)  # round(0.2 * 3)
         self.assertFalse(set(train.v.files) & set(val.pools["v"].files))
@@ -1428,7 +1504,6 @@ class TestRecipes(_DTTree):
         self.assertEqual(len(data.regdb_val_labels(range(206), 1)), 41)
 
     def test_seed_aggregation_by_hand(self):
-        import reid
         per_seed = [{"all-single": {k: v for k in reid.KEYS}} for v in (10.0, 20.0, 36.0)]
         agg = reid.aggregate_seeds(per_seed)["all-single"]
         # mean (10 + 20 + 36) / 3 = 22; sample variance ((12^2 + 2^2 + 14^2) / 2) = 172
@@ -1438,9 +1513,6 @@ class TestRecipes(_DTTree):
         self.assertEqual(reid.mean_std([5.0]), (5.0, 0.0))
 
     def test_report_of_two_results_files(self):
-        import contextlib
-        import io
-        import reid
         a = {"method": "agw", "recipe": "paper", "split": "val", "seeds": [0, 1, 2], "seed": None,
              "command": "python reid.py --method agw --seeds 0 1 2",
              "results": {"all-single": {"rank1": 16.04, "rank1_std": 1.26, "mAP": 21.9, "mAP_std": 0.75,
@@ -1468,16 +1540,16 @@ class TestRecipes(_DTTree):
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             no_val = tmp / "no-val"
-            _dt_shutil.copytree(self.sysu, no_val)
+            shutil.copytree(self.sysu, no_val)
             (no_val / "exp" / "val_id.txt").unlink()
             empty_val = tmp / "empty-val"
-            _dt_shutil.copytree(self.sysu, empty_val)
+            shutil.copytree(self.sysu, empty_val)
             (empty_val / "exp" / "val_id.txt").write_text("\n")
             val_test = tmp / "val-test"
-            _dt_shutil.copytree(self.sysu, val_test)
+            shutil.copytree(self.sysu, val_test)
             (val_test / "exp" / "val_id.txt").write_text("7,12\n")
             val_train = tmp / "val-train"
-            _dt_shutil.copytree(self.sysu, val_train)
+            shutil.copytree(self.sysu, val_train)
             (val_train / "exp" / "val_id.txt").write_text("7,1\n")
             (tmp / "nothing").mkdir()
             smoke = ["--method", "agw", "--smoke", "--cache-dir", str(tmp / "cache")]
@@ -1496,7 +1568,7 @@ class TestRecipes(_DTTree):
             for argv, word in cases:
                 with self.subTest(argv=argv):
                     out = tmp / "out"
-                    p = reid_cli(*argv, "--out", str(out)) if "--report" not in argv else reid_cli(*argv)
+                    p = run_reid(*argv, "--out", str(out)) if "--report" not in argv else run_reid(*argv)
                     self.assertEqual(p.returncode, 2, p.stderr[-2000:])
                     self.assertNotIn("Traceback", p.stderr)
                     self.assertIn(word, p.stderr)
@@ -1504,38 +1576,11 @@ class TestRecipes(_DTTree):
                     self.assertFalse(out.exists(), "a refused run left its output directory behind")
 
 
-def reid_outcome(argv, cwd=None):
-    """(exit status, message) of reid.main(argv) in this process, as the command line would give them: 0; 2 and
-    the UserError's text; or argparse's status and its stderr line."""
-    import contextlib
-    import io
-    import reid
-    from methods.common import UserError
-    err, old = io.StringIO(), os.getcwd()
-    try:
-        if cwd:
-            os.chdir(cwd)
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            reid.main(argv)
-        return 0, ""
-    except UserError as e:
-        return 2, str(e)
-    except SystemExit as e:
-        return e.code, err.getvalue()
-    finally:
-        os.chdir(old)
-
-
-class TestReliabilityCLI(_DTTree):
+class TestReliabilityCLI(HandMadeTrees):
     """One row per bad input or fault of the reliability review that reid.py itself must catch: the exit status,
     a word the one-line message must hold, and the files that must still exist afterwards."""
 
     def test_table(self):
-        import dataclasses
-        import errno
-        from unittest import mock
-        import torch
-        from methods import agw
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             smoke = ["--method", "agw", "--smoke", "--cache-dir", TEST_CACHE]
@@ -1553,7 +1598,7 @@ class TestReliabilityCLI(_DTTree):
             (tmp / "text.pth").write_text("hello")
             torch.save([1, 2, 3], tmp / "list.pth")
             parent = tmp / "parent"  # D02c: the dataset at fix/SYSU-MM01, a generated world sorted before it
-            _dt_shutil.copytree(self.sysu, parent / "fix" / "SYSU-MM01")
+            shutil.copytree(self.sysu, parent / "fix" / "SYSU-MM01")
             (parent / "cache" / "synthetic-sysu-0" / "exp").mkdir(parents=True)
             (parent / "cache" / "synthetic-sysu-0" / "synthetic.json").write_text("{}")
             rows = [  # (case, argv, exit status, a word of the message)
@@ -1636,17 +1681,15 @@ class TestReliabilityCLI(_DTTree):
                     self.assertTrue((run / "args.json").is_file())
 
     def test_notes_and_disk_full(self):
-        import resource
-        import signal
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "amp"
-            p = reid_cli("--method", "agw", "--smoke", "--cache-dir", TEST_CACHE, "--amp", "--out", str(out))
+            p = run_reid("--method", "agw", "--smoke", "--cache-dir", TEST_CACHE, "--amp", "--out", str(out))
             self.assertEqual(p.returncode, 0, p.stderr[-2000:])
             self.assertIn("--amp has no effect on the CPU", p.stdout)              # F07
             # a finished run whose train.pt is gone: --resume says it starts over (R05c)
             (out / "train.pt").unlink()
             (out / "model.pt").unlink()
-            p = reid_cli("--resume", str(out), "--workers", "0")
+            p = run_reid("--resume", str(out), "--workers", "0")
             self.assertEqual(p.returncode, 0, p.stderr[-2000:])
             self.assertIn("holds no checkpoint yet; training starts at epoch 1", p.stdout)
 
@@ -1655,9 +1698,8 @@ class TestReliabilityCLI(_DTTree):
                 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
             out = Path(tmp) / "full"
-            p = subprocess.run([sys.executable, str(HERE / "reid.py"), "--method", "agw", "--smoke", "--cache-dir",
-                                TEST_CACHE, "--out", str(out)], capture_output=True, text=True, timeout=600,
-                               preexec_fn=small_disk)
+            p = run_reid("--method", "agw", "--smoke", "--cache-dir", TEST_CACHE, "--out", str(out),
+                         preexec_fn=small_disk)
             self.assertEqual(p.returncode, 2, p.stderr[-2000:])
             self.assertIn("cannot write", p.stderr)
             self.assertIn("free disk space", p.stderr)
@@ -1669,16 +1711,10 @@ class TestReliabilityCLI(_DTTree):
         one line naming the file (or the run directory) and 'free disk space'; no temporary or half-written file
         stays behind. --eval-only writes no checkpoint, so a file-size limit between the sizes of features.pt and
         of a picture stops at the picture; results.json and log.txt get a mocked write."""
-        import errno
-        import pathlib
-        import resource
-        import signal
-        from unittest import mock
-        import reid
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             run = tmp / "run"
-            self.assertEqual(reid_cli("--method", "agw", "--smoke", "--cache-dir", TEST_CACHE, "--out",
+            self.assertEqual(run_reid("--method", "agw", "--smoke", "--cache-dir", TEST_CACHE, "--out",
                                       str(run)).returncode, 0)
             feats, picture = (run / "features.pt").stat().st_size, (run / "ranked-all-single.png").stat().st_size
             self.assertLess(feats, picture)  # the limits below rely on it
@@ -1690,14 +1726,13 @@ class TestReliabilityCLI(_DTTree):
                         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
                         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
                     out = tmp / case
-                    p = subprocess.run([sys.executable, str(HERE / "reid.py"), *evaluate, "--out", str(out)],
-                                       capture_output=True, text=True, timeout=600, preexec_fn=small_disk)
+                    p = run_reid(*evaluate, "--out", str(out), preexec_fn=small_disk)
                     self.assertEqual(p.returncode, 2, p.stderr[-2000:])
                     self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
                     self.assertIn(f"cannot write {out / word}", p.stderr)
                     self.assertIn("free disk space", p.stderr)
                     self.assertFalse(out.exists(), "a failed --eval-only run left files behind")
-            real_write_text, real_open = pathlib.Path.write_text, open
+            real_write_text, real_open = Path.write_text, open
 
             def full_at_results(path, text, *a, **k):  # half the file reaches the disk, then ENOSPC
                 if path.name.startswith("results.json"):
@@ -1715,11 +1750,17 @@ class TestReliabilityCLI(_DTTree):
                 def __getattr__(self, name):
                     return getattr(self.f, name)
 
+                def __enter__(self):    # reid.py opens log.txt with `with`
+                    return self
+
+                def __exit__(self, *exc):
+                    self.f.close()
+
             def full_at_log(path, *a, **k):
                 f = real_open(path, *a, **k)
                 return FullLog(f) if str(path).endswith("log.txt") else f
 
-            for case, patch, word in (("O03", mock.patch.object(pathlib.Path, "write_text", full_at_results),
+            for case, patch, word in (("O03", mock.patch.object(Path, "write_text", full_at_results),
                                        "results.json"),
                                       ("log", mock.patch.object(reid, "open", full_at_log, create=True), "")):
                 with self.subTest(case=case), patch:
@@ -1732,13 +1773,11 @@ class TestReliabilityCLI(_DTTree):
 
     def test_kill_9_then_resume(self):
         """SIGKILL in the middle of epoch 2 of 3, then --resume: results and weights equal an uninterrupted run's."""
-        import signal
-        import torch
         with tempfile.TemporaryDirectory() as tmp:
             argv = ["--method", "agw", "--smoke", "--epochs", "3", "--log-every", "1", "--cache-dir", TEST_CACHE]
             whole, killed = Path(tmp) / "whole", Path(tmp) / "killed"
-            self.assertEqual(reid_cli(*argv, "--out", str(whole)).returncode, 0)
-            p = subprocess.Popen([sys.executable, str(HERE / "reid.py"), *argv, "--out", str(killed)],
+            self.assertEqual(run_reid(*argv, "--out", str(whole)).returncode, 0)
+            p = subprocess.Popen([sys.executable, str(REID), *argv, "--out", str(killed)],  # streamed, to kill it
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=str(HERE))
             for line in p.stdout:
                 if line.startswith("[train] ep 2/3 it 1/"):
@@ -1747,7 +1786,7 @@ class TestReliabilityCLI(_DTTree):
             p.stdout.close()
             self.assertEqual(p.wait(timeout=60), -signal.SIGKILL)
             self.assertFalse((killed / "results.json").exists())
-            p = reid_cli("--resume", str(killed))
+            p = run_reid("--resume", str(killed))
             self.assertEqual(p.returncode, 0, p.stderr[-2000:])
             self.assertIn("resumed from", p.stdout)
             a, b = (json.loads((d / "results.json").read_text()) for d in (whole, killed))
@@ -1762,13 +1801,12 @@ class TestRecipesEndToEnd(unittest.TestCase):
         # --eval-every (the best-epoch minus final-epoch gap, on --split val) draws no random numbers and
         # leaves the model in training mode: the final numbers equal those of a run without it
         with tempfile.TemporaryDirectory() as tmp:
-            common = ("--split", "val", "--epochs", "2")
-            plain = reid_smoke("agw", Path(tmp) / "plain", *common)
-            curve = reid_smoke("agw", Path(tmp) / "curve", *common, "--eval-every", "1")
-            import reid
+            flags = ("--split", "val", "--epochs", "2")
+            plain = reid_smoke("agw", Path(tmp) / "plain", *flags)
+            curve = reid_smoke("agw", Path(tmp) / "curve", *flags, "--eval-every", "1")
             reid.main(["--resume", str(Path(tmp) / "curve")])     # a finished run resumed: the curve is on disk
             resumed = json.loads((Path(tmp) / "curve" / "results.json").read_text())
-            seeds = reid_smoke("agw", Path(tmp) / "seeds", *common, "--eval-every", "1", "--seeds", "0", "1")
+            seeds = reid_smoke("agw", Path(tmp) / "seeds", *flags, "--eval-every", "1", "--seeds", "0", "1")
         self.assertEqual((resumed["curve"], resumed["best_minus_final"]), (curve["curve"], curve["best_minus_final"]))
         self.assertEqual(resumed["time"]["train_s"], curve["time"]["train_s"])     # training time kept, not reset
         per_seed = seeds["best_minus_final"]["all-single"]["per_seed"]["rank1"]
@@ -1786,7 +1824,7 @@ class TestRecipesEndToEnd(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "seeds"
             smoke = ["--method", "agw", "--smoke", "--cache-dir", TEST_CACHE]
-            p = reid_cli(*smoke, "--seeds", "0", "1", "--out", str(out))
+            p = run_reid(*smoke, "--seeds", "0", "1", "--out", str(out))
             self.assertEqual(p.returncode, 0, p.stderr[-2000:])
             top = json.loads((out / "results.json").read_text())
             per = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
@@ -1804,7 +1842,7 @@ class TestRecipesEndToEnd(unittest.TestCase):
             self.assertEqual(args["setting_sources"]["height"], "smoke")
             self.assertEqual(args["setting_sources"]["momentum"], "paper")
             out = Path(tmp) / "val"
-            p = reid_cli(*smoke, "--split", "val", "--out", str(out))
+            p = run_reid(*smoke, "--split", "val", "--out", str(out))
             self.assertEqual(p.returncode, 0, p.stderr[-2000:])
             r = json.loads((out / "results.json").read_text())
             self.assertEqual(r["split"], "val")
@@ -1813,127 +1851,8 @@ class TestRecipesEndToEnd(unittest.TestCase):
             self.assertGreater(r["fit"]["rank1"], 0)
 
 
-class TestAGW(unittest.TestCase):
-    def test_wrt_against_loop(self):
-        import math
-        import torch
-        from methods import agw
-        g = torch.Generator().manual_seed(0)
-        f, y = torch.randn(8, 5, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
-        total = 0.0
-        for i in range(8):  # re-statement: softmax-weighted positive and negative distances per anchor
-            d = [math.dist(f[i].tolist(), f[j].tolist()) for j in range(8)]
-            pos = [j for j in range(8) if y[j] == y[i]]
-            neg = [j for j in range(8) if y[j] != y[i]]
-            zp = sum(math.exp(d[j]) for j in pos)
-            zn = sum(math.exp(-d[j]) for j in neg)
-            d_p = sum(math.exp(d[j]) / zp * d[j] for j in pos)
-            d_n = sum(math.exp(-d[j]) / zn * d[j] for j in neg)
-            total += math.log(1 + math.exp(d_p - d_n))
-        self.assertAlmostEqual(agw.L_wrt(f, y).item(), total / 8, places=4)
-
-    def test_gem_and_non_local(self):
-        import torch
-        from methods import agw
-        x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # GeM p=3: ((1 + 8 + 27 + 64) / 4)^(1/3) = 25^(1/3)
-        self.assertAlmostEqual(agw.gem(x, 3.0).item(), 25 ** (1 / 3), places=5)
-        self.assertAlmostEqual(agw.gem(x, 1.0).item(), 2.5, places=5)  # p = 1 is average pooling
-        block = agw.NonLocal(8).eval()
-        z = torch.randn(2, 8, 4, 3)
-        self.assertTrue(torch.equal(block(z), z))  # W_z's BN starts at zero: the block starts as the identity
-
-    def test_two_stream_layout(self):
-        import torch
-        from methods import agw
-        s = agw.Settings(**agw.SMOKE)
-        model = agw.build(s, 5).eval()
-        x = torch.randn(3, 3, s.height, s.width)
-        f, logits = model(x, x)
-        # visible stem first, infrared stem second; the shared layers and head are the same
-        self.assertTrue(torch.allclose(f[:3], model.features(x, "v")[0], atol=1e-5))
-        self.assertTrue(torch.allclose(f[3:], model.features(x, "r")[0], atol=1e-5))
-        self.assertEqual(tuple(logits.shape), (6, 5))
-        self.assertFalse(model.bnneck.bias.requires_grad)
-
-    def test_resnet50_trainable_parameters_are_the_community_count(self):
-        """One training step of the ResNet-50 model for 395 classes: the parameters that receive a gradient number
-        24,357,263, the community AGW's count (two stems 2 x 9,536 less one, shared layer1-4 23,508,032 - 9,536,
-        five 1-channel non-local blocks 7C + 3 each = 28,687, BNNeck weight 2,048, classifier 2,048 x 395)."""
-        import torch
-        import torch.nn.functional as F
-        from methods import agw
-        torch.manual_seed(0)
-        model = agw.build(agw.Settings(pretrained="none"), 395)
-        x, y = torch.randn(4, 3, 32, 16), torch.tensor([0, 1, 0, 1])
-        f, logits = model(x, x)
-        y2 = torch.cat([y, y])
-        (F.cross_entropy(logits, y2) + agw.L_wrt(f, y2)).backward()
-        self.assertEqual(sum(p.numel() for p in model.parameters() if p.grad is not None), 24_357_263)
-        blocks = [m for m in model.modules() if isinstance(m, agw.NonLocal)]
-        self.assertEqual(sorted(b.theta.in_channels for b in blocks), [512, 512, 1024, 1024, 1024])
-        for b in blocks:   # inner width 1: theta, phi, g squeeze C to 1 channel, W expands 1 to C
-            self.assertEqual((b.theta.out_channels, b.phi.out_channels, b.g.out_channels, b.W[0].in_channels),
-                             (1, 1, 1, 1))
-        half = agw.build(agw.Settings(pretrained="none", non_local_inner="half"), 395)
-        blocks = [m for m in half.modules() if isinstance(m, agw.NonLocal)]
-        self.assertEqual([b.theta.out_channels for b in blocks], [256, 256, 512, 512, 512])
-        self.assertEqual(sum(p.numel() for b in blocks for p in b.parameters()), 7_358_464)   # C/2: 3 (C^2/2 + C/2)
-        #                                                                                     + (C^2/2 + C) + 2C
-
-    def test_head_initialisation(self):
-        """BNNeck weight ~ N(1, 0.01), bias 0; classifier ~ N(0, 0.001) (community model.py:80-89)."""
-        import torch
-        from methods import agw
-        torch.manual_seed(0)
-        model = agw.build(agw.Settings(**agw.SMOKE), 300)
-        w, c = model.bnneck.weight.detach(), model.classifier.weight.detach()
-        self.assertAlmostEqual(w.mean().item(), 1.0, delta=0.003)
-        self.assertAlmostEqual(w.std().item(), 0.01, delta=0.002)
-        self.assertEqual(model.bnneck.bias.abs().max().item(), 0.0)
-        self.assertAlmostEqual(c.mean().item(), 0.0, delta=2e-5)
-        self.assertAlmostEqual(c.std().item(), 0.001, delta=5e-5)
-
-    def test_recipes(self):
-        """Paper recipe: community non-local width, no erasing, project sampler; RELEASE: 81 epochs, community
-        sampler; a bad choice is one UserError line."""
-        import dataclasses
-        from methods import agw, common
-        paper = agw.Settings()
-        self.assertEqual((paper.non_local_inner, paper.erasing, paper.sampler), ("one", 0.0, "without-replacement"))
-        release = agw.Settings(**{**dataclasses.asdict(paper), **agw.RELEASE})
-        self.assertEqual((release.epochs, release.sampler, release.non_local_inner), (81, "community", "one"))
-        self.assertEqual(set(agw.RELEASE) - set(dataclasses.asdict(paper)), set())
-        for bad in ({"sampler": "random"}, {"non_local_inner": "two"}):
-            with self.assertRaises(common.UserError):
-                agw.check(agw.Settings(**bad))
-
-    def test_community_sampler(self):
-        """mode "community" (Cross-Modal-Re-ID-baseline utils.py:73-78): each identity's K images with replacement,
-        int(N / (P K)) + 1 batches; "without-replacement": no repeated image within an identity, N // (P K)."""
-        import numpy as np
-        import data
-        labels = np.repeat(np.arange(6), 2)                    # 6 ids x 2 images per modality, N = 12
-        com = data.CrossModalitySampler(labels, labels, 2, 2, seed=0, mode="community")
-        own = data.CrossModalitySampler(labels, labels, 2, 2, seed=0)
-        self.assertEqual((len(com), len(own)), (12 // 4 + 1, 12 // 4))
-        repeats = {"community": 0, "own": 0}
-        for name, s in (("community", com), ("own", own)):
-            for e in range(20):
-                for idx_v, idx_r in s.epoch(e):
-                    for idx in (idx_v, idx_r):
-                        for group in idx.reshape(2, 2):
-                            self.assertEqual(len(set(labels[group])), 1)
-                            repeats[name] += group[0] == group[1]
-        self.assertEqual(repeats["own"], 0)
-        self.assertGreater(repeats["community"], 0.3 * 20 * 4 * 4)   # P(repeat) = 1/2 per group of two
-        with self.assertRaises(data.DataError):
-            data.CrossModalitySampler(labels, labels, 2, 2, seed=0, mode="other")
-
-
 class TestCLIEndToEnd(unittest.TestCase):
     def test_agw_smoke_on_sysu_and_regdb_layouts(self):
-        import reid
-        import synthetic
         with tempfile.TemporaryDirectory() as tmp:
             results = reid_smoke("agw", Path(tmp) / "syn")
             names = {"all-single", "all-multi", "indoor-single", "indoor-multi"}
@@ -1944,10 +1863,10 @@ class TestCLIEndToEnd(unittest.TestCase):
                 self.assertEqual(len(r["trials"]), 10)
             for name in ("model.pt", "features.pt", "args.json", "ranked-all-single.png"):
                 self.assertTrue((Path(tmp) / "syn" / name).is_file(), name)
-            sysu = synthetic.ensure_world(Path(TEST_CACHE), "sysu", **reid.SMOKE_WORLDS["sysu"], log=lambda s: None)
+            sysu = smoke_world("sysu")
             results = reid_smoke("agw", Path(tmp) / "sysu", "--dataset", "sysu", "--data-root", str(sysu))
             self.assertEqual(set(results["results"]), names)
-            regdb = synthetic.ensure_world(Path(TEST_CACHE), "regdb", **reid.SMOKE_WORLDS["regdb"], log=lambda s: None)
+            regdb = smoke_world("regdb")
             results = reid_smoke("agw", Path(tmp) / "regdb", "--dataset", "regdb", "--data-root", str(regdb),
                                  "--trial", "3")
             self.assertEqual(set(results["results"]), {"visible-to-infrared", "infrared-to-visible"})
@@ -1960,13 +1879,8 @@ class TestCLIEndToEnd(unittest.TestCase):
 
     def test_resume_gives_the_same_weights(self):
         # A run killed after epoch 1 of 2 and resumed must end with the weights of an uninterrupted run.
-        import torch
-        import data
-        import reid
-        import synthetic
-        from methods import agw, common
         s = agw.Settings(**{**agw.SMOKE, "epochs": 2})
-        root = synthetic.ensure_world(Path(TEST_CACHE), "sysu", **reid.SMOKE_WORLDS["sysu"], log=lambda s: None)
+        root = smoke_world("sysu")
         trainset, _ = data.load_sysu(root, s.height, s.width, TEST_CACHE, log=lambda s: None,
                                      expect_published=False)
 
@@ -1977,7 +1891,6 @@ class TestCLIEndToEnd(unittest.TestCase):
             if "epoch 1/2 done" in line:
                 raise Killed
 
-        quiet = lambda line: None  # noqa: E731
         with tempfile.TemporaryDirectory() as tmp:
             reid.seed_everything(0)
             full = agw.train(s, trainset, common.Run(Path(tmp) / "a", "cpu", max_its=3, say=quiet)).state_dict()
@@ -1990,9 +1903,6 @@ class TestCLIEndToEnd(unittest.TestCase):
                 self.assertTrue(torch.equal(full[k], resumed[k]), k)
 
     def test_diverged_loss_stops_training(self):
-        import torch
-        from methods import common
-
         class OneBatch:  # the two things Run.batches asks of a loader
             def __len__(self):
                 return 1
@@ -2039,7 +1949,7 @@ class TestCLIEndToEnd(unittest.TestCase):
                 with self.subTest(argv=argv):
                     if "--out" not in argv:  # never write into the repository
                         argv = argv + ["--out", str(Path(tmp) / "out")]
-                    p = reid_cli(*argv)
+                    p = run_reid(*argv)
                     self.assertEqual(p.returncode, 2)
                     self.assertNotIn("Traceback", p.stderr)
                     self.assertIn(expected, p.stderr)
@@ -2048,10 +1958,6 @@ class TestCLIEndToEnd(unittest.TestCase):
 class TestOverwriteSafety(unittest.TestCase):
     """--overwrite removes only a directory reid.py wrote (its .reid-run marker), never one that is or holds the
     working directory, the repository, the data root, the cache or the checkpoint being evaluated."""
-
-    def run_in(self, cwd, *argv):
-        return subprocess.run([sys.executable, str(HERE / "reid.py"), *argv], capture_output=True, text=True,
-                              cwd=str(cwd), timeout=600)
 
     def test_refusals_delete_nothing(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -2080,7 +1986,7 @@ class TestOverwriteSafety(unittest.TestCase):
             ]
             for cwd, argv, word, absent in cases:
                 with self.subTest(cwd=cwd, argv=argv):
-                    p = self.run_in(cwd, *argv)
+                    p = run_reid(*argv, cwd=cwd)
                     self.assertEqual(p.returncode, 2, p.stderr)
                     self.assertNotIn("Traceback", p.stderr)
                     self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
@@ -2090,60 +1996,31 @@ class TestOverwriteSafety(unittest.TestCase):
                         self.assertNotIn(absent, p.stderr)
                     self.assertEqual((user / "thesis.tex").read_text(), "years of work")
                     self.assertTrue((ours / "model.pt").is_file() and (ours / ".reid-run").is_file())
-            self.assertTrue((HERE / "reid.py").is_file() and (HERE / ".git").exists())
+            self.assertTrue(REID.is_file() and (HERE / ".git").exists())
 
     def test_overwrite_replaces_its_own_run(self):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "run"
             smoke = ["--method", "agw", "--smoke", "--cache-dir", TEST_CACHE, "--out", str(out)]
-            self.assertEqual(reid_cli(*smoke).returncode, 0)
+            self.assertEqual(run_reid(*smoke).returncode, 0)
             self.assertTrue((out / ".reid-run").is_file())
             (out / "stale.txt").write_text("from the first run")
-            p = reid_cli(*smoke)
+            p = run_reid(*smoke)
             self.assertEqual(p.returncode, 2)
             self.assertIn("already holds a run", p.stderr)
-            p = reid_cli(*smoke, "--overwrite")
+            p = run_reid(*smoke, "--overwrite")
             self.assertEqual(p.returncode, 0, p.stderr[-2000:])
             self.assertFalse((out / "stale.txt").exists())
             self.assertTrue((out / "results.json").is_file())
 
-# ---- LLCM: data.load_llcm, eval protocol 'llcm', synthetic.make_llcm ----
 
-# hand-made LLCM tree: test ids {id: {modality folder: {camera: images}}}; large ids, ids missing from cameras
-_LLCM_TEST = {3: {"test_vis": {1: 2, 5: 1}, "test_nir": {2: 2}},
-              1234: {"test_vis": {9: 3, 3: 1}, "test_nir": {1: 1, 9: 2}},
-              77: {"test_vis": {3: 2}, "test_nir": {4: 1, 8: 1}}}
-_LLCM_TRAIN = {"train_vis.txt": [("nir_and_vis/vis/cam1/0010", 0, 2), ("nir_and_vis/vis/cam4/0020", 1, 2)],
-               "train_nir.txt": [("nir_and_vis/nir/cam2/0010", 0, 1), ("nir_and_vis/nir/cam6/0020", 1, 3)]}
-
-
-def _llcm_make(root, seed=0):
-    rng = _dt_np.random.default_rng(seed)
-    for pid, folders in _LLCM_TEST.items():
-        for folder, cams in folders.items():
-            for cam, n in cams.items():
-                for k in range(n):
-                    _dt_write_image(os.path.join(root, folder, f"cam{cam}", f"{pid:04d}", f"{k + 1:04d}.jpg"), rng,
-                                    gray=folder == "test_nir")
-    os.makedirs(os.path.join(root, "idx"))
-    for name, dirs in _LLCM_TRAIN.items():
-        lines = []
-        for d, label, n in dirs:
-            for k in range(n):
-                _dt_write_image(os.path.join(root, d, f"{k + 1:04d}.jpg"), rng)
-                lines.append(f"{d}/{k + 1:04d}.jpg {label}")
-        with open(os.path.join(root, "idx", name), "w") as f:
-            f.write("\n".join(lines) + "\n")
-    with open(os.path.join(root, "idx", "test_id.txt"), "w") as f:
-        f.write("1234,3,77\n")
-
+# ==== LLCM: data.load_llcm, the eval protocol 'llcm', reid.py on an LLCM tree (TestLLCM) ====
 
 class TestLLCM(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls._tmp = tempfile.TemporaryDirectory()
-        cls.root = os.path.join(cls._tmp.name, "LLCM")
-        _llcm_make(cls.root)
+        cls._tmp = tempfile.TemporaryDirectory()   # copies and the cache
+        cls.root = hand_made_tree("llcm")
         cls.cache = os.path.join(cls._tmp.name, "cache")
 
     @classmethod
@@ -2151,7 +2028,6 @@ class TestLLCM(unittest.TestCase):
         cls._tmp.cleanup()
 
     def load(self, root=None, **kw):
-        import data
         return data.load_llcm(root or self.root, 16, 8, self.cache, log=lambda m: None, **kw)
 
     def test_layout_reader(self):
@@ -2168,13 +2044,12 @@ class TestLLCM(unittest.TestCase):
         self.assertEqual([p.name for p in testset.protocols], ["infrared-to-visible", "visible-to-infrared"])
 
     def test_gallery_draws_restated(self):
-        import random
         _, testset = self.load(expect_published=False)
 
         def draw(folder, cams, trial):  # the release's rule, restated: seed, then one random.choice per dir
             random.seed(trial)
             out = []
-            for pid in sorted(_LLCM_TEST):
+            for pid in sorted(LLCM_TEST):
                 for cam in cams:
                     d = os.path.join(self.root, folder, f"cam{cam}", f"{pid:04d}")
                     if os.path.isdir(d):
@@ -2191,8 +2066,6 @@ class TestLLCM(unittest.TestCase):
             self.assertEqual([pools["v"].files[i] for i in g], pools["v"].files)
 
     def test_same_camera_removal_by_hand(self):
-        import eval as evaluation
-        import numpy as np
         # gallery: pid 5 cam 2, pid 7 cam 1, pid 5 cam 4, pid 7 cam 2
         g_pids, g_cams = np.array([5, 7, 5, 7]), np.array([2, 1, 4, 2])
         q_pids, q_cams = np.array([5, 7]), np.array([2, 3])
@@ -2205,12 +2078,9 @@ class TestLLCM(unittest.TestCase):
         self.assertAlmostEqual(r["mINP"], (1 / 2 + 2 / 4) / 2)
 
     def test_val_split(self):
-        import data
-        import reid
-        import synthetic
         with self.assertRaisesRegex(data.DataError, "2 training identities are too few"):
             self.load(split="val")                   # round(0.2 * 2) = 0 held out
-        root = synthetic.ensure_world(Path(TEST_CACHE), "llcm", **reid.SMOKE_WORLDS["llcm"], log=lambda s: None)
+        root = smoke_world("llcm")
         full, test = self.load(root, expect_published=False)
         train, val = self.load(root, split="val")
         self.assertEqual(train.num_classes + 2, full.num_classes)  # round(0.2 * 10) identities held out
@@ -2219,7 +2089,6 @@ class TestLLCM(unittest.TestCase):
         self.assertEqual(len(set(val.pools["r"].labels)), 2)
 
     def test_bad_input(self):
-        import data
         cases = [  # (what to break, a word of the message)
             (lambda r: os.remove(os.path.join(r, "idx", "train_nir.txt")), "train_nir.txt is missing"),
             (lambda r: open(os.path.join(r, "idx", "train_vis.txt"), "a").write("x.jpg 0 7\n"), "malformed"),
@@ -2229,12 +2098,12 @@ class TestLLCM(unittest.TestCase):
             (lambda r: open(os.path.join(r, "idx", "test_id.txt"), "w").write("1234,3,77,555\n"), "identity 555"),
             (lambda r: open(os.path.join(r, "idx", "test_id.txt"), "w").write("1234;3\n"), "not an identity"),
             (lambda r: os.remove(os.path.join(r, "idx", "test_id.txt")), "test_id.txt is missing"),
-            (lambda r: _dt_shutil.rmtree(os.path.join(r, "idx")), "no idx/ directory"),
+            (lambda r: shutil.rmtree(os.path.join(r, "idx")), "no idx/ directory"),
         ]
         for k, (breaking, word) in enumerate(cases):
             with self.subTest(word=word):
                 root = os.path.join(self._tmp.name, f"bad{k}")
-                _dt_shutil.copytree(self.root, root)
+                shutil.copytree(self.root, root)
                 breaking(root)
                 with self.assertRaises(data.DataError) as cm:
                     self.load(root)
@@ -2242,9 +2111,7 @@ class TestLLCM(unittest.TestCase):
                 self.assertEqual(len(str(cm.exception).splitlines()), 1)
 
     def test_smoke_run_on_an_llcm_tree(self):
-        import reid
-        import synthetic
-        root = synthetic.ensure_world(Path(TEST_CACHE), "llcm", **reid.SMOKE_WORLDS["llcm"], log=lambda s: None)
+        root = smoke_world("llcm")
         _, testset = self.load(root, expect_published=False)
         self.assertEqual(len(testset.pools["v"]), len(list(Path(root, "test_vis").rglob("*.jpg"))))
         with tempfile.TemporaryDirectory() as tmp:
@@ -2255,78 +2122,152 @@ class TestLLCM(unittest.TestCase):
             self.assertEqual(len(r["trials"]), 10)
 
 
-# ==== end cli ====
+# ==== methods/agw.py (TestAGW) ====
 
-# ==== methods/nfs.py tests (TestNFS*) ====
+class TestAGW(unittest.TestCase):
+    def test_wrt_against_loop(self):
+        g = torch.Generator().manual_seed(0)
+        f, y = torch.randn(8, 5, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+        total = 0.0
+        for i in range(8):  # re-statement: softmax-weighted positive and negative distances per anchor
+            d = [math.dist(f[i].tolist(), f[j].tolist()) for j in range(8)]
+            pos = [j for j in range(8) if y[j] == y[i]]
+            neg = [j for j in range(8) if y[j] != y[i]]
+            zp = sum(math.exp(d[j]) for j in pos)
+            zn = sum(math.exp(-d[j]) for j in neg)
+            d_p = sum(math.exp(d[j]) / zp * d[j] for j in pos)
+            d_n = sum(math.exp(-d[j]) / zn * d[j] for j in neg)
+            total += math.log(1 + math.exp(d_p - d_n))
+        self.assertAlmostEqual(agw.L_wrt(f, y).item(), total / 8, places=4)
 
-import copy as _nfs_copy
-import dataclasses as _nfs_dc
-import json as _nfs_json
-import math as _nfs_math
-import os as _nfs_os
-import re as _nfs_re
-import subprocess as _nfs_subprocess
-import sys as _nfs_sys
-import tempfile as _nfs_tempfile
-from unittest import mock as _nfs_mock
+    def test_gem_and_non_local(self):
+        x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # GeM p=3: ((1 + 8 + 27 + 64) / 4)^(1/3) = 25^(1/3)
+        self.assertAlmostEqual(agw.gem(x, 3.0).item(), 25 ** (1 / 3), places=5)
+        self.assertAlmostEqual(agw.gem(x, 1.0).item(), 2.5, places=5)  # p = 1 is average pooling
+        block = agw.NonLocal(8).eval()
+        z = torch.randn(2, 8, 4, 3)
+        self.assertTrue(torch.equal(block(z), z))  # W_z's BN starts at zero: the block starts as the identity
 
-import numpy as _nfs_np
-import torch as _nfs_torch
-import torch.nn as _nfs_nn
+    def test_two_stream_layout(self):
+        s = agw.Settings(**agw.SMOKE)
+        model = agw.build(s, 5).eval()
+        x = torch.randn(3, 3, s.height, s.width)
+        f, logits = model(x, x)
+        # visible stem first, infrared stem second; the shared layers and head are the same
+        self.assertTrue(torch.allclose(f[:3], model.features(x, "v")[0], atol=1e-5))
+        self.assertTrue(torch.allclose(f[3:], model.features(x, "r")[0], atol=1e-5))
+        self.assertEqual(tuple(logits.shape), (6, 5))
+        self.assertFalse(model.bnneck.bias.requires_grad)
 
-import data as _nfs_data
-from methods import nfs as _nfs
-from methods.common import UserError as _nfs_UserError
+    def test_resnet50_trainable_parameters_are_the_community_count(self):
+        """One training step of the ResNet-50 model for 395 classes: the parameters that receive a gradient number
+        24,357,263, the community AGW's count (two stems 2 x 9,536 less one, shared layer1-4 23,508,032 - 9,536,
+        five 1-channel non-local blocks 7C + 3 each = 28,687, BNNeck weight 2,048, classifier 2,048 x 395)."""
+        torch.manual_seed(0)
+        model = agw.build(agw.Settings(pretrained="none"), 395)
+        x, y = torch.randn(4, 3, 32, 16), torch.tensor([0, 1, 0, 1])
+        f, logits = model(x, x)
+        y2 = torch.cat([y, y])
+        (F.cross_entropy(logits, y2) + agw.L_wrt(f, y2)).backward()
+        self.assertEqual(sum(p.numel() for p in model.parameters() if p.grad is not None), 24_357_263)
+        blocks = [m for m in model.modules() if isinstance(m, agw.NonLocal)]
+        self.assertEqual(sorted(b.theta.in_channels for b in blocks), [512, 512, 1024, 1024, 1024])
+        for b in blocks:   # inner width 1: theta, phi, g squeeze C to 1 channel, W expands 1 to C
+            self.assertEqual((b.theta.out_channels, b.phi.out_channels, b.g.out_channels, b.W[0].in_channels),
+                             (1, 1, 1, 1))
+        half = agw.build(agw.Settings(pretrained="none", non_local_inner="half"), 395)
+        blocks = [m for m in half.modules() if isinstance(m, agw.NonLocal)]
+        self.assertEqual([b.theta.out_channels for b in blocks], [256, 256, 512, 512, 512])
+        self.assertEqual(sum(p.numel() for b in blocks for p in b.parameters()), 7_358_464)   # C/2: 3 (C^2/2 + C/2)
+        #                                                                                     + (C^2/2 + C) + 2C
+
+    def test_head_initialisation(self):
+        """BNNeck weight ~ N(1, 0.01), bias 0; classifier ~ N(0, 0.001) (community model.py:80-89)."""
+        torch.manual_seed(0)
+        model = agw.build(agw.Settings(**agw.SMOKE), 300)
+        w, c = model.bnneck.weight.detach(), model.classifier.weight.detach()
+        self.assertAlmostEqual(w.mean().item(), 1.0, delta=0.003)
+        self.assertAlmostEqual(w.std().item(), 0.01, delta=0.002)
+        self.assertEqual(model.bnneck.bias.abs().max().item(), 0.0)
+        self.assertAlmostEqual(c.mean().item(), 0.0, delta=2e-5)
+        self.assertAlmostEqual(c.std().item(), 0.001, delta=5e-5)
+
+    def test_recipes(self):
+        """Paper recipe: community non-local width, no erasing, project sampler; RELEASE: 81 epochs, community
+        sampler; a bad choice is one UserError line."""
+        paper = agw.Settings()
+        self.assertEqual((paper.non_local_inner, paper.erasing, paper.sampler), ("one", 0.0, "without-replacement"))
+        release = agw.Settings(**{**dataclasses.asdict(paper), **agw.RELEASE})
+        self.assertEqual((release.epochs, release.sampler, release.non_local_inner), (81, "community", "one"))
+        self.assertEqual(set(agw.RELEASE) - set(dataclasses.asdict(paper)), set())
+        for bad in ({"sampler": "random"}, {"non_local_inner": "two"}):
+            with self.assertRaises(common.UserError):
+                agw.check(agw.Settings(**bad))
+
+    def test_community_sampler(self):
+        """mode "community" (Cross-Modal-Re-ID-baseline utils.py:73-78): each identity's K images with replacement,
+        int(N / (P K)) + 1 batches; "without-replacement": no repeated image within an identity, N // (P K)."""
+        labels = np.repeat(np.arange(6), 2)                    # 6 ids x 2 images per modality, N = 12
+        com = data.CrossModalitySampler(labels, labels, 2, 2, seed=0, mode="community")
+        own = data.CrossModalitySampler(labels, labels, 2, 2, seed=0)
+        self.assertEqual((len(com), len(own)), (12 // 4 + 1, 12 // 4))
+        repeats = {"community": 0, "own": 0}
+        for name, s in (("community", com), ("own", own)):
+            for e in range(20):
+                for idx_v, idx_r in s.epoch(e):
+                    for idx in (idx_v, idx_r):
+                        for group in idx.reshape(2, 2):
+                            self.assertEqual(len(set(labels[group])), 1)
+                            repeats[name] += group[0] == group[1]
+        self.assertEqual(repeats["own"], 0)
+        self.assertGreater(repeats["community"], 0.3 * 20 * 4 * 4)   # P(repeat) = 1/2 per group of two
+        with self.assertRaises(data.DataError):
+            data.CrossModalitySampler(labels, labels, 2, 2, seed=0, mode="other")
 
 
-def _nfs_settings(**kw):
+# ==== methods/nfs.py (TestNFS*) ====
+
+def nfs_settings(**kw):
     """The --smoke settings (resnet18, 64 x 32) with overrides."""
-    return _nfs.Settings(**{**_nfs_dc.asdict(_nfs.Settings()), **_nfs.SMOKE, **kw})
+    return nfs.Settings(**{**dataclasses.asdict(nfs.Settings()), **nfs.SMOKE, **kw})
 
 
-def _nfs_density(x, lam):
+def cb_density(x, lam):
     """Eq. (7) re-stated: C(lam) lam^x (1 - lam)^(1 - x), float64 numpy."""
-    return float(_nfs.C(_nfs_torch.tensor(lam, dtype=_nfs_torch.float64))) * lam ** x * (1 - lam) ** (1 - x)
+    return float(nfs.C(torch.tensor(lam, dtype=torch.float64))) * lam ** x * (1 - lam) ** (1 - x)
 
 
-def _nfs_cdf_at_half(lam):
+def cb_cdf_at_half(lam):
     """F(1/2) of the continuous Bernoulli re-stated from its CDF: (sqrt(lam (1 - lam)) + lam - 1) / (2 lam - 1)."""
     return (lam * (1 - lam)).sqrt().add(lam - 1).div(2 * lam - 1)
 
 
-def _nfs_open(u, lam, rule):
+def gate_opens(u, lam, rule):
     """The gate value re-stated from the noise u: quantile, x > F^-1(1 - lam) iff u > 1 - lam; round, x > 1/2 iff
     u > F(1/2)."""
-    return u > (1 - lam if rule == "quantile" else _nfs_cdf_at_half(lam))
+    return u > (1 - lam if rule == "quantile" else cb_cdf_at_half(lam))
 
 
-class _NFSTiny(_nfs.NFS):
+class TinyNFS(nfs.NFS):
     """A tiny two-stream network with NFS's interface and real search cells after its two shared stages:
     8 x 8 inputs, stems 3 -> 4 channels (stride 2), stage 1: 4 -> 6 (4 x 4), stage 2: 6 -> 8 (2 x 2)."""
 
-    def __init__(self, act=_nfs_nn.ReLU):
-        _nfs_nn.Module.__init__(self)
+    def __init__(self, act=nn.ReLU):
+        nn.Module.__init__(self)
 
         def block(c_in, c_out, stride):
-            return _nfs_nn.Sequential(_nfs_nn.Conv2d(c_in, c_out, 3, stride, 1), _nfs_nn.BatchNorm2d(c_out), act())
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out), act())
         self.stem_v, self.stem_r = block(3, 4, 2), block(3, 4, 2)
-        self.stages = _nfs_nn.ModuleList([block(4, 6, 1), block(6, 8, 2)])
-        self.bnneck = _nfs_nn.BatchNorm1d(8)
+        self.stages = nn.ModuleList([block(4, 6, 1), block(6, 8, 2)])
+        self.bnneck = nn.BatchNorm1d(8)
         self.bnneck.bias.requires_grad_(False)
-        self.classifier = _nfs_nn.Linear(8, 3, bias=False)
-        self.cells = _nfs_nn.ModuleDict({"layer1": _nfs.SearchCell(6, 4, 4, (-1.0, 1.0), 0.5),
-                                         "layer2": _nfs.SearchCell(8, 2, 2, (-1.0, 1.0), 0.5)})
+        self.classifier = nn.Linear(8, 3, bias=False)
+        self.cells = nn.ModuleDict({"layer1": nfs.SearchCell(6, 4, 4, (-1.0, 1.0), 0.5),
+                                    "layer2": nfs.SearchCell(8, 2, 2, (-1.0, 1.0), 0.5)})
 
 
-def _nfs_batch(seed, n=4, h=8, w=8, dtype=_nfs_torch.float64):
-    g = _nfs_torch.Generator().manual_seed(seed)
-    y = _nfs_torch.arange(n) // 2
-    return {"x_v": _nfs_torch.randn(n, 3, h, w, generator=g, dtype=dtype),
-            "x_r": _nfs_torch.randn(n, 3, h, w, generator=g, dtype=dtype), "y_v": y, "y_r": y.clone()}
-
-
-def _nfs_flat(tensors):
-    return _nfs_torch.cat([t.flatten() for t in tensors])
+def flat_cat(tensors):
+    return torch.cat([t.flatten() for t in tensors])
 
 
 class TestNFSContinuousBernoulli(unittest.TestCase):
@@ -2337,113 +2278,113 @@ class TestNFSContinuousBernoulli(unittest.TestCase):
     def test_C_against_closed_form_and_at_one_half(self):
         for lam in self.LAMS:
             z = 1 - 2 * lam
-            expect = 2.0 if lam == 0.5 else 2 * _nfs_math.atanh(z) / z
-            got = float(_nfs.C(_nfs_torch.tensor(lam, dtype=_nfs_torch.float64)))
+            expect = 2.0 if lam == 0.5 else 2 * math.atanh(z) / z
+            got = float(nfs.C(torch.tensor(lam, dtype=torch.float64)))
             self.assertAlmostEqual(got, expect, delta=1e-13 * expect, msg=lam)
-        self.assertEqual(float(_nfs.C(_nfs_torch.tensor(0.5))), 2.0)
-        lam = _nfs_torch.tensor([0.5 - 1e-4, 0.5, 0.5 + 1e-4], requires_grad=True)
-        c = _nfs.C(lam)                                           # float32: series branch, no 0/0
-        self.assertTrue(_nfs_torch.allclose(c, _nfs_torch.tensor([2 + 8e-8 / 3, 2.0, 2 + 8e-8 / 3]), atol=1e-7))
+        self.assertEqual(float(nfs.C(torch.tensor(0.5))), 2.0)
+        lam = torch.tensor([0.5 - 1e-4, 0.5, 0.5 + 1e-4], requires_grad=True)
+        c = nfs.C(lam)                                            # float32: series branch, no 0/0
+        self.assertTrue(torch.allclose(c, torch.tensor([2 + 8e-8 / 3, 2.0, 2 + 8e-8 / 3]), atol=1e-7))
         c.sum().backward()                                        # dC/dlam = -(8/3) z ... -> 0 at 1/2, finite
-        self.assertTrue(_nfs_torch.isfinite(lam.grad).all())
+        self.assertTrue(torch.isfinite(lam.grad).all())
         self.assertAlmostEqual(float(lam.grad[1]), 0.0, places=6)
 
     def test_density_integrates_to_one(self):
-        x = _nfs_np.linspace(0, 1, 2001)
+        x = np.linspace(0, 1, 2001)
         for lam in self.LAMS:
-            p = _nfs_density(x, lam)
+            p = cb_density(x, lam)
             simpson = (x[1] - x[0]) / 3 * (p[0] + p[-1] + 4 * p[1:-1:2].sum() + 2 * p[2:-1:2].sum())
             self.assertAlmostEqual(simpson, 1.0, delta=1e-9, msg=lam)
 
     def test_samples_follow_the_density(self):
         """Kolmogorov-Smirnov distance of 20 000 samples to the CDF integrated numerically from Eq. (7)."""
-        grid = _nfs_np.linspace(0, 1, 20001)
-        g = _nfs_torch.Generator().manual_seed(0)
+        grid = np.linspace(0, 1, 20001)
+        g = torch.Generator().manual_seed(0)
         n = 20000
         for lam in self.LAMS:
-            p = _nfs_density(grid, lam)
-            cdf = _nfs_np.concatenate([[0.0], _nfs_np.cumsum((p[1:] + p[:-1]) / 2 * _nfs_np.diff(grid))])
-            u = _nfs_torch.rand(n, generator=g, dtype=_nfs_torch.float64)
-            x = _nfs.sample_cb(_nfs_torch.tensor(lam, dtype=_nfs_torch.float64), u).numpy()
+            p = cb_density(grid, lam)
+            cdf = np.concatenate([[0.0], np.cumsum((p[1:] + p[:-1]) / 2 * np.diff(grid))])
+            u = torch.rand(n, generator=g, dtype=torch.float64)
+            x = nfs.sample_cb(torch.tensor(lam, dtype=torch.float64), u).numpy()
             self.assertTrue(((x >= 0) & (x <= 1)).all())
-            F = _nfs_np.interp(_nfs_np.sort(x), grid, cdf)
-            ks = max((_nfs_np.arange(1, n + 1) / n - F).max(), (F - _nfs_np.arange(n) / n).max())
+            F = np.interp(np.sort(x), grid, cdf)
+            ks = max((np.arange(1, n + 1) / n - F).max(), (F - np.arange(n) / n).max())
             self.assertLess(ks, 1.95 / n ** 0.5, msg=lam)           # 0.1 % level of the KS test
-            counts = _nfs_np.histogram(x, bins=10, range=(0, 1))[0] / n
-            expect = _nfs_np.diff(_nfs_np.interp(_nfs_np.linspace(0, 1, 11), grid, cdf))
-            self.assertLess(_nfs_np.abs(counts - expect).max(), 0.012, msg=lam)
+            counts = np.histogram(x, bins=10, range=(0, 1))[0] / n
+            expect = np.diff(np.interp(np.linspace(0, 1, 11), grid, cdf))
+            self.assertLess(np.abs(counts - expect).max(), 0.012, msg=lam)
 
     def test_float32_sampler_is_stable_near_one_half(self):
-        u = _nfs_torch.rand(1000, generator=_nfs_torch.Generator().manual_seed(1), dtype=_nfs_torch.float64)
+        u = torch.rand(1000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         for lam in (0.5 - 1e-4, 0.5 - 1e-7, 0.5, 0.5 + 1e-7, 0.5 + 1e-4, 0.505):
-            x32 = _nfs.sample_cb(_nfs_torch.tensor(lam), u.float())
-            x64 = _nfs.sample_cb(_nfs_torch.tensor(lam, dtype=_nfs_torch.float64), u)
-            self.assertTrue(_nfs_torch.isfinite(x32).all(), lam)
+            x32 = nfs.sample_cb(torch.tensor(lam), u.float())
+            x64 = nfs.sample_cb(torch.tensor(lam, dtype=torch.float64), u)
+            self.assertTrue(torch.isfinite(x32).all(), lam)
             self.assertLess(float((x32.double() - x64).abs().max()), 1e-6, lam)
-        self.assertTrue(_nfs_torch.equal(_nfs.sample_cb(_nfs_torch.tensor(0.5, dtype=_nfs_torch.float64), u), u))
+        self.assertTrue(torch.equal(nfs.sample_cb(torch.tensor(0.5, dtype=torch.float64), u), u))
 
     def test_rounded_sample_is_bernoulli_of_sigmoid_half_logit(self):
         """--gate-sample round: P(x > 1/2) = 1 - F(1/2) = sqrt(lam) / (sqrt(lam) + sqrt(1 - lam)) = sigmoid(P / 2)."""
-        P = _nfs_torch.tensor([-6.0, -1.0, 0.0, 0.3, 2.0, 8.0])
+        P = torch.tensor([-6.0, -1.0, 0.0, 0.3, 2.0, 8.0])
         n = 100000
-        u = _nfs_torch.rand(n, len(P), generator=_nfs_torch.Generator().manual_seed(2))
-        share = _nfs.gate(P, u, "round").mean(0)
-        p = _nfs_torch.sigmoid(P / 2)
+        u = torch.rand(n, len(P), generator=torch.Generator().manual_seed(2))
+        share = nfs.gate(P, u, "round").mean(0)
+        p = torch.sigmoid(P / 2)
         self.assertLess(float(((share - p).abs() / (p * (1 - p) / n).sqrt()).max()), 4.5)
 
     def test_gate_opens_with_probability_P_tilde(self):
         """Eq. (6): the sample above its own (1 - P~)-quantile is Bernoulli(P~); P~ = 1 / (1 + e^-P) by math."""
         logits = (-6.0, -2.5, -1.0, -0.1, 0.0, 0.3, 1.0, 2.0, 4.0, 8.0)
-        P = _nfs_torch.tensor(logits, requires_grad=True)
+        P = torch.tensor(logits, requires_grad=True)
         n = 100000
-        u = _nfs_torch.rand(n, len(P), generator=_nfs_torch.Generator().manual_seed(5))
-        G = _nfs.gate(P, u)
+        u = torch.rand(n, len(P), generator=torch.Generator().manual_seed(5))
+        G = nfs.gate(P, u)
         share = G.detach().mean(0)
         for j, logit in enumerate(logits):
-            p = 1 / (1 + _nfs_math.exp(-logit))
+            p = 1 / (1 + math.exp(-logit))
             sd = (p * (1 - p) / n) ** 0.5
             self.assertLess(abs(float(share[j]) - p), 4.5 * sd + 1e-12, msg=logit)
         # element by element, in float64: the gate is 1 exactly where u > 1 - P~
-        P64 = _nfs_torch.tensor(logits, dtype=_nfs_torch.float64)
-        lam = 1 / (1 + _nfs_torch.exp(-P64))
-        self.assertTrue(_nfs_torch.equal(_nfs.gate(P64, u.double()).bool(), _nfs_open(u.double(), lam, "quantile")))
+        P64 = torch.tensor(logits, dtype=torch.float64)
+        lam = 1 / (1 + torch.exp(-P64))
+        self.assertTrue(torch.equal(nfs.gate(P64, u.double()).bool(), gate_opens(u.double(), lam, "quantile")))
         # the straight-through estimator is kept: d sum(G) / dP = n sigma'(P)
         G.sum().backward()
-        want = _nfs_torch.tensor([n * _nfs_math.exp(-x) / (1 + _nfs_math.exp(-x)) ** 2 for x in logits])
-        self.assertTrue(_nfs_torch.allclose(P.grad, want, rtol=1e-4))
+        want = torch.tensor([n * math.exp(-x) / (1 + math.exp(-x)) ** 2 for x in logits])
+        self.assertTrue(torch.allclose(P.grad, want, rtol=1e-4))
 
     def test_saturated_fields_stay_finite(self):
-        P = _nfs_torch.tensor([-1e4, -100.0, -20.0, 20.0, 100.0, 1e4], requires_grad=True)
-        G = _nfs.gate(P, _nfs_torch.rand(500, len(P), generator=_nfs_torch.Generator().manual_seed(3)))
+        P = torch.tensor([-1e4, -100.0, -20.0, 20.0, 100.0, 1e4], requires_grad=True)
+        G = nfs.gate(P, torch.rand(500, len(P), generator=torch.Generator().manual_seed(3)))
         G_value = G.detach()
-        self.assertTrue(_nfs_torch.isfinite(G).all())
+        self.assertTrue(torch.isfinite(G).all())
         # P~ is clamped to [1e-6, 1 - 1e-6]: a saturated gate flips with probability sigmoid(-13.8 / 2) = 1e-3
         self.assertLess(float(G_value[:, :3].mean()), 0.005)
         self.assertGreater(float(G_value[:, 3:].mean()), 0.995)
         G.sum().backward()
-        self.assertTrue(_nfs_torch.isfinite(P.grad).all())
+        self.assertTrue(torch.isfinite(P.grad).all())
 
 
 class TestNFSGates(unittest.TestCase):
     """Eq. (4) and Eq. (9) in a search cell; gates per modality; stage shapes."""
 
     def setUp(self):
-        _nfs_torch.manual_seed(0)
-        self.cell = _nfs.SearchCell(5, 3, 2, (-1.0, 1.0), 0.5).train()
-        self.y = _nfs_torch.rand(6, 5, 3, 2, dtype=_nfs_torch.float64) + 0.5       # rows 0-3 visible, 4-5 infrared
+        torch.manual_seed(0)
+        self.cell = nfs.SearchCell(5, 3, 2, (-1.0, 1.0), 0.5).train()
+        self.y = torch.rand(6, 5, 3, 2, dtype=torch.float64) + 0.5                 # rows 0-3 visible, 4-5 infrared
         self.n_v = 4
         self.noise = self.cell.draw_noise(6)
 
     def expected_gates(self, rule):
-        """(6, 5, 3, 2) 0/1 per element, re-stated from the noise (_nfs_open)."""
+        """(6, 5, 3, 2) 0/1 per element, re-stated from the noise (gate_opens)."""
         u_pix, u_ch = self.noise
         out = []
         for i in range(6):
             m = "v" if i < self.n_v else "r"
-            g_pix = _nfs_open(u_pix[i], _nfs_torch.sigmoid(self.cell.P_pix[m].detach()), rule)
-            g_ch = _nfs_open(u_ch[i], _nfs_torch.sigmoid(self.cell.P_ch[m].detach()), rule)
+            g_pix = gate_opens(u_pix[i], torch.sigmoid(self.cell.P_pix[m].detach()), rule)
+            g_ch = gate_opens(u_ch[i], torch.sigmoid(self.cell.P_ch[m].detach()), rule)
             out.append((g_pix & g_ch[:, None, None]).double())
-        return _nfs_torch.stack(out)
+        return torch.stack(out)
 
     def test_eq4_unselected_exactly_zero_selected_unchanged(self):
         for rule in ("quantile", "round"):
@@ -2451,94 +2392,94 @@ class TestNFSGates(unittest.TestCase):
             out = self.cell(self.y, self.n_v, self.noise)
             G = self.expected_gates(rule)
             self.assertTrue(0 < float(G.mean()) < 1)
-            self.assertTrue(_nfs_torch.equal(out[G == 0], _nfs_torch.zeros_like(out[G == 0])), rule)
-            self.assertTrue(_nfs_torch.equal(out[G == 1], self.y[G == 1]), rule)
+            self.assertTrue(torch.equal(out[G == 0], torch.zeros_like(out[G == 0])), rule)
+            self.assertTrue(torch.equal(out[G == 1], self.y[G == 1]), rule)
 
     def test_search_time_keep_rate_at_initialisation(self):
         """U(0, 1) logits, pixel x channel gates: E[kept] = E[sigma(U)]^2 = ln((1 + e) / 2)^2 = 0.385 (quantile),
         (2 ln((1 + e^(1/2)) / 2))^2 = 0.316 (round); the derived gates keep everything."""
-        _nfs_torch.manual_seed(1)
-        cell = _nfs.SearchCell(128, 8, 4, (0.0, 1.0), 0.5).train()
-        y = _nfs_torch.ones(64, 128, 8, 4)
-        lam_pix, lam_ch = _nfs_torch.sigmoid(cell.P_pix["v"].detach()), _nfs_torch.sigmoid(cell.P_ch["v"].detach())
+        torch.manual_seed(1)
+        cell = nfs.SearchCell(128, 8, 4, (0.0, 1.0), 0.5).train()
+        y = torch.ones(64, 128, 8, 4)
+        lam_pix, lam_ch = torch.sigmoid(cell.P_pix["v"].detach()), torch.sigmoid(cell.P_ch["v"].detach())
         realised = float((lam_pix * lam_ch[:, None, None]).mean())
-        for rule, closed in (("quantile", _nfs_math.log((1 + _nfs_math.e) / 2) ** 2),
-                             ("round", (2 * _nfs_math.log((1 + _nfs_math.e ** 0.5) / 2)) ** 2)):
+        for rule, closed in (("quantile", math.log((1 + math.e) / 2) ** 2),
+                             ("round", (2 * math.log((1 + math.e ** 0.5) / 2)) ** 2)):
             cell.sample = rule
             kept = float(cell(y, 64).detach().mean())
             if rule == "quantile":
                 self.assertAlmostEqual(kept, realised, delta=0.003)
             self.assertAlmostEqual(kept, closed, delta=0.02, msg=rule)
-        self.assertAlmostEqual(_nfs_math.log((1 + _nfs_math.e) / 2) ** 2, 0.385, places=3)   # the docstring's figure
+        self.assertAlmostEqual(math.log((1 + math.e) / 2) ** 2, 0.385, places=3)             # the docstring's figure
         self.assertEqual(float(cell.eval()(y, 64).mean()), 1.0)
 
     def test_eq9_gradient_reaches_fields_through_hard_gates(self):
-        w = _nfs_torch.randn(6, 5, 3, 2, generator=_nfs_torch.Generator().manual_seed(4), dtype=_nfs_torch.float64)
+        w = torch.randn(6, 5, 3, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
         (self.cell(self.y, self.n_v, self.noise) * w).sum().backward()
         u_pix, u_ch = self.noise
         for m, rows in (("v", slice(0, 4)), ("r", slice(4, 6))):
-            lam_pix = _nfs_torch.sigmoid(self.cell.P_pix[m].detach())
-            lam_ch = _nfs_torch.sigmoid(self.cell.P_ch[m].detach())
-            g_pix = _nfs_open(u_pix[rows], lam_pix, "quantile").double()             # (n_m, C, H, W)
-            g_ch = _nfs_open(u_ch[rows], lam_ch, "quantile").double()[:, :, None, None]
+            lam_pix = torch.sigmoid(self.cell.P_pix[m].detach())
+            lam_ch = torch.sigmoid(self.cell.P_ch[m].detach())
+            g_pix = gate_opens(u_pix[rows], lam_pix, "quantile").double()            # (n_m, C, H, W)
+            g_ch = gate_opens(u_ch[rows], lam_ch, "quantile").double()[:, :, None, None]
             up = w[rows] * self.y[rows]                                             # dL/dY~ * Y
             # straight-through: dL/dP~ = dL/dG, then dP~/dP = P~ (1 - P~)
             want_pix = (up * g_ch).sum(0) * lam_pix * (1 - lam_pix)
             want_ch = (up * g_pix).sum((0, 2, 3)) * lam_ch * (1 - lam_ch)
-            self.assertTrue(_nfs_torch.allclose(self.cell.P_pix[m].grad.double(), want_pix, atol=1e-6, rtol=1e-5), m)
-            self.assertTrue(_nfs_torch.allclose(self.cell.P_ch[m].grad.double(), want_ch, atol=1e-6, rtol=1e-5), m)
+            self.assertTrue(torch.allclose(self.cell.P_pix[m].grad.double(), want_pix, atol=1e-6, rtol=1e-5), m)
+            self.assertTrue(torch.allclose(self.cell.P_ch[m].grad.double(), want_ch, atol=1e-6, rtol=1e-5), m)
             self.assertGreater(float(self.cell.P_pix[m].grad.abs().sum()), 0)
 
     def test_each_modality_uses_its_own_fields(self):
-        with _nfs_torch.no_grad():
+        with torch.no_grad():
             for field in (self.cell.P_pix, self.cell.P_ch):
                 field["v"].fill_(30.0)
                 field["r"].fill_(-30.0)
         for train in (True, False):
             self.cell.train(train)
             out = self.cell(self.y, self.n_v, self.noise).detach()
-            self.assertTrue(_nfs_torch.equal(out[:4], self.y[:4]))
+            self.assertTrue(torch.equal(out[:4], self.y[:4]))
             self.assertEqual(float(out[4:].abs().max()), 0.0)
 
     def test_derived_gates_threshold_and_eval_forward(self):
-        with _nfs_torch.no_grad():
+        with torch.no_grad():
             self.cell.P_pix["v"][0, 0, 0] = 0.0                                     # P~ = 0.5 is not > 0.5
         self.cell.threshold = 0.6
         d = self.cell.derived()
         for m in ("v", "r"):
-            self.assertTrue(_nfs_torch.equal(d[f"{m}.pixel"], _nfs_torch.sigmoid(self.cell.P_pix[m]) > 0.6))
-            self.assertTrue(_nfs_torch.equal(d[f"{m}.channel"], _nfs_torch.sigmoid(self.cell.P_ch[m]) > 0.6))
+            self.assertTrue(torch.equal(d[f"{m}.pixel"], torch.sigmoid(self.cell.P_pix[m]) > 0.6))
+            self.assertTrue(torch.equal(d[f"{m}.channel"], torch.sigmoid(self.cell.P_ch[m]) > 0.6))
         self.cell.eval()
         out = self.cell(self.y, self.n_v)
         for i, m in enumerate("vvvvrr"):
             keep = d[f"{m}.pixel"] & d[f"{m}.channel"][:, None, None]
-            self.assertTrue(_nfs_torch.equal(out[i], self.y[i] * keep))
-        fixed = _nfs.GateCell(5, 3, 2)
+            self.assertTrue(torch.equal(out[i], self.y[i] * keep))
+        fixed = nfs.GateCell(5, 3, 2)
         fixed.set(d)
-        self.assertTrue(_nfs_torch.equal(fixed(self.y, self.n_v), out))
+        self.assertTrue(torch.equal(fixed(self.y, self.n_v), out))
 
     def test_stage_shapes_match_a_dry_forward(self):
-        net = _nfs.common.resnet("resnet18").eval()
+        net = common.resnet("resnet18").eval()
         for h, w in ((64, 32), (100, 50), (97, 33)):
-            y = _nfs.common.stem(net)(_nfs_torch.zeros(1, 3, h, w))
+            y = common.stem(net)(torch.zeros(1, 3, h, w))
             got = []
-            with _nfs_torch.no_grad():
-                for stage in _nfs.common.stages(net):
+            with torch.no_grad():
+                for stage in common.stages(net):
                     y = stage(y)
                     got.append(tuple(y.shape[1:]))
-            self.assertEqual(_nfs.stage_shapes("resnet18", h, w), got, (h, w))
-        self.assertEqual(_nfs.stage_shapes("resnet50", 288, 144),
+            self.assertEqual(nfs.stage_shapes("resnet18", h, w), got, (h, w))
+        self.assertEqual(nfs.stage_shapes("resnet50", 288, 144),
                          [(256, 72, 36), (512, 36, 18), (1024, 18, 9), (2048, 18, 9)])        # Table 5
 
     def test_model_fields_follow_the_input_size(self):
         for h, w in ((64, 32), (96, 40)):
-            model = _nfs.build(_nfs_settings(height=h, width=w, search_stages=(1, 3)), 4, {"nfs_model": "search"})
+            model = nfs.build(nfs_settings(height=h, width=w, search_stages=(1, 3)), 4, {"nfs_model": "search"})
             self.assertEqual(list(model.cells), ["layer1", "layer3"])
-            shapes = _nfs.stage_shapes("resnet18", h, w)
+            shapes = nfs.stage_shapes("resnet18", h, w)
             self.assertEqual(tuple(model.cells["layer3"].P_pix["r"].shape), shapes[2])
             self.assertEqual(tuple(model.cells["layer1"].P_ch["v"].shape), (64,))
             model.train()
-            f, logits = model(_nfs_torch.randn(2, 3, h, w), _nfs_torch.randn(2, 3, h, w))
+            f, logits = model(torch.randn(2, 3, h, w), torch.randn(2, 3, h, w))
             self.assertEqual((tuple(f.shape), tuple(logits.shape)), ((4, 512), (4, 4)))
 
 
@@ -2546,125 +2487,126 @@ class TestNFSSecondOrder(unittest.TestCase):
     """Alg. 1 line 4 on a tiny network in float64."""
 
     def grad(self, model, settings, seed=7, **kw):
-        _nfs_torch.manual_seed(seed)
+        torch.manual_seed(seed)
         xi = [0.05 if name.startswith("classifier") else 0.1 for name, _ in model.named_weights()]
-        g, l_val = _nfs.gate_gradient(model, _nfs_batch(1), _nfs_batch(2), settings, xi, **kw)
-        return _nfs_flat(g), l_val
+        batch_t, batch_v = (random_batch(h=8, w=8, seed=k, dtype=torch.float64) for k in (1, 2))
+        g, l_val = nfs.gate_gradient(model, batch_t, batch_v, settings, xi, **kw)
+        return flat_cat(g), l_val
 
     def setUp(self):
-        _nfs_torch.manual_seed(0)
-        self.model = _NFSTiny().double().train()
-        self.settings = _nfs_settings(hessian="finite-difference")
+        torch.manual_seed(0)
+        self.model = TinyNFS().double().train()
+        self.settings = nfs_settings(hessian="finite-difference")
         self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
 
     def assert_untouched(self):
         for k, v in self.model.state_dict().items():
-            self.assertTrue(_nfs_torch.equal(v, self.state[k]), k)
+            self.assertTrue(torch.equal(v, self.state[k]), k)
 
     def test_finite_difference_matches_exact_autograd(self):
-        exact, l_exact = self.grad(self.model, _nfs_dc.replace(self.settings, hessian="autograd"))
+        exact, l_exact = self.grad(self.model, dataclasses.replace(self.settings, hessian="autograd"))
         self.assert_untouched()
         fd, l_fd = self.grad(self.model, self.settings, fd_scale=1e-7)      # small step: no ReLU kink crossed
         self.assert_untouched()
         self.assertAlmostEqual(float(l_fd), float(l_exact), places=12)
         self.assertLess(float((fd - exact).norm() / exact.norm()), 1e-5)
-        first, _ = self.grad(self.model, _nfs_dc.replace(self.settings, first_order=True))
+        first, _ = self.grad(self.model, dataclasses.replace(self.settings, first_order=True))
         self.assertGreater(float((first - exact).norm() / exact.norm()), 1e-3)   # the second-order term matters
 
     def test_finite_difference_at_the_default_step_on_a_smooth_network(self):
-        _nfs_torch.manual_seed(0)
-        self.model = _NFSTiny(_nfs_nn.Softplus).double().train()
+        torch.manual_seed(0)
+        self.model = TinyNFS(nn.Softplus).double().train()
         self.state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        exact, _ = self.grad(self.model, _nfs_dc.replace(self.settings, hessian="autograd"))
+        exact, _ = self.grad(self.model, dataclasses.replace(self.settings, hessian="autograd"))
         fd, _ = self.grad(self.model, self.settings)
         self.assert_untouched()
         self.assertLess(float((fd - exact).norm() / exact.norm()), 1e-3)
 
     def test_exact_equals_an_independent_restatement(self):
         """d/dP L_val(W - xi grad_W L_train(W, P), P) by hand: direct term - (d/dP of <grad_W L_train, xi v>)."""
-        settings = _nfs_dc.replace(self.settings, hessian="autograd")
+        settings = dataclasses.replace(self.settings, hessian="autograd")
         exact, _ = self.grad(self.model, settings)
-        _nfs_torch.manual_seed(7)
+        torch.manual_seed(7)
         names, W = zip(*self.model.named_weights())
         xi = [0.05 if n.startswith("classifier") else 0.1 for n in names]
         P = self.model.fields()
         u_t, u_v = self.model.draw_noise(8), self.model.draw_noise(8)
-        l_t = _nfs.objective(self.model, _nfs_batch(1), settings, noise=u_t)[0]
-        g = _nfs_torch.autograd.grad(l_t, W, create_graph=True)
-        virtual = _nfs_copy.deepcopy(self.model)                            # the network at W' = W - xi g
-        with _nfs_torch.no_grad():
+        l_t = nfs.objective(self.model, random_batch(h=8, w=8, seed=1, dtype=torch.float64), settings, noise=u_t)[0]
+        g = torch.autograd.grad(l_t, W, create_graph=True)
+        virtual = copy.deepcopy(self.model)                                 # the network at W' = W - xi g
+        with torch.no_grad():
             for w, x, gw in zip(virtual.weights(), xi, g):
                 w.sub_(x * gw)
-        l_v = _nfs.objective(virtual, _nfs_batch(2), settings, noise=u_v)[0]
-        d = _nfs_torch.autograd.grad(l_v, virtual.weights() + virtual.fields())
+        l_v = nfs.objective(virtual, random_batch(h=8, w=8, seed=2, dtype=torch.float64), settings, noise=u_v)[0]
+        d = torch.autograd.grad(l_v, virtual.weights() + virtual.fields())
         dW, dP = d[:len(W)], d[len(W):]
-        hvp = _nfs_torch.autograd.grad(sum((gw * x * dw).sum() for gw, x, dw in zip(g, xi, dW)), P)
-        want = _nfs_flat(dP) - _nfs_flat(hvp)
+        hvp = torch.autograd.grad(sum((gw * x * dw).sum() for gw, x, dw in zip(g, xi, dW)), P)
+        want = flat_cat(dP) - flat_cat(hvp)
         self.assertLess(float((exact - want).norm() / want.norm()), 1e-10)
 
     def test_finite_difference_runs_in_float32_under_amp(self):
         """--amp with --hessian finite-difference: the gate gradient is the float32 one (bf16 autocast on the CPU)."""
-        _nfs_torch.manual_seed(0)
-        model = _NFSTiny().train()
+        torch.manual_seed(0)
+        model = TinyNFS().train()
         xi = [0.1] * len(model.weights())
-        b1, b2 = _nfs_batch(1, dtype=_nfs_torch.float32), _nfs_batch(2, dtype=_nfs_torch.float32)
+        b1, b2 = random_batch(h=8, w=8, seed=1), random_batch(h=8, w=8, seed=2)
 
         def bf16():
-            return _nfs_torch.autocast("cpu", dtype=_nfs_torch.bfloat16)
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         out = {}
         for hessian in ("finite-difference", "autograd"):
-            for name, ctx in (("fp32", _nfs.contextlib.nullcontext), ("bf16", bf16)):
-                _nfs_torch.manual_seed(7)
-                g, _ = _nfs.gate_gradient(model, b1, b2, _nfs_dc.replace(self.settings, hessian=hessian), xi, ctx)
-                out[hessian, name] = _nfs_flat(g)
-        self.assertTrue(_nfs_torch.equal(out["finite-difference", "bf16"], out["finite-difference", "fp32"]))
-        self.assertFalse(_nfs_torch.equal(out["autograd", "bf16"], out["autograd", "fp32"]))   # autocast was live
+            for name, ctx in (("fp32", contextlib.nullcontext), ("bf16", bf16)):
+                torch.manual_seed(7)
+                g, _ = nfs.gate_gradient(model, b1, b2, dataclasses.replace(self.settings, hessian=hessian), xi, ctx)
+                out[hessian, name] = flat_cat(g)
+        self.assertTrue(torch.equal(out["finite-difference", "bf16"], out["finite-difference", "fp32"]))
+        self.assertFalse(torch.equal(out["autograd", "bf16"], out["autograd", "fp32"]))        # autocast was live
 
     def test_first_order_is_the_gradient_at_W(self):
-        got, l_val = self.grad(self.model, _nfs_dc.replace(self.settings, first_order=True))
+        got, l_val = self.grad(self.model, dataclasses.replace(self.settings, first_order=True))
         self.assert_untouched()
-        _nfs_torch.manual_seed(7)
-        loss = _nfs.objective(self.model, _nfs_batch(2), self.settings)[0]
-        want = _nfs_flat(_nfs_torch.autograd.grad(loss, self.model.fields()))
-        self.assertTrue(_nfs_torch.equal(got, want))
+        torch.manual_seed(7)
+        loss = nfs.objective(self.model, random_batch(h=8, w=8, seed=2, dtype=torch.float64), self.settings)[0]
+        want = flat_cat(torch.autograd.grad(loss, self.model.fields()))
+        self.assertTrue(torch.equal(got, want))
         self.assertEqual(float(l_val), float(loss.detach()))
 
 
 class TestNFSLosses(unittest.TestCase):
 
     def test_eq13_by_hand(self):
-        f_v = _nfs_torch.tensor([[0.0, 0.0], [3.0, 4.0]])
-        f_r = _nfs_torch.tensor([[0.0, 1.0], [6.0, 8.0]])
-        y_v, y_r = _nfs_torch.tensor([0, 1]), _nfs_torch.tensor([0, 2])
+        f_v = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+        f_r = torch.tensor([[0.0, 1.0], [6.0, 8.0]])
+        y_v, y_r = torch.tensor([0, 1]), torch.tensor([0, 2])
         # pairs: (v0, r0) positive, d = 1 -> 1; (v0, r1) negative, d = 10 >= T -> 0;
         # (v1, r0) negative, d = sqrt(18) -> (6 - 3 sqrt 2)^2; (v1, r1) negative, d = 5 -> 1
         want = (1 + 0 + (6 - 3 * 2 ** 0.5) ** 2 + 1) / 4
-        self.assertAlmostEqual(float(_nfs.L_c(f_v, f_r, y_v, y_r, T=6.0)), want, places=5)
+        self.assertAlmostEqual(float(nfs.L_c(f_v, f_r, y_v, y_r, T=6.0)), want, places=5)
 
     def test_eq13_against_a_pair_loop(self):
-        g = _nfs_torch.Generator().manual_seed(0)
-        f_v, f_r = _nfs_torch.randn(6, 5, generator=g) * 4, _nfs_torch.randn(6, 5, generator=g) * 4
-        y = _nfs_torch.tensor([0, 0, 1, 1, 2, 2])
+        g = torch.Generator().manual_seed(0)
+        f_v, f_r = torch.randn(6, 5, generator=g) * 4, torch.randn(6, 5, generator=g) * 4
+        y = torch.tensor([0, 0, 1, 1, 2, 2])
         terms = []
         for i in range(6):
             for j in range(6):
                 d = float((f_v[i] - f_r[j]).norm())
                 terms.append(d ** 2 if y[i] == y[j] else max(0.0, 8.0 - d) ** 2)
-        self.assertAlmostEqual(float(_nfs.L_c(f_v, f_r, y, y, T=8.0)), sum(terms) / 36, places=3)
+        self.assertAlmostEqual(float(nfs.L_c(f_v, f_r, y, y, T=8.0)), sum(terms) / 36, places=3)
 
     def test_eq14_total(self):
-        _nfs_torch.manual_seed(0)
-        model = _NFSTiny().train()
-        batch = _nfs_batch(3, dtype=_nfs_torch.float32)
+        torch.manual_seed(0)
+        model = TinyNFS().train()
+        batch = random_batch(h=8, w=8, seed=3)
         noise = model.draw_noise(8)
-        settings = _nfs_settings(lam=0.5, T=3.0)
-        loss, terms = _nfs.objective(model, batch, settings, noise=noise)
+        settings = nfs_settings(lam=0.5, T=3.0)
+        loss, terms = nfs.objective(model, batch, settings, noise=noise)
         self.assertAlmostEqual(float(loss), float(terms["L_id"] + terms["L_tri"] + 0.5 * terms["L_c"]), places=5)
         f, logits = model(batch["x_v"], batch["x_r"], noise)
-        y = _nfs_torch.cat([batch["y_v"], batch["y_r"]])
-        self.assertAlmostEqual(float(terms["L_id"]), float(_nfs_torch.nn.functional.cross_entropy(logits, y)), places=5)
-        self.assertAlmostEqual(float(terms["L_c"]), float(_nfs.L_c(f[:4], f[4:], y[:4], y[4:], 3.0)), places=4)
-        loss_b, terms_b = _nfs.objective(model, batch, _nfs_dc.replace(settings, contrastive=False), noise=noise)
+        y = torch.cat([batch["y_v"], batch["y_r"]])
+        self.assertAlmostEqual(float(terms["L_id"]), float(torch.nn.functional.cross_entropy(logits, y)), places=5)
+        self.assertAlmostEqual(float(terms["L_c"]), float(nfs.L_c(f[:4], f[4:], y[:4], y[4:], 3.0)), places=4)
+        loss_b, terms_b = nfs.objective(model, batch, dataclasses.replace(settings, contrastive=False), noise=noise)
         self.assertEqual(set(terms_b), {"L_id", "L_tri"})
         self.assertAlmostEqual(float(loss_b), float(terms["L_id"] + terms["L_tri"]), places=5)
 
@@ -2673,10 +2615,10 @@ class TestNFSGatesFile(unittest.TestCase):
     """Alg. 1 lines 5-6: derived gates, the gates file, the retrain network and its checkpoint."""
 
     def setUp(self):
-        self.tmp = _nfs_tempfile.TemporaryDirectory()
-        self.settings = _nfs_settings(search_stages=(1, 2))
-        self.search = _nfs.initial_model(self.settings, 4, "search", seed=3)
-        with _nfs_torch.no_grad():
+        self.tmp = tempfile.TemporaryDirectory()
+        self.settings = nfs_settings(search_stages=(1, 2))
+        self.search = nfs.initial_model(self.settings, 4, "search", seed=3)
+        with torch.no_grad():
             for p in self.search.fields():
                 p.uniform_(-1, 1)
 
@@ -2684,49 +2626,49 @@ class TestNFSGatesFile(unittest.TestCase):
         self.tmp.cleanup()
 
     def test_round_trip_into_the_retrain_network(self):
-        path = _nfs_os.path.join(self.tmp.name, "gates.pt")
-        _nfs.save_gates(self.search, self.settings, path)
-        retrain = _nfs.initial_model(self.settings, 4, "retrain", seed=3)
-        gates = _nfs.load_gates(path, retrain, self.settings)
+        path = os.path.join(self.tmp.name, "gates.pt")
+        nfs.save_gates(self.search, self.settings, path)
+        retrain = nfs.initial_model(self.settings, 4, "retrain", seed=3)
+        gates = nfs.load_gates(path, retrain, self.settings)
         retrain.set_gates(gates)
         for k, g in self.search.gates().items():
-            self.assertTrue(_nfs_torch.equal(retrain.gates()[k], g), k)
+            self.assertTrue(torch.equal(retrain.gates()[k], g), k)
             self.assertTrue(0.2 < float(g.float().mean()) < 0.8, k)
-        saved = _nfs_torch.load(path, weights_only=True)
+        saved = torch.load(path, weights_only=True)
         p = saved["probabilities"]["layer2.r.pixel"]
-        self.assertTrue(_nfs_torch.equal(saved["gates"]["layer2.r.pixel"], p > 0.5))
+        self.assertTrue(torch.equal(saved["gates"]["layer2.r.pixel"], p > 0.5))
         # the retrain network starts from the weights the search started from
         ws, wr = self.search.state_dict(), retrain.state_dict()
         for k in ws:
             if not k.startswith("cells."):
-                self.assertTrue(_nfs_torch.equal(ws[k], wr[k]), k)
+                self.assertTrue(torch.equal(ws[k], wr[k]), k)
         # build() for --eval-only: the gates come back with the state dict
-        rebuilt = _nfs.build(self.settings, 4, {"nfs_model": "retrain"})
-        _nfs.common.load_model_state(rebuilt, retrain.state_dict(), "test")
-        x = _nfs_torch.randn(2, 3, 64, 32)
+        rebuilt = nfs.build(self.settings, 4, {"nfs_model": "retrain"})
+        common.load_model_state(rebuilt, retrain.state_dict(), "test")
+        x = torch.randn(2, 3, 64, 32)
         retrain.eval(), rebuilt.eval(), self.search.eval()
         for m in ("v", "r"):
-            self.assertTrue(_nfs_torch.equal(_nfs.extract(rebuilt, x, m), _nfs.extract(retrain, x, m)))
-        self.assertTrue(_nfs_torch.allclose(_nfs.extract(retrain, x, "r"), _nfs.extract(self.search, x, "r")))
+            self.assertTrue(torch.equal(nfs.extract(rebuilt, x, m), nfs.extract(retrain, x, m)))
+        self.assertTrue(torch.allclose(nfs.extract(retrain, x, "r"), nfs.extract(self.search, x, "r")))
 
     def test_mismatched_or_missing_gates_file(self):
-        path = _nfs_os.path.join(self.tmp.name, "gates.pt")
-        _nfs.save_gates(self.search, self.settings, path)
-        other = _nfs_settings(search_stages=(1, 2, 3))
-        with self.assertRaisesRegex(_nfs_UserError, "search-stages 1 2, this run has .*search-stages 1 2 3"):
-            _nfs.load_gates(path, _nfs.build(other, 4, {"nfs_model": "retrain"}), other)
-        other = _nfs_settings(search_stages=(1, 2), height=96, width=48)
-        with self.assertRaisesRegex(_nfs_UserError, "--height 64 --width 32"):
-            _nfs.load_gates(path, _nfs.build(other, 4, {"nfs_model": "retrain"}), other)
-        with self.assertRaisesRegex(_nfs_UserError, "no such file"):
-            _nfs.load_gates(path + ".missing", self.search, self.settings)
-        with self.assertRaisesRegex(_nfs_UserError, "needs --gates"):
-            _nfs.load_gates("", self.search, self.settings)
-        bad = _nfs_os.path.join(self.tmp.name, "bad.pt")
+        path = os.path.join(self.tmp.name, "gates.pt")
+        nfs.save_gates(self.search, self.settings, path)
+        other = nfs_settings(search_stages=(1, 2, 3))
+        with self.assertRaisesRegex(UserError, "search-stages 1 2, this run has .*search-stages 1 2 3"):
+            nfs.load_gates(path, nfs.build(other, 4, {"nfs_model": "retrain"}), other)
+        other = nfs_settings(search_stages=(1, 2), height=96, width=48)
+        with self.assertRaisesRegex(UserError, "--height 64 --width 32"):
+            nfs.load_gates(path, nfs.build(other, 4, {"nfs_model": "retrain"}), other)
+        with self.assertRaisesRegex(UserError, "no such file"):
+            nfs.load_gates(path + ".missing", self.search, self.settings)
+        with self.assertRaisesRegex(UserError, "needs --gates"):
+            nfs.load_gates("", self.search, self.settings)
+        bad = os.path.join(self.tmp.name, "bad.pt")
         with open(bad, "w") as f:
             f.write("not a checkpoint")
-        with self.assertRaisesRegex(_nfs_UserError, "cannot be read"):
-            _nfs.load_gates(bad, self.search, self.settings)
+        with self.assertRaisesRegex(UserError, "cannot be read"):
+            nfs.load_gates(bad, self.search, self.settings)
 
     def test_settings_a_user_gets_wrong(self):
         for kw, text in ((dict(phase="serch"), "--phase 'serch'"), (dict(hessian="exact"), "--hessian"),
@@ -2735,27 +2677,27 @@ class TestNFSGatesFile(unittest.TestCase):
                          (dict(feature_search=False, phase="search"), "--feature-search false"),
                          (dict(threshold=1.0), "--threshold"), (dict(gate_init=(1.0, 0.0)), "--gate-init"),
                          (dict(gate_sample="median"), "--gate-sample 'median'")):
-            with self.assertRaisesRegex(_nfs_UserError, _nfs_re.escape(text)):
-                _nfs.check(_nfs_settings(**kw))
-        self.assertEqual([_nfs.model_kind(_nfs_settings(**kw)) for kw in
+            with self.assertRaisesRegex(UserError, re.escape(text)):
+                nfs.check(nfs_settings(**kw))
+        self.assertEqual([nfs.model_kind(nfs_settings(**kw)) for kw in
                           (dict(), dict(phase="search"), dict(phase="retrain"), dict(feature_search=False))],
                          ["retrain", "search", "retrain", "baseline"])
 
 
-def _nfs_coded_trainset(ids=4, per_id=5, h=32, w=16):
+def coded_trainset(ids=4, per_id=5, h=32, w=16):
     """A TrainSet of flat images whose red value 1 + index names the image (green: 10 visible, 200 infrared), so an
-    augmented batch (crop with zero padding, flip) still tells which images it holds: see _nfs_names."""
+    augmented batch (crop with zero padding, flip) still tells which images it holds: see image_names."""
     def image_set(green, prefix):
-        labels = _nfs_np.repeat(_nfs_np.arange(ids), per_id)
-        images = _nfs_np.zeros((len(labels), h, w, 3), dtype=_nfs_np.uint8)
-        images[..., 0] = (1 + _nfs_np.arange(len(labels)))[:, None, None]
+        labels = np.repeat(np.arange(ids), per_id)
+        images = np.zeros((len(labels), h, w, 3), dtype=np.uint8)
+        images[..., 0] = (1 + np.arange(len(labels)))[:, None, None]
         images[..., 1] = green
-        return _nfs_data.ImageSet([f"{prefix}{i}" for i in range(len(labels))], labels, _nfs_np.ones_like(labels),
-                                  images)
-    return _nfs_data.TrainSet(image_set(10, "v"), image_set(200, "r"), ids)
+        return data.ImageSet([f"{prefix}{i}" for i in range(len(labels))], labels, np.ones_like(labels),
+                             images)
+    return data.TrainSet(image_set(10, "v"), image_set(200, "r"), ids)
 
 
-def _nfs_names(batch):
+def image_names(batch):
     """{'v3', 'r0', ...}: the images of a batch, from the largest red value of each (ImageNet normalisation undone)."""
     names = set()
     for key, prefix in (("x_v", "v"), ("x_r", "r")):
@@ -2768,18 +2710,18 @@ class TestNFSSearchLoop(unittest.TestCase):
     """Alg. 1 lines 1-4 in search() itself, and the BN re-estimation of --phase search."""
 
     def settings(self, **kw):
-        return _nfs_settings(**{**dict(height=32, width=16, P=2, K=2, search_epochs=2, epochs=1, warmup=2,
-                                       milestones=(), lr=0.1, backbone_lr=0.02), **kw})
+        return nfs_settings(**{**dict(height=32, width=16, P=2, K=2, search_epochs=2, epochs=1, warmup=2,
+                                      milestones=(), lr=0.1, backbone_lr=0.02), **kw})
 
     def test_line3_moves_weights_line4_moves_fields_each_on_its_split(self):
         settings = self.settings()
-        trainset = _nfs_coded_trainset()
+        trainset = coded_trainset()
         d_train, d_val = trainset.split_images(settings.search_split, 0)
         train_names = set(d_train.v.files) | set(d_train.r.files)
         val_names = set(d_val.v.files) | set(d_val.r.files)
         self.assertFalse(train_names & val_names)
         events = []                                    # ("line3" | "line4", snapshot, ...) in call order
-        real_L, real_gate_gradient = _nfs.objective, _nfs.gate_gradient
+        real_L, real_gate_gradient = nfs.objective, nfs.gate_gradient
         inside = []
 
         def snapshot(model):
@@ -2791,22 +2733,22 @@ class TestNFSSearchLoop(unittest.TestCase):
             before = None if inside else snapshot(model)          # before the forward moves BN statistics
             loss, terms = real_L(model, batch, settings, *args, **kw)
             if not inside:                                         # Alg. 1 line 3's L_train
-                g = _nfs_torch.autograd.grad(loss, model.weights(), retain_graph=True)
-                events.append(("line3", before, _nfs_names(batch), [x.clone() for x in g]))
+                g = torch.autograd.grad(loss, model.weights(), retain_graph=True)
+                events.append(("line3", before, image_names(batch), [x.clone() for x in g]))
             return loss, terms
 
         def gate_gradient(model, batch_t, batch_v, settings, xi, *args, **kw):
-            events.append(("line4", snapshot(model), _nfs_names(batch_t), _nfs_names(batch_v), list(xi)))
+            events.append(("line4", snapshot(model), image_names(batch_t), image_names(batch_v), list(xi)))
             inside.append(1)
             try:
                 return real_gate_gradient(model, batch_t, batch_v, settings, xi, *args, **kw)
             finally:
                 inside.pop()
 
-        with _nfs_tempfile.TemporaryDirectory() as tmp, _nfs_mock.patch.object(_nfs, "objective", L), \
-                _nfs_mock.patch.object(_nfs, "gate_gradient", gate_gradient):
-            run = _nfs.common.Run(tmp, "cpu", say=lambda line: None, max_its=2)
-            model = _nfs.search(settings, trainset, run)
+        with tempfile.TemporaryDirectory() as tmp, mock.patch.object(nfs, "objective", L), \
+                mock.patch.object(nfs, "gate_gradient", gate_gradient):
+            run = common.Run(tmp, "cpu", say=lambda line: None, max_its=2)
+            model = nfs.search(settings, trainset, run)
         events.append(("end", snapshot(model)))
         kinds = [e[0] for e in events]
         self.assertEqual(kinds, ["line3", "line4"] * 4 + ["end"])       # 2 epochs x 2 iterations
@@ -2826,37 +2768,37 @@ class TestNFSSearchLoop(unittest.TestCase):
             self.assertTrue(names_v <= val_names, k)
             # line 3 moves only W (by one Nesterov SGD step at the current lr), never the fields
             for a, b in zip(s3["P"], s4["P"]):
-                self.assertTrue(_nfs_torch.equal(a, b), k)
+                self.assertTrue(torch.equal(a, b), k)
             d = [gi + wd * w for gi, w in zip(g, s3["W"])]
             buf = d if buf is None else [momentum * bi + di for bi, di in zip(buf, d)]
             for w0, w1, di, bi, step in zip(s3["W"], s4["W"], d, buf, lr):
-                _nfs_torch.testing.assert_close(w1, w0 - step * (di + momentum * bi), rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(w1, w0 - step * (di + momentum * bi), rtol=1e-4, atol=1e-6)
             # line 4: xi = the current lr of each weight's group; only the fields move (BN statistics restored)
             self.assertEqual(xi, lr, k)
             for a, b in zip(s4["W"] + s4["B"], after["W"] + after["B"]):
-                self.assertTrue(_nfs_torch.equal(a, b), k)
-            self.assertTrue(all(not _nfs_torch.equal(a, b) for a, b in zip(s4["P"], after["P"])), k)
+                self.assertTrue(torch.equal(a, b), k)
+            self.assertTrue(all(not torch.equal(a, b) for a, b in zip(s4["P"], after["P"])), k)
 
     def test_reestimated_statistics_are_those_of_the_derived_network(self):
         """After reestimate_bn on one batch, every BN's running mean / variance is the mean / variance of what it
         receives in an eval-mode forward of that batch (read by hooks); under the stochastic gates they were not."""
-        _nfs_torch.manual_seed(0)
-        model = _NFSTiny()
-        with _nfs_torch.no_grad():
+        torch.manual_seed(0)
+        model = TinyNFS()
+        with torch.no_grad():
             for p in model.fields():
                 p.uniform_(0.0, 3.0)                    # derived gates all open, stochastic ones 2/3 open or less
-        batch = _nfs_batch(5, n=32, dtype=_nfs_torch.float32)
+        batch = random_batch(16, h=8, w=8, seed=5)
         model.train()
-        with _nfs_torch.no_grad():
+        with torch.no_grad():
             for _ in range(30):
                 model(batch["x_v"], batch["x_r"])       # running statistics under the stochastic gates
-        norms = [m for m in model.modules() if isinstance(m, (_nfs_nn.BatchNorm1d, _nfs_nn.BatchNorm2d))]
+        norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
         seen = {}
         hooks = [bn.register_forward_hook(lambda m, i, o: seen.__setitem__(m, i[0].detach())) for bn in norms]
 
         def eval_inputs():
             model.eval()
-            with _nfs_torch.no_grad():
+            with torch.no_grad():
                 model(batch["x_v"], batch["x_r"])
             return {bn: (x.transpose(0, 1).flatten(1).mean(1), x.transpose(0, 1).flatten(1).var(1))
                     for bn, x in seen.items()}
@@ -2866,118 +2808,95 @@ class TestNFSSearchLoop(unittest.TestCase):
                   for bn in norms)
         self.assertGreater(gap, 0.1)
         weights = [w.clone() for w in model.weights() + model.fields()]
-        self.assertEqual(_nfs.reestimate_bn(model, [batch]), 1)
+        self.assertEqual(nfs.reestimate_bn(model, [batch]), 1)
         after = eval_inputs()
         for bn in norms:
             self.assertEqual(bn.momentum, 0.1)
-            _nfs_torch.testing.assert_close(bn.running_mean, after[bn][0], rtol=0.02, atol=0.02)
-            _nfs_torch.testing.assert_close(bn.running_var, after[bn][1], rtol=0.03, atol=0.02)
+            torch.testing.assert_close(bn.running_mean, after[bn][0], rtol=0.02, atol=0.02)
+            torch.testing.assert_close(bn.running_var, after[bn][1], rtol=0.03, atol=0.02)
         for a, b in zip(weights, model.weights() + model.fields()):
-            self.assertTrue(_nfs_torch.equal(a, b))
+            self.assertTrue(torch.equal(a, b))
         for h in hooks:
             h.remove()
 
     def test_phase_search_tests_reestimated_statistics(self):
         settings = self.settings(phase="search", search_epochs=1)
-        with _nfs_tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp:
             lines = []
-            run = _nfs.common.Run(tmp, "cpu", say=lines.append, max_its=2)
-            model = _nfs.train(settings, _nfs_coded_trainset(), run)
+            run = common.Run(tmp, "cpu", say=lines.append, max_its=2)
+            model = nfs.train(settings, coded_trainset(), run)
             self.assertEqual(run.meta["nfs_model"], "search")
             self.assertIn("re-estimated with the derived gates over 2 D_train batches", run.meta["nfs_bn"])
-            searched = _nfs.common.load_checkpoint(_nfs_os.path.join(tmp, "search.pt"))["model"]
+            searched = common.load_checkpoint(os.path.join(tmp, "search.pt"))["model"]
             state = model.state_dict()
             self.assertEqual(int(state["stages.1.0.bn1.num_batches_tracked"]), 2)
-            self.assertFalse(_nfs_torch.equal(state["stages.1.0.bn1.running_mean"],
-                                              searched["stages.1.0.bn1.running_mean"]))
+            self.assertFalse(torch.equal(state["stages.1.0.bn1.running_mean"],
+                                         searched["stages.1.0.bn1.running_mean"]))
             for k in state:
                 if "running" not in k and "num_batches" not in k:
-                    self.assertTrue(_nfs_torch.equal(state[k], searched[k]), k)
+                    self.assertTrue(torch.equal(state[k], searched[k]), k)
 
     def test_initial_model_leaves_the_random_generators_alone(self):
         settings = self.settings()
-        cpu = _nfs_torch.get_rng_state()
-        cuda = _nfs_torch.cuda.get_rng_state_all() if _nfs_torch.cuda.is_available() else []
-        a = _nfs.initial_model(settings, 4, "search", seed=3)
-        self.assertTrue(_nfs_torch.equal(_nfs_torch.get_rng_state(), cpu))
-        if _nfs_torch.cuda.is_available():
-            for x, y in zip(_nfs_torch.cuda.get_rng_state_all(), cuda):
-                self.assertTrue(_nfs_torch.equal(x, y))
-        b = _nfs.initial_model(settings, 4, "retrain", seed=3)
-        c = _nfs.initial_model(settings, 4, "retrain", seed=4)
-        self.assertTrue(_nfs_torch.equal(a.classifier.weight, b.classifier.weight))
-        self.assertFalse(_nfs_torch.equal(b.classifier.weight, c.classifier.weight))
+        cpu = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        a = nfs.initial_model(settings, 4, "search", seed=3)
+        self.assertTrue(torch.equal(torch.get_rng_state(), cpu))
+        if torch.cuda.is_available():
+            for x, y in zip(torch.cuda.get_rng_state_all(), cuda):
+                self.assertTrue(torch.equal(x, y))
+        b = nfs.initial_model(settings, 4, "retrain", seed=3)
+        c = nfs.initial_model(settings, 4, "retrain", seed=4)
+        self.assertTrue(torch.equal(a.classifier.weight, b.classifier.weight))
+        self.assertFalse(torch.equal(b.classifier.weight, c.classifier.weight))
 
 
 class TestNFSSmoke(unittest.TestCase):
     """Alg. 1 end to end through reid.py: search -> derive -> retrain -> test; then retrain from the saved gates."""
 
     def reid(self, *args):
-        done = _nfs_subprocess.run([_nfs_sys.executable, "reid.py", "--method", "nfs", "--smoke", *args],
-                                   capture_output=True, text=True, timeout=600)
+        done = run_reid("--method", "nfs", "--smoke", *args)
         self.assertEqual(done.returncode, 0, done.stdout[-3000:] + done.stderr[-3000:])
         return done.stdout
 
     def test_search_derive_retrain(self):
-        with _nfs_tempfile.TemporaryDirectory() as tmp:
-            out = _nfs_os.path.join(tmp, "both")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "both")
             log = self.reid("--out", out)
             self.assertIn("[search] epoch 1/1", log)
             self.assertIn("[retrain] epoch 1/1", log)
             for name in ("gates.pt", "gates.png", "features.png", "results.json", "model.pt"):
-                self.assertTrue(_nfs_os.path.isfile(_nfs_os.path.join(out, name)), name)
-            results = _nfs_json.load(open(_nfs_os.path.join(out, "results.json")))["results"]
+                self.assertTrue(os.path.isfile(os.path.join(out, name)), name)
+            results = json.load(open(os.path.join(out, "results.json")))["results"]
             self.assertIn("all-single", results)
-            ckpt = _nfs_torch.load(_nfs_os.path.join(out, "model.pt"), weights_only=True)
+            ckpt = torch.load(os.path.join(out, "model.pt"), weights_only=True)
             self.assertEqual(ckpt["meta"]["nfs_model"], "retrain")
-            gates = _nfs_torch.load(_nfs_os.path.join(out, "gates.pt"), weights_only=True)["gates"]
-            self.assertTrue(_nfs_torch.equal(ckpt["model"]["cells.layer2.G_pix_r"], gates["layer2.r.pixel"]))
+            gates = torch.load(os.path.join(out, "gates.pt"), weights_only=True)["gates"]
+            self.assertTrue(torch.equal(ckpt["model"]["cells.layer2.G_pix_r"], gates["layer2.r.pixel"]))
 
-            again = _nfs_os.path.join(tmp, "retrain")
-            log = self.reid("--out", again, "--phase", "retrain", "--gates", _nfs_os.path.join(out, "gates.pt"))
+            again = os.path.join(tmp, "retrain")
+            log = self.reid("--out", again, "--phase", "retrain", "--gates", os.path.join(out, "gates.pt"))
             self.assertNotIn("[search]", log)
-            ckpt2 = _nfs_torch.load(_nfs_os.path.join(again, "model.pt"), weights_only=True)
+            ckpt2 = torch.load(os.path.join(again, "model.pt"), weights_only=True)
             for k in ckpt["model"]:
                 if k.startswith("cells."):
-                    self.assertTrue(_nfs_torch.equal(ckpt["model"][k], ckpt2["model"][k]), k)
+                    self.assertTrue(torch.equal(ckpt["model"][k], ckpt2["model"][k]), k)
             # the same data, seed and initial weights: the retrain phase gives the same model
-            self.assertTrue(_nfs_torch.equal(ckpt["model"]["classifier.weight"], ckpt2["model"]["classifier.weight"]))
+            self.assertTrue(torch.equal(ckpt["model"]["classifier.weight"], ckpt2["model"]["classifier.weight"]))
 
-            log = self.reid("--eval-only", "--checkpoint", _nfs_os.path.join(out, "model.pt"),
-                            "--out", _nfs_os.path.join(tmp, "eval"))
-            r1 = _nfs_json.load(open(_nfs_os.path.join(tmp, "eval", "results.json")))["results"]["all-single"]
+            log = self.reid("--eval-only", "--checkpoint", os.path.join(out, "model.pt"),
+                            "--out", os.path.join(tmp, "eval"))
+            r1 = json.load(open(os.path.join(tmp, "eval", "results.json")))["results"]["all-single"]
             self.assertAlmostEqual(r1["mAP"], results["all-single"]["mAP"], places=4)
 
 
-# ==== end nfs ====
+# ==== methods/cmnas.py (TestCMNAS*) ====
 
-# ==== methods/cmnas.py tests (TestCMNAS*) ====
-import dataclasses as _cm_dc
-import inspect as _cm_inspect
-import json as _cm_json
-import math as _cm_math
-import os as _cm_os
-import shutil as _cm_shutil
-import subprocess as _cm_subprocess
-import sys as _cm_sys
-import tempfile as _cm_tempfile
-from unittest import mock as _cm_mock
-import copy as _cm_copy
-
-import numpy as _cm_np
-import torch as _cm_torch
-import torch.nn as _cm_nn
-
-import data as _cm_data
-from methods import cmnas as _cm
-from methods import common as _cm_common
+def cmnas_settings(**kw):
+    return dataclasses.replace(cmnas.Settings(arch="resnet18", pretrained="none"), **kw)
 
 
-def _cm_settings(**kw):
-    return _cm_dc.replace(_cm.Settings(arch="resnet18", pretrained="none"), **kw)
-
-
-def _cm_bn_by_hand(x, weight, bias, eps, mean=None, var=None):
+def bn_by_hand(x, weight, bias, eps, mean=None, var=None):
     """BatchNorm restated: per-channel batch mean and biased variance (or the given statistics)."""
     mean = x.mean(dim=(0, 2, 3)) if mean is None else mean
     var = x.var(dim=(0, 2, 3), unbiased=False) if var is None else var
@@ -2989,63 +2908,63 @@ class TestCMNASSearchSpace(unittest.TestCase):
     """Eq. (1)-(2): the searchable BN unit."""
 
     def setUp(self):
-        _cm_torch.manual_seed(0)
-        self.bn = _cm_nn.BatchNorm2d(3, momentum=1.0)   # momentum 1: running stats = the last batch's
+        torch.manual_seed(0)
+        self.bn = nn.BatchNorm2d(3, momentum=1.0)       # momentum 1: running stats = the last batch's
         self.bn.weight.data.uniform_(0.5, 2.0)
         self.bn.bias.data.uniform_(-1.0, 1.0)
         # visible and infrared halves with very different statistics
-        self.x_v = _cm_torch.randn(4, 3, 5, 3) * 2 + 5
-        self.x_r = _cm_torch.randn(4, 3, 5, 3) * 0.5 - 3
-        self.x = _cm_torch.cat([self.x_v, self.x_r])
+        self.x_v = torch.randn(4, 3, 5, 3) * 2 + 5
+        self.x_r = torch.randn(4, 3, 5, 3) * 0.5 - 3
+        self.x = torch.cat([self.x_v, self.x_r])
 
     def expected(self, unit):
         sep, shared = unit.o1, unit.o2
-        o1 = _cm_torch.cat([_cm_bn_by_hand(self.x_v, sep.v.weight, sep.v.bias, sep.v.eps),
-                            _cm_bn_by_hand(self.x_r, sep.r.weight, sep.r.bias, sep.r.eps)])
-        return o1, _cm_bn_by_hand(self.x, shared.weight, shared.bias, shared.eps)
+        o1 = torch.cat([bn_by_hand(self.x_v, sep.v.weight, sep.v.bias, sep.v.eps),
+                        bn_by_hand(self.x_r, sep.r.weight, sep.r.bias, sep.r.eps)])
+        return o1, bn_by_hand(self.x, shared.weight, shared.bias, shared.eps)
 
     def test_saturated_alpha_gives_separate_or_shared_bn(self):
-        unit = _cm.MixedBN(self.bn)
+        unit = cmnas.MixedBN(self.bn)
         unit.o1.r.weight.data.mul_(1.5)                 # the two separate BNs hold their own parameters
         o1, o2 = self.expected(unit)
-        with _cm_torch.no_grad():
-            unit.alpha.copy_(_cm_torch.tensor([40.0, -40.0]))
-            _cm_torch.testing.assert_close(unit(self.x), o1, atol=1e-5, rtol=1e-5)
-            unit.alpha.copy_(_cm_torch.tensor([-40.0, 40.0]))
-            _cm_torch.testing.assert_close(unit(self.x), o2, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            unit.alpha.copy_(torch.tensor([40.0, -40.0]))
+            torch.testing.assert_close(unit(self.x), o1, atol=1e-5, rtol=1e-5)
+            unit.alpha.copy_(torch.tensor([-40.0, 40.0]))
+            torch.testing.assert_close(unit(self.x), o2, atol=1e-5, rtol=1e-5)
 
     def test_weighted_sum_with_softmax(self):
-        unit = _cm.MixedBN(self.bn)
-        with _cm_torch.no_grad():
-            unit.alpha.copy_(_cm_torch.tensor([_cm_math.log(3.0), 0.0]))   # p = (3/4, 1/4) by Eq. (1)
-            _cm_torch.testing.assert_close(unit.probabilities(), _cm_torch.tensor([0.75, 0.25]))
+        unit = cmnas.MixedBN(self.bn)
+        with torch.no_grad():
+            unit.alpha.copy_(torch.tensor([math.log(3.0), 0.0]))           # p = (3/4, 1/4) by Eq. (1)
+            torch.testing.assert_close(unit.probabilities(), torch.tensor([0.75, 0.25]))
             o1, o2 = self.expected(unit)
-            _cm_torch.testing.assert_close(unit(self.x), 0.75 * o1 + 0.25 * o2, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(unit(self.x), 0.75 * o1 + 0.25 * o2, atol=1e-5, rtol=1e-5)
 
     def test_separate_running_statistics_see_only_their_modality(self):
-        unit = _cm.MixedBN(self.bn)
+        unit = cmnas.MixedBN(self.bn)
         unit(self.x)
         for bn, x in ((unit.o1.v, self.x_v), (unit.o1.r, self.x_r), (unit.o2, self.x)):
-            _cm_torch.testing.assert_close(bn.running_mean, x.mean(dim=(0, 2, 3)))
-            _cm_torch.testing.assert_close(bn.running_var, x.var(dim=(0, 2, 3), unbiased=True))
+            torch.testing.assert_close(bn.running_mean, x.mean(dim=(0, 2, 3)))
+            torch.testing.assert_close(bn.running_var, x.var(dim=(0, 2, 3), unbiased=True))
         # at test time a one-modality batch is normalised with that modality's statistics
         sep = unit.o1.eval()
         sep.modality = "r"
-        want = _cm_bn_by_hand(self.x_r, sep.r.weight, sep.r.bias, sep.r.eps, sep.r.running_mean, sep.r.running_var)
-        _cm_torch.testing.assert_close(sep(self.x_r), want, atol=1e-5, rtol=1e-5)
+        want = bn_by_hand(self.x_r, sep.r.weight, sep.r.bias, sep.r.eps, sep.r.running_mean, sep.r.running_var)
+        torch.testing.assert_close(sep(self.x_r), want, atol=1e-5, rtol=1e-5)
 
     def test_network_routes_each_half_to_its_modality(self):
         for network in ("two-stream-bn", "two-stream"):
-            model = _cm.CMNASNet(_cm_settings(network=network), 5).eval()
+            model = cmnas.CMNASNet(cmnas_settings(network=network), 5).eval()
             for m in model.modules():
-                if isinstance(m, _cm.SeparateBN):
+                if isinstance(m, cmnas.SeparateBN):
                     m.r.bias.data.add_(0.5)             # the infrared BNs now differ from the visible ones
-            x = _cm_torch.randn(2, 3, 32, 16)
-            with _cm_torch.no_grad():
+            x = torch.randn(2, 3, 32, 16)
+            with torch.no_grad():
                 f_v, _ = model(x, "v")
                 f_r, _ = model(x, "r")
-                f_vr, _ = model(_cm_torch.cat([x, x]), "vr")
-            _cm_torch.testing.assert_close(f_vr, _cm_torch.cat([f_v, f_r]))
+                f_vr, _ = model(torch.cat([x, x]), "vr")
+            torch.testing.assert_close(f_vr, torch.cat([f_v, f_r]))
             self.assertGreater((f_v - f_r).abs().max().item(), 1e-3, network)
 
 
@@ -3053,209 +2972,187 @@ class TestCMNASLosses(unittest.TestCase):
     """Eq. (4)-(10)."""
 
     def test_kernel_mmd_equals_explicit_feature_map(self):
-        _cm_torch.manual_seed(1)
-        a, b = _cm_torch.randn(5, 4, dtype=_cm_torch.float64), _cm_torch.randn(3, 4, dtype=_cm_torch.float64)
+        torch.manual_seed(1)
+        a, b = torch.randn(5, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
         psi = lambda x: (x[:, :, None] * x[:, None, :]).flatten(1)      # k(x, y) = (x . y)^2 = psi(x) . psi(y)
         want = (psi(a).mean(0) - psi(b).mean(0)).pow(2).sum()
-        _cm_torch.testing.assert_close(_cm.mmd2(a, b), want)
+        torch.testing.assert_close(cmnas.mmd2(a, b), want)
 
     def test_L_CMMD_is_the_class_average_of_feature_map_distances(self):
-        _cm_torch.manual_seed(2)
-        f_v, f_r = _cm_torch.randn(6, 4, dtype=_cm_torch.float64), _cm_torch.randn(6, 4, dtype=_cm_torch.float64)
-        y_v = _cm_torch.tensor([7, 7, 2, 2, 9, 9])
-        y_r = _cm_torch.tensor([7, 7, 2, 2, 9, 9])
+        torch.manual_seed(2)
+        f_v, f_r = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+        y_v = torch.tensor([7, 7, 2, 2, 9, 9])
+        y_r = torch.tensor([7, 7, 2, 2, 9, 9])
         n_v, n_r = f_v / f_v.norm(dim=1, keepdim=True), f_r / f_r.norm(dim=1, keepdim=True)
         psi = lambda x: (x[:, :, None] * x[:, None, :]).flatten(1)
         per_class = []
         for c in (7, 2, 9):   # Eq. (4) with the norm squared, on L2-normalised features
             per_class.append((psi(n_v[y_v == c]).mean(0) - psi(n_r[y_r == c]).mean(0)).pow(2).sum())
-        _cm_torch.testing.assert_close(_cm.L_CMMD(f_v, f_r, y_v, y_r), sum(per_class) / 3)
+        torch.testing.assert_close(cmnas.L_CMMD(f_v, f_r, y_v, y_r), sum(per_class) / 3)
         # plain MMD (Table 1): all visible against all infrared
         want = (psi(n_v).mean(0) - psi(n_r).mean(0)).pow(2).sum()
-        _cm_torch.testing.assert_close(_cm.L_MMD(f_v, f_r), want)
+        torch.testing.assert_close(cmnas.L_MMD(f_v, f_r), want)
 
     def test_L_CC_hand_computed(self):
-        F_vis = _cm_torch.tensor([[1.0, 0.0], [0.0, 1.0]])   # Gram I -> rows (1, 0), (0, 1)
-        F_ir = _cm_torch.tensor([[1.0, 0.0], [1.0, 1.0]])    # Gram [[1, 1], [1, 2]] -> (1, 1)/sqrt2, (1, 2)/sqrt5
+        F_vis = torch.tensor([[1.0, 0.0], [0.0, 1.0]])       # Gram I -> rows (1, 0), (0, 1)
+        F_ir = torch.tensor([[1.0, 0.0], [1.0, 1.0]])        # Gram [[1, 1], [1, 2]] -> (1, 1)/sqrt2, (1, 2)/sqrt5
         # ((1 - 1/sqrt2)^2 + (1/sqrt2)^2 + (1/sqrt5)^2 + (1 - 2/sqrt5)^2) / 2^2
         #   = (0.0857864 + 0.5 + 0.2 + 0.0111456) / 4 = 0.1992330
-        self.assertAlmostEqual(_cm.L_CC(F_vis, F_ir).item(), 0.1992330, places=6)
-        self.assertAlmostEqual(_cm.L_CC(F_ir, F_ir).item(), 0.0, places=7)
+        self.assertAlmostEqual(cmnas.L_CC(F_vis, F_ir).item(), 0.1992330, places=6)
+        self.assertAlmostEqual(cmnas.L_CC(F_ir, F_ir).item(), 0.0, places=7)
 
     def test_L_train_sums_the_terms_with_the_lambdas(self):
-        class Stub(_cm_nn.Module):   # features = the first 4 pixels, the BN feature = twice that
+        class Stub(nn.Module):       # features = the first 4 pixels, the BN feature = twice that
             def __init__(self):
                 super().__init__()
-                self.classifier = _cm_nn.Linear(4, 3, bias=False)
+                self.classifier = nn.Linear(4, 3, bias=False)
 
             def forward(self, x):
                 f = x.flatten(1)[:, :4]
                 return f, 2 * f
 
-        _cm_torch.manual_seed(3)
-        batch = {"x_v": _cm_torch.randn(4, 3, 2, 2), "x_r": _cm_torch.randn(4, 3, 2, 2),
-                 "y_v": _cm_torch.tensor([0, 0, 1, 1]), "y_r": _cm_torch.tensor([0, 0, 1, 1])}
+        torch.manual_seed(3)
+        batch = {"x_v": torch.randn(4, 3, 2, 2), "x_r": torch.randn(4, 3, 2, 2),
+                 "y_v": torch.tensor([0, 0, 1, 1]), "y_r": torch.tensor([0, 0, 1, 1])}
         model = Stub()
-        s = _cm_settings(lambdas=(0.3, 2.0))
-        loss, terms = _cm.objective(model, batch, s, c3mmd=True)
+        s = cmnas_settings(lambdas=(0.3, 2.0))
+        loss, terms = cmnas.objective(model, batch, s, c3mmd=True)
         self.assertEqual(set(terms), {"L_cls", "L_triplet", "L_CMMD", "L_CC"})
-        _cm_torch.testing.assert_close(loss, terms["L_cls"] + terms["L_triplet"] + 0.3 * terms["L_CMMD"]
-                                       + 2.0 * terms["L_CC"])
-        f = _cm_torch.cat([batch["x_v"], batch["x_r"]]).flatten(1)[:, :4]
-        _cm_torch.testing.assert_close(terms["L_CC"], _cm.L_CC(2 * f[:4], 2 * f[4:]))
-        loss, terms = _cm.objective(model, batch, _cm_dc.replace(s, class_specific=False), c3mmd=True)
+        torch.testing.assert_close(loss, terms["L_cls"] + terms["L_triplet"] + 0.3 * terms["L_CMMD"]
+                                   + 2.0 * terms["L_CC"])
+        f = torch.cat([batch["x_v"], batch["x_r"]]).flatten(1)[:, :4]
+        torch.testing.assert_close(terms["L_CC"], cmnas.L_CC(2 * f[:4], 2 * f[4:]))
+        loss, terms = cmnas.objective(model, batch, dataclasses.replace(s, class_specific=False), c3mmd=True)
         self.assertIn("L_MMD", terms)
-        loss, terms = _cm.objective(model, batch, s, c3mmd=False)
+        loss, terms = cmnas.objective(model, batch, s, c3mmd=False)
         self.assertEqual(set(terms), {"L_cls", "L_triplet"})
-        _cm_torch.testing.assert_close(loss, terms["L_cls"] + terms["L_triplet"])
+        torch.testing.assert_close(loss, terms["L_cls"] + terms["L_triplet"])
 
 
 class TestCMNASGenotype(unittest.TestCase):
 
     def test_paper_genotypes_have_53_bits_and_round_trip(self):
-        s = _cm_settings(arch="resnet50")
-        for name, text in _cm.PAPER_GENOTYPES.items():
-            model = _cm.CMNASNet(s, 10, _cm.read_genotype(name))
-            self.assertEqual(len(_cm.flat(_cm.bn_layers(model.body))), 53)
-            self.assertEqual(_cm.genotype_of(model.body), text)        # bits -> model -> bits, Fig. 4 grouping
-            separate = sum(isinstance(m, _cm.SeparateBN) for m in model.modules())
+        s = cmnas_settings(arch="resnet50")
+        for name, text in cmnas.PAPER_GENOTYPES.items():
+            model = cmnas.CMNASNet(s, 10, cmnas.read_genotype(name))
+            self.assertEqual(len(cmnas.flat(cmnas.bn_layers(model.body))), 53)
+            self.assertEqual(cmnas.genotype_of(model.body), text)      # bits -> model -> bits, Fig. 4 grouping
+            separate = sum(isinstance(m, cmnas.SeparateBN) for m in model.modules())
             self.assertEqual(separate, text.count("0"))
             # s3_1 is layer2[0]: 4 bits, downsample BN first, then bn1, bn2, bn3
             block = model.body[2][0]
             units = [block.downsample[1], block.bn1, block.bn2, block.bn3]
             bits = text.split(" | ")[2].split()[0]
-            self.assertEqual("".join("0" if isinstance(u, _cm.SeparateBN) else "1" for u in units), bits)
-            self.assertIsInstance(model.body[0][1], _cm.SeparateBN if text[0] == "0" else _cm_nn.BatchNorm2d)
+            self.assertEqual("".join("0" if isinstance(u, cmnas.SeparateBN) else "1" for u in units), bits)
+            self.assertIsInstance(model.body[0][1], cmnas.SeparateBN if text[0] == "0" else nn.BatchNorm2d)
 
     def test_resnet18_layout_derivation_and_length_check(self):
-        model = _cm.CMNASNet(_cm_settings(), 10)                   # the search space
+        model = cmnas.CMNASNet(cmnas_settings(), 10)               # the search space
         self.assertEqual(len(model.alphas()), 20)                   # 1 + 2x2 + 3x(3 + 2)
-        _cm_torch.manual_seed(4)
-        with _cm_torch.no_grad():
+        torch.manual_seed(4)
+        with torch.no_grad():
             for a in model.alphas():
                 a.normal_()
         bits = "".join("0" if a[0] > a[1] else "1" for a in
-                       (getattr(parent, name).alpha for parent, name, _ in _cm.flat(_cm.bn_layers(model.body))))
-        text = _cm.genotype_of(model.body)
+                       (getattr(parent, name).alpha for parent, name, _ in cmnas.flat(cmnas.bn_layers(model.body))))
+        text = cmnas.genotype_of(model.body)
         self.assertEqual(text.replace(" ", "").replace("|", ""), bits)
         self.assertEqual(len(text.split(" | ")), 5)
-        again = _cm.CMNASNet(_cm_settings(), 10, text)
-        self.assertEqual(_cm.genotype_of(again.body), text)
-        with self.assertRaisesRegex(_cm_common.UserError, "20 BN layers"):
-            _cm.CMNASNet(_cm_settings(), 10, _cm.PAPER_GENOTYPES["paper-sysu"])
-        with self.assertRaisesRegex(_cm_common.UserError, "20 BN layers"):
-            _cm.CMNASNet(_cm_settings(), 10, "2" * 20)
+        again = cmnas.CMNASNet(cmnas_settings(), 10, text)
+        self.assertEqual(cmnas.genotype_of(again.body), text)
+        with self.assertRaisesRegex(common.UserError, "20 BN layers"):
+            cmnas.CMNASNet(cmnas_settings(), 10, cmnas.PAPER_GENOTYPES["paper-sysu"])
+        with self.assertRaisesRegex(common.UserError, "20 BN layers"):
+            cmnas.CMNASNet(cmnas_settings(), 10, "2" * 20)
 
     def test_baselines(self):
-        self.assertEqual(_cm.genotype_of(_cm.CMNASNet(_cm_settings(network="two-stream-bn"), 3).body),
+        self.assertEqual(cmnas.genotype_of(cmnas.CMNASNet(cmnas_settings(network="two-stream-bn"), 3).body),
                          "0 | 00 00 | 111 11 | 111 11 | 111 11")
-        self.assertEqual(_cm.genotype_of(_cm.CMNASNet(_cm_settings(network="one-stream"), 3).body),
+        self.assertEqual(cmnas.genotype_of(cmnas.CMNASNet(cmnas_settings(network="one-stream"), 3).body),
                          "1 | 11 11 | 111 11 | 111 11 | 111 11")
-        two = _cm.CMNASNet(_cm_settings(network="two-stream"), 3)
+        two = cmnas.CMNASNet(cmnas_settings(network="two-stream"), 3)
         self.assertIsNot(two.specific["v"][0][0], two.specific["r"][0][0])   # separate stem convolutions
         for network in ("one-stream-in", "two-stream-in"):
-            model = _cm.CMNASNet(_cm_settings(network=network), 3)
+            model = cmnas.CMNASNet(cmnas_settings(network=network), 3)
             kinds = {type(m) for m in model.modules()}
-            self.assertNotIn(_cm_nn.BatchNorm2d, kinds)
-            self.assertIn(_cm_nn.InstanceNorm2d, kinds)
+            self.assertNotIn(nn.BatchNorm2d, kinds)
+            self.assertIn(nn.InstanceNorm2d, kinds)
 
     def test_build_from_meta_and_genotype_files(self):
-        s = _cm_settings()
+        s = cmnas_settings()
         text = "0 | 01 10 | 001 11 | 111 11 | 111 11"
-        model = _cm.build(s, 7, {"genotype": text, "supernet": False})
-        self.assertEqual(_cm.genotype_of(model.body), text)
-        _cm_common.load_model_state(_cm.build(s, 7, {"genotype": text}), model.state_dict(), "test")
-        self.assertEqual(len(_cm.build(s, 7, {"genotype": text, "supernet": True}).alphas()), 20)
-        with _cm_tempfile.TemporaryDirectory() as tmp:
-            path = _cm_os.path.join(tmp, "g.txt")
+        model = cmnas.build(s, 7, {"genotype": text, "supernet": False})
+        self.assertEqual(cmnas.genotype_of(model.body), text)
+        common.load_model_state(cmnas.build(s, 7, {"genotype": text}), model.state_dict(), "test")
+        self.assertEqual(len(cmnas.build(s, 7, {"genotype": text, "supernet": True}).alphas()), 20)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "g.txt")
             with open(path, "w") as f:
                 f.write("# a comment\n" + text + "\n# s1.bn1 0.6 0.4 0\n")
-            self.assertEqual(_cm.read_genotype(path), text)
-            self.assertEqual(_cm.genotype_of(_cm.build(_cm_dc.replace(s, genotype=path), 7).body), text)
-        with self.assertRaisesRegex(_cm_common.UserError, "paper-sysu"):
-            _cm.read_genotype("/no/such/genotype.txt")
+            self.assertEqual(cmnas.read_genotype(path), text)
+            self.assertEqual(cmnas.genotype_of(cmnas.build(dataclasses.replace(s, genotype=path), 7).body), text)
+        with self.assertRaisesRegex(common.UserError, "paper-sysu"):
+            cmnas.read_genotype("/no/such/genotype.txt")
 
     def test_settings_errors(self):
         for kw, pattern in ((dict(network="three-stream"), "--network"), (dict(phase="all"), "--phase"),
                             (dict(c3mmd="phase1"), "--c3mmd"), (dict(lambdas=(1.0,)), "--lambdas"),
                             (dict(phase="retrain"), "--genotype"), (dict(genotype="paper-sysu"), "--phase retrain"),
                             (dict(network="one-stream", phase="search"), "--network cm-nas")):
-            with self.assertRaisesRegex(_cm_common.UserError, pattern):
-                _cm.check(_cm_settings(**kw))
-
-
-def _cm_tiny_trainset(ids=6, h=32, w=16):
-    rng = _cm_np.random.default_rng(0)
-
-    def image_set(per_id):
-        labels = _cm_np.repeat(_cm_np.arange(ids), per_id)
-        images = rng.integers(0, 256, (len(labels), h, w, 3), dtype=_cm_np.uint8)
-        return _cm_data.ImageSet([f"img{i}" for i in range(len(labels))], labels, _cm_np.ones_like(labels), images)
-
-    return _cm_data.TrainSet(image_set(4), image_set(2), ids)
+            with self.assertRaisesRegex(common.UserError, pattern):
+                cmnas.check(cmnas_settings(**kw))
 
 
 class TestCMNASTrain(unittest.TestCase):
     """Search -> derive -> retrain, retrain from a genotype file, and resume, on a tiny in-memory set."""
 
     def test_search_then_retrain_and_resume(self):
-        s = _cm_settings(height=32, width=16, P=2, K=2, epochs=1, search_epochs=1, warmup=1, milestones=(),
-                         search_split=0.5, arch_lr=0.05)
-        with _cm_tempfile.TemporaryDirectory() as tmp:
-            run = _cm_common.Run(tmp, "cpu", say=lambda line: None, max_its=2)
-            model = _cm.train(s, _cm_tiny_trainset(), run)
+        s = cmnas_settings(height=32, width=16, P=2, K=2, epochs=1, search_epochs=1, warmup=1, milestones=(),
+                           search_split=0.5, arch_lr=0.05)
+        with tempfile.TemporaryDirectory() as tmp:
+            run = common.Run(tmp, "cpu", say=lambda line: None, max_its=2)
+            model = cmnas.train(s, tiny_trainset(ids=6, per_v=4, per_r=2), run)
             genotype = run.meta["genotype"]
-            self.assertEqual(_cm.genotype_of(model.body), genotype)
+            self.assertEqual(cmnas.genotype_of(model.body), genotype)
             self.assertFalse(run.meta["supernet"])
-            self.assertFalse(any(isinstance(m, _cm.MixedBN) for m in model.modules()))
-            written = _cm.read_genotype(_cm_os.path.join(tmp, "genotype.txt"))
+            self.assertFalse(any(isinstance(m, cmnas.MixedBN) for m in model.modules()))
+            written = cmnas.read_genotype(os.path.join(tmp, "genotype.txt"))
             self.assertEqual(written, genotype)
-            search = _cm_common.load_checkpoint(_cm_os.path.join(tmp, "search.pt"))
+            search = common.load_checkpoint(os.path.join(tmp, "search.pt"))
             alphas = [v for k, v in search["model"].items() if k.endswith("alpha")]
             self.assertEqual(len(alphas), 20)
             self.assertTrue(any((a != 0).any() for a in alphas))         # the alpha steps moved alpha
             # a resumed run (both phases finished) rebuilds the same model
-            run2 = _cm_common.Run(tmp, "cpu", say=lambda line: None, max_its=2)
-            again = _cm.train(s, _cm_tiny_trainset(), run2)
+            run2 = common.Run(tmp, "cpu", say=lambda line: None, max_its=2)
+            again = cmnas.train(s, tiny_trainset(ids=6, per_v=4, per_r=2), run2)
             for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
-                _cm_torch.testing.assert_close(a, b, msg=k)
+                torch.testing.assert_close(a, b, msg=k)
             # phase 2 alone from the written genotype file
-            run3 = _cm_common.Run(_cm_os.path.join(tmp, "retrain"), "cpu", say=lambda line: None, max_its=1)
-            retrained = _cm.train(_cm_dc.replace(s, phase="retrain", genotype=_cm_os.path.join(tmp, "genotype.txt")),
-                                  _cm_tiny_trainset(), run3)
-            self.assertEqual(_cm.genotype_of(retrained.body), genotype)
-            feats = _cm.extract(retrained.eval(), _cm_torch.randn(3, 3, 32, 16), "r")
-            _cm_torch.testing.assert_close(feats.norm(dim=1), _cm_torch.ones(3))
+            run3 = common.Run(os.path.join(tmp, "retrain"), "cpu", say=lambda line: None, max_its=1)
+            retrained = cmnas.train(dataclasses.replace(s, phase="retrain", genotype=os.path.join(tmp, "genotype.txt")),
+                                    tiny_trainset(ids=6, per_v=4, per_r=2), run3)
+            self.assertEqual(cmnas.genotype_of(retrained.body), genotype)
+            feats = cmnas.extract(retrained.eval(), torch.randn(3, 3, 32, 16), "r")
+            torch.testing.assert_close(feats.norm(dim=1), torch.ones(3))
 
 
 class TestCMNASSmoke(unittest.TestCase):
     def test_reid_smoke_search_retrain_and_eval_only(self):
-        with _cm_tempfile.TemporaryDirectory() as tmp:
-            out = _cm_os.path.join(tmp, "run")
-            done = _cm_subprocess.run([_cm_sys.executable, "reid.py", "--method", "cmnas", "--smoke", "--out", out],
-                                      capture_output=True, text=True, cwd=_cm_os.path.dirname(_cm_os.path.abspath(__file__)))
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "run")
+            done = run_reid("--method", "cmnas", "--smoke", "--out", out)
             self.assertEqual(done.returncode, 0, done.stderr[-2000:])
             self.assertIn("[search] genotype", done.stdout)
-            results = _cm_json.load(open(_cm_os.path.join(out, "results.json")))
+            results = json.load(open(os.path.join(out, "results.json")))
             self.assertTrue(results["results"])
-            checkpoint = _cm_common.load_checkpoint(_cm_os.path.join(out, "model.pt"))
+            checkpoint = common.load_checkpoint(os.path.join(out, "model.pt"))
             genotype = checkpoint["meta"]["genotype"]
-            self.assertEqual(genotype, _cm.read_genotype(_cm_os.path.join(out, "genotype.txt")))
+            self.assertEqual(genotype, cmnas.read_genotype(os.path.join(out, "genotype.txt")))
             # --eval-only rebuilds the retrained network from the stored genotype (in-process: no second start-up)
-            import contextlib
-            import io
-
-            import reid
             with contextlib.redirect_stdout(io.StringIO()):
-                again = reid.main(["--eval-only", "--checkpoint", _cm_os.path.join(out, "model.pt"), "--smoke",
-                                   "--out", _cm_os.path.join(tmp, "eval")])
+                again = reid.main(["--eval-only", "--checkpoint", os.path.join(out, "model.pt"), "--smoke",
+                                   "--out", os.path.join(tmp, "eval"), "--cache-dir", TEST_CACHE])
             self.assertEqual(again["all-single"]["rank1"], results["results"]["all-single"]["rank1"])
-
-def _cm_batch(n_ids=3, K=2, h=32, w=16, seed=0, label_offset=0):
-    g = _cm_torch.Generator().manual_seed(seed)
-    y = _cm_torch.arange(n_ids).repeat_interleave(K) + label_offset
-    return {"x_v": _cm_torch.randn(len(y), 3, h, w, generator=g), "x_r": _cm_torch.randn(len(y), 3, h, w, generator=g),
-            "y_v": y, "y_r": y.clone()}
 
 
 class TestCMNASAlternation(unittest.TestCase):
@@ -3263,12 +3160,12 @@ class TestCMNASAlternation(unittest.TestCase):
     weights, on the training batch; --val-cls false makes L_val independent of the classifier."""
 
     def _setup(self, lr=0.01, arch_lr=0.05, **kw):
-        _cm_torch.manual_seed(0)
-        s = _cm_settings(lr=lr, backbone_lr=lr, arch_lr=arch_lr, **kw)
-        model = _cm.CMNASNet(s, 12)
-        optimizer, _ = _cm.weight_optimizer(s, model)
-        arch_optimizer = _cm_torch.optim.Adam(model.alphas(), lr=s.arch_lr, betas=tuple(s.betas))
-        run = _cm_common.Run(_cm_tempfile.mkdtemp(), "cpu", say=lambda line: None)
+        torch.manual_seed(0)
+        s = cmnas_settings(lr=lr, backbone_lr=lr, arch_lr=arch_lr, **kw)
+        model = cmnas.CMNASNet(s, 12)
+        optimizer, _ = cmnas.weight_optimizer(s, model)
+        arch_optimizer = torch.optim.Adam(model.alphas(), lr=s.arch_lr, betas=tuple(s.betas))
+        run = common.Run(tempfile.mkdtemp(), "cpu", say=lambda line: None)
         return s, model.train(), optimizer, arch_optimizer, run
 
     @staticmethod
@@ -3280,55 +3177,57 @@ class TestCMNASAlternation(unittest.TestCase):
     def test_alpha_step_moves_only_alpha_on_the_validation_batch(self):
         s, model, opt, arch_opt, run = self._setup(lr=0.0)      # weight step of size 0: what moves is the alpha step's
         a0, w0 = self._params(model)
-        train_a, train_b, val = _cm_batch(seed=1), _cm_batch(seed=2), _cm_batch(seed=3, label_offset=6)
-        state = _cm_copy.deepcopy(model.state_dict())
-        _cm.search_step(model, train_a, val, s, True, opt, arch_opt, run.autocast)
+        train_a, train_b = random_batch(3, seed=1), random_batch(3, seed=2)
+        val = random_batch(3, seed=3, label_offset=6)
+        state = copy.deepcopy(model.state_dict())
+        cmnas.search_step(model, train_a, val, s, True, opt, arch_opt, run.autocast)
         a1, w1 = self._params(model)
         for n in w0:
-            _cm_torch.testing.assert_close(w1[n], w0[n], rtol=0, atol=0, msg=n)
+            torch.testing.assert_close(w1[n], w0[n], rtol=0, atol=0, msg=n)
         self.assertTrue(all((x != y).all() for x, y in zip(a0, a1)))   # every alpha moved
         # the alpha step saw only the validation batch: another training batch gives the same alphas
         s, model, opt, arch_opt, run = self._setup(lr=0.0)
         model.load_state_dict(state)
-        _cm.search_step(model, train_b, val, s, True, opt, arch_opt, run.autocast)
+        cmnas.search_step(model, train_b, val, s, True, opt, arch_opt, run.autocast)
         for x, y in zip(a1, self._params(model)[0]):
-            _cm_torch.testing.assert_close(x, y, rtol=0, atol=0)
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
 
     def test_weight_step_moves_only_weights_on_the_training_batch(self):
         s, model, opt, arch_opt, run = self._setup(arch_lr=0.0)   # alpha step of size 0
         a0, w0 = self._params(model)
-        train, val_a, val_b = _cm_batch(seed=1), _cm_batch(seed=2, label_offset=6), _cm_batch(seed=3, label_offset=6)
-        state = _cm_copy.deepcopy(model.state_dict())
-        _cm.search_step(model, train, val_a, s, True, opt, arch_opt, run.autocast)
+        train = random_batch(3, seed=1)
+        val_a, val_b = random_batch(3, seed=2, label_offset=6), random_batch(3, seed=3, label_offset=6)
+        state = copy.deepcopy(model.state_dict())
+        cmnas.search_step(model, train, val_a, s, True, opt, arch_opt, run.autocast)
         a1, w1 = self._params(model)
         for x, y in zip(a0, a1):
-            _cm_torch.testing.assert_close(x, y, rtol=0, atol=0)
-        moved = [n for n in w0 if not _cm_torch.equal(w0[n], w1[n])]
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+        moved = [n for n in w0 if not torch.equal(w0[n], w1[n])]
         self.assertIn("classifier.weight", moved)
         self.assertGreater(len(moved), len(w0) // 2)
         # the weight step saw only the training batch: another validation batch gives the same weights
         s, model, opt, arch_opt, run = self._setup(arch_lr=0.0)
         model.load_state_dict(state)
-        _cm.search_step(model, train, val_b, s, True, opt, arch_opt, run.autocast)
+        cmnas.search_step(model, train, val_b, s, True, opt, arch_opt, run.autocast)
         for n, p in self._params(model)[1].items():
-            _cm_torch.testing.assert_close(p, w1[n], rtol=0, atol=0, msg=n)
+            torch.testing.assert_close(p, w1[n], rtol=0, atol=0, msg=n)
 
     def test_val_cls_false_makes_the_alpha_step_independent_of_the_classifier(self):
-        val = _cm_batch(seed=3, label_offset=6)
+        val = random_batch(3, seed=3, label_offset=6)
         for val_cls, same in ((False, True), (True, False)):
             alphas = []
             for scale in (1.0, 50.0):
                 s, model, opt, arch_opt, run = self._setup(lr=0.0, val_cls=val_cls)
-                with _cm_torch.no_grad():
+                with torch.no_grad():
                     model.classifier.weight.mul_(scale)
-                _cm.search_step(model, _cm_batch(seed=1), val, s, True, opt, arch_opt, run.autocast)
-                alphas.append(_cm_torch.cat(self._params(model)[0]))
-            self.assertEqual(_cm_torch.equal(alphas[0], alphas[1]), same, f"val_cls={val_cls}")
-        loss, terms = _cm.objective(model, val, s, c3mmd=True, cls=False)
+                cmnas.search_step(model, random_batch(3, seed=1), val, s, True, opt, arch_opt, run.autocast)
+                alphas.append(torch.cat(self._params(model)[0]))
+            self.assertEqual(torch.equal(alphas[0], alphas[1]), same, f"val_cls={val_cls}")
+        loss, terms = cmnas.objective(model, val, s, c3mmd=True, cls=False)
         self.assertNotIn("L_cls", terms)
         lambda1, lambda2 = s.lambdas
-        _cm_torch.testing.assert_close(loss.detach(), terms["L_triplet"] + lambda1 * terms["L_CMMD"]
-                                       + lambda2 * terms["L_CC"])
+        torch.testing.assert_close(loss.detach(), terms["L_triplet"] + lambda1 * terms["L_CMMD"]
+                                   + lambda2 * terms["L_CC"])
 
 
 class TestCMNASPhaseFlags(unittest.TestCase):
@@ -3337,7 +3236,7 @@ class TestCMNASPhaseFlags(unittest.TestCase):
     def test_c3mmd_per_phase(self):
         expected = {"both": [True, True, True], "search": [True, True, False], "retrain": [False, False, True],
                     "none": [False, False, False]}
-        original = _cm.objective
+        original = cmnas.objective
         for c3mmd, want in expected.items():
             seen = []
 
@@ -3348,10 +3247,11 @@ class TestCMNASPhaseFlags(unittest.TestCase):
                 self.assertEqual("L_CMMD" in terms and "L_CC" in terms, on)
                 return loss, terms
 
-            s = _cm_settings(height=32, width=16, P=2, K=2, epochs=1, search_epochs=1, warmup=1, milestones=(),
-                             search_split=0.5, c3mmd=c3mmd)
-            with _cm_tempfile.TemporaryDirectory() as tmp, _cm_mock.patch.object(_cm, "objective", recording):
-                _cm.train(s, _cm_tiny_trainset(), _cm_common.Run(tmp, "cpu", say=lambda line: None, max_its=1))
+            s = cmnas_settings(height=32, width=16, P=2, K=2, epochs=1, search_epochs=1, warmup=1, milestones=(),
+                               search_split=0.5, c3mmd=c3mmd)
+            with tempfile.TemporaryDirectory() as tmp, mock.patch.object(cmnas, "objective", recording):
+                cmnas.train(s, tiny_trainset(ids=6, per_v=4, per_r=2),
+                            common.Run(tmp, "cpu", say=lambda line: None, max_its=1))
             self.assertEqual(seen, want, c3mmd)      # alpha step, w step (search), w step (retrain)
 
 
@@ -3359,24 +3259,24 @@ class TestCMNASRelease(unittest.TestCase):
     """The release's recipe: RELEASE / RELEASE_REGDB, four-term triplet, head init, warm-up, EMA, float32 C3MMD."""
 
     def test_release_dicts_are_settings_and_cited(self):
-        fields = {f.name for f in _cm_dc.fields(_cm.Settings)}
-        for layer in (_cm.RELEASE, _cm.RELEASE_REGDB):
+        fields = {f.name for f in dataclasses.fields(cmnas.Settings)}
+        for layer in (cmnas.RELEASE, cmnas.RELEASE_REGDB):
             self.assertLessEqual(set(layer), fields)
-        self.assertEqual((_cm.RELEASE["P"], _cm.RELEASE["K"]), (16, 4))
-        self.assertEqual((_cm.RELEASE["ema_decay"], _cm.RELEASE["ema_every"]), (0.997, 2))
-        self.assertEqual((_cm.RELEASE_REGDB["ema_decay"], _cm.RELEASE_REGDB["ema_every"]), (0.968, 10))
-        source = _cm_inspect.getsource(_cm).split("\nRELEASE = dict(\n")[1].split("\nSYNTHETIC")[0]
+        self.assertEqual((cmnas.RELEASE["P"], cmnas.RELEASE["K"]), (16, 4))
+        self.assertEqual((cmnas.RELEASE["ema_decay"], cmnas.RELEASE["ema_every"]), (0.997, 2))
+        self.assertEqual((cmnas.RELEASE_REGDB["ema_decay"], cmnas.RELEASE_REGDB["ema_every"]), (0.968, 10))
+        source = inspect.getsource(cmnas).split("\nRELEASE = dict(\n")[1].split("\nSYNTHETIC")[0]
         for line in source.splitlines():
             if "=" in line and not line.lstrip().startswith("#") and "dict(" not in line:
                 self.assertRegex(line, r"# .*\.(py|sh):\d+", line)       # every entry cites file:line
-        s = _cm_settings(**{**_cm.RELEASE, "arch": "resnet18", "pretrained": "none"})
-        _cm.check(s)
-        self.assertEqual(_cm.Settings().ema_decay, 0.0)                   # the paper: no EMA
+        s = cmnas_settings(**{**cmnas.RELEASE, "arch": "resnet18", "pretrained": "none"})
+        cmnas.check(s)
+        self.assertEqual(cmnas.Settings().ema_decay, 0.0)                 # the paper: no EMA
 
     def test_four_term_triplet_against_a_loop(self):
-        g = _cm_torch.Generator().manual_seed(0)
-        f = _cm_torch.randn(12, 5, generator=g, dtype=_cm_torch.float64)
-        y = _cm_torch.tensor([0, 0, 1, 1, 2, 2] * 2)
+        g = torch.Generator().manual_seed(0)
+        f = torch.randn(12, 5, generator=g, dtype=torch.float64)
+        y = torch.tensor([0, 0, 1, 1, 2, 2] * 2)
         m = 0.4
 
         def term(a, b, ya, yb):
@@ -3390,187 +3290,171 @@ class TestCMNASRelease(unittest.TestCase):
 
         want = (term(f[:6], f[:6], y[:6], y[:6]) + term(f[6:], f[6:], y[6:], y[6:]) +
                 term(f[:6], f[6:], y[:6], y[6:]) + term(f[6:], f[:6], y[6:], y[:6])) / 4
-        got = _cm.L_triplet(f, y, 6, _cm_settings(triplet="four-term", margin=m))
+        got = cmnas.L_triplet(f, y, 6, cmnas_settings(triplet="four-term", margin=m))
         self.assertAlmostEqual(float(got), want, places=5)
-        joint = _cm.L_triplet(f, y, 6, _cm_settings(triplet="joint", margin=m))
+        joint = cmnas.L_triplet(f, y, 6, cmnas_settings(triplet="joint", margin=m))
         self.assertAlmostEqual(float(joint), term(f, f, y, y), places=5)
 
     def test_head_init_and_warmup(self):
-        _cm_torch.manual_seed(0)
-        model = _cm.CMNASNet(_cm_settings(head_init="release"), 200)
+        torch.manual_seed(0)
+        model = cmnas.CMNASNet(cmnas_settings(head_init="release"), 200)
         self.assertAlmostEqual(float(model.classifier.weight.detach().std()), 0.001, delta=1e-4)
         self.assertAlmostEqual(float(model.bnneck.weight.detach().mean()), 1.0, delta=0.003)
         self.assertAlmostEqual(float(model.bnneck.weight.detach().std()), 0.01, delta=0.002)
-        default = _cm.CMNASNet(_cm_settings(), 200)
-        self.assertTrue(_cm_torch.equal(default.bnneck.weight, _cm_torch.ones(512)))
-        opt = _cm_torch.optim.SGD([_cm_torch.zeros(1, requires_grad=True)], lr=1.0)
-        release = _cm.ReleaseWarmup(opt, (40, 70), warmup=10)
+        default = cmnas.CMNASNet(cmnas_settings(), 200)
+        self.assertTrue(torch.equal(default.bnneck.weight, torch.ones(512)))
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        release = cmnas.ReleaseWarmup(opt, (40, 70), warmup=10)
         # utils/lr_scheduler.py: 0.01 (1 - e/10) + e/10 below 10, then 0.1 ** (milestones passed)
         for e, f in ((0, 0.01), (5, 0.505), (9, 0.901), (10, 1.0), (39, 1.0), (40, 0.1), (70, 0.01)):
             self.assertAlmostEqual(release.factor(e), f, places=12)
-        self.assertAlmostEqual(_cm_common.WarmupMultiStep(opt, (40, 70), warmup=10).factor(0), 0.1)
+        self.assertAlmostEqual(common.WarmupMultiStep(opt, (40, 70), warmup=10).factor(0), 0.1)
 
     def test_ema_recursion_and_copy_back_schedule(self):
-        net = _cm_nn.Sequential(_cm_nn.Linear(2, 2), _cm_nn.BatchNorm1d(2))
-        ema = _cm.EMA(net, 0.9)
+        net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        ema = cmnas.EMA(net, 0.9)
         w0 = net[0].weight.detach().clone()
         steps = [w0]
         for k in range(3):
-            with _cm_torch.no_grad():
+            with torch.no_grad():
                 net[0].weight.add_(1.0)
-            net(_cm_torch.randn(4, 2))                          # moves the running statistics too
+            net(torch.randn(4, 2))                              # moves the running statistics too
             ema.update()
             steps.append(net[0].weight.detach().clone())
         by_hand = w0
         for w in steps[1:]:
             by_hand = 0.9 * by_hand + 0.1 * w
-        _cm_torch.testing.assert_close(ema.shadow["0.weight"], by_hand)
+        torch.testing.assert_close(ema.shadow["0.weight"], by_hand)
         self.assertEqual(int(ema.shadow["1.num_batches_tracked"]), 3)
-        self.assertFalse(_cm_torch.equal(ema.shadow["1.running_mean"], _cm_torch.zeros(2)))
+        self.assertFalse(torch.equal(ema.shadow["1.running_mean"], torch.zeros(2)))
         ema.copy_back()
-        _cm_torch.testing.assert_close(net[0].weight, by_hand)
+        torch.testing.assert_close(net[0].weight, by_hand)
         # fit copies back after every ema_every epochs, except after the last (the release tests the raw weights)
         for epochs, every, copies in ((5, 2, 2), (4, 2, 1), (3, 1, 2)):
             calls = []
-            s = _cm_settings(network="one-stream", height=32, width=16, P=2, K=2, epochs=epochs, warmup=1,
-                             milestones=(), ema_decay=0.5, ema_every=every)
-            with _cm_tempfile.TemporaryDirectory() as tmp, \
-                    _cm_mock.patch.object(_cm.EMA, "copy_back", lambda self: calls.append(1)):
-                _cm.train(s, _cm_tiny_trainset(), _cm_common.Run(tmp, "cpu", say=lambda line: None, max_its=1))
+            s = cmnas_settings(network="one-stream", height=32, width=16, P=2, K=2, epochs=epochs, warmup=1,
+                               milestones=(), ema_decay=0.5, ema_every=every)
+            with tempfile.TemporaryDirectory() as tmp, \
+                    mock.patch.object(cmnas.EMA, "copy_back", lambda self: calls.append(1)):
+                cmnas.train(s, tiny_trainset(ids=6, per_v=4, per_r=2),
+                            common.Run(tmp, "cpu", say=lambda line: None, max_its=1))
             self.assertEqual(len(calls), copies, (epochs, every))
         for bad in (dict(ema_decay=1.0), dict(ema_decay=-0.1), dict(ema_every=0), dict(triplet="x")):
-            with self.assertRaises(_cm_common.UserError):
-                _cm.check(_cm_settings(**bad))
+            with self.assertRaises(common.UserError):
+                cmnas.check(cmnas_settings(**bad))
 
     def test_c3mmd_inputs_are_float32_under_bf16_autocast(self):
-        model = _cm.CMNASNet(_cm_settings(), 5).train()
-        with _cm_torch.autocast("cpu", dtype=_cm_torch.bfloat16):
-            f, f_bn = model(_cm_torch.randn(4, 3, 32, 16))
-        self.assertEqual((f.dtype, f_bn.dtype), (_cm_torch.float32, _cm_torch.float32))
+        model = cmnas.CMNASNet(cmnas_settings(), 5).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f, f_bn = model(torch.randn(4, 3, 32, 16))
+        self.assertEqual((f.dtype, f_bn.dtype), (torch.float32, torch.float32))
 
 
-# ==== end cmnas ====
+# ==== methods/ssft.py (TestSSFT*) ====
 
-# ==== methods/ssft.py tests (TestSSFT*) ====
-
-import dataclasses as _ss_dc
-import inspect as _ss_inspect
-import json as _ss_json
-import math as _ss_math
-import os as _ss_os
-import subprocess as _ss_subprocess
-import sys as _ss_sys
-import tempfile as _ss_tempfile
-
-import torch as _ss_torch
-
-from methods import ssft as _ss
-from methods.common import UserError as _ss_UserError
+def ssft_settings(**kw):
+    return ssft.Settings(**{**dict(arch="resnet18", pretrained="none", height=32, width=16, P=2, K=2), **kw})
 
 
-def _ss_settings(**kw):
-    return _ss.Settings(**{**dict(arch="resnet18", pretrained="none", height=32, width=16, P=2, K=2), **kw})
-
-
-def _ss_features(Nv, Nr, c, seed=0):
+def ssft_features(Nv, Nr, c, seed=0):
     """Random H, P (Nv + Nr, c) and is_r (visible rows first)."""
-    g = _ss_torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     N = Nv + Nr
-    return (_ss_torch.randn(N, c, generator=g), _ss_torch.randn(N, c, generator=g),
-            _ss_torch.arange(N) >= Nv)
+    return (torch.randn(N, c, generator=g), torch.randn(N, c, generator=g),
+            torch.arange(N) >= Nv)
 
 
 class TestSSFTEquations(unittest.TestCase):
     def test_eq7_normalised_distance(self):
-        a = _ss_torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])
-        d = _ss.d(a, _ss_torch.cat([a, -a]))                         # (3, 6)
-        _ss_torch.testing.assert_close(d[:, :3].diagonal(), _ss_torch.ones(3), atol=1e-5, rtol=0)   # d(a, a) = 1
-        _ss_torch.testing.assert_close(d[:, 3:].diagonal(), _ss_torch.zeros(3), atol=1e-5, rtol=0)  # d(a, -a) = 0
-        _ss_torch.testing.assert_close(d[1, 2], _ss_torch.tensor(1 - 0.5 * _ss_math.sqrt(2)))     # orthogonal
-        _ss_torch.testing.assert_close(d[:, :3], d[:, :3].t())                                    # symmetric
+        a = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])
+        d = ssft.d(a, torch.cat([a, -a]))                            # (3, 6)
+        torch.testing.assert_close(d[:, :3].diagonal(), torch.ones(3), atol=1e-5, rtol=0)           # d(a, a) = 1
+        torch.testing.assert_close(d[:, 3:].diagonal(), torch.zeros(3), atol=1e-5, rtol=0)          # d(a, -a) = 0
+        torch.testing.assert_close(d[1, 2], torch.tensor(1 - 0.5 * math.sqrt(2)))                 # orthogonal
+        torch.testing.assert_close(d[:, :3], d[:, :3].t())                                        # symmetric
         self.assertTrue(bool(((d >= -1e-6) & (d <= 1 + 1e-6)).all()))
 
     def test_eq8_keeps_k_per_row_of_each_block(self):
-        H, P, is_r = _ss_features(5, 7, 6)
-        A = _ss.affinity(H, P, is_r, 3)
+        H, P, is_r = ssft_features(5, 7, 6)
+        A = ssft.affinity(H, P, is_r, 3)
         same = is_r[:, None] == is_r[None, :]
         for i in range(12):
-            for block, S in ((same[i], _ss.d(P, P)[i]), (~same[i], _ss.d(H, H)[i])):  # Eq. (6): P intra, H inter
+            for block, S in ((same[i], ssft.d(P, P)[i]), (~same[i], ssft.d(H, H)[i])):  # Eq. (6): P intra, H inter
                 kept = (A[i] != 0) & block
                 self.assertEqual(int(kept.sum()), 3)
                 self.assertEqual(set(kept.nonzero().flatten().tolist()),
                                  set(block.nonzero().flatten()[S[block].topk(3).indices].tolist()))
-                _ss_torch.testing.assert_close(A[i][kept], S[kept])
+                torch.testing.assert_close(A[i][kept], S[kept])
         # a block narrower than k keeps all of it
-        self.assertEqual(int((_ss.affinity(H, P, is_r, 6)[0] != 0)[:5].sum()), 5)
+        self.assertEqual(int((ssft.affinity(H, P, is_r, 6)[0] != 0)[:5].sum()), 5)
 
     def test_eq10_hand_computed(self):
-        A = _ss_torch.tensor([[1.0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [1, 0, 0, 1]])    # degrees 2, 2, 1, 2
-        Z = _ss_torch.tensor([[1.0, 2, 0], [0, 1, 3], [0, -1, -2], [2, 0, 0]])             # c = 1: [P_v; H; P_r]
-        sstn = _ss.SSTN(1, 3, bnneck=True)
-        with _ss_torch.no_grad():
-            sstn.W.weight.copy_(_ss_torch.tensor([[1.0, 1.0, 1.0]]))                       # Z W = row sums 3, 4, -3, 2
+        A = torch.tensor([[1.0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [1, 0, 0, 1]])        # degrees 2, 2, 1, 2
+        Z = torch.tensor([[1.0, 2, 0], [0, 1, 3], [0, -1, -2], [2, 0, 0]])                 # c = 1: [P_v; H; P_r]
+        sstn = ssft.SSTN(1, 3, bnneck=True)
+        with torch.no_grad():
+            sstn.W.weight.copy_(torch.tensor([[1.0, 1.0, 1.0]]))                           # Z W = row sums 3, 4, -3, 2
         # D^-1/2 A D^-1/2 Z W: row 0: 3/2 + 4/2 = 3.5; row 1: 4/2 - 3/sqrt(2) < 0 -> ReLU 0; row 2: -3 -> 0;
         # row 3: 3/2 + 2/2 = 2.5
         Z_tilde, _ = sstn(A, Z)
-        _ss_torch.testing.assert_close(Z_tilde, _ss_torch.tensor([[3.5], [0.0], [0.0], [2.5]]))
-        A_hat = _ss.normalised_affinity(A)
-        self.assertAlmostEqual(float(A_hat[1, 2]), 1 / _ss_math.sqrt(2), places=6)
+        torch.testing.assert_close(Z_tilde, torch.tensor([[3.5], [0.0], [0.0], [2.5]]))
+        A_hat = ssft.normalised_affinity(A)
+        self.assertAlmostEqual(float(A_hat[1, 2]), 1 / math.sqrt(2), places=6)
         self.assertAlmostEqual(float(A_hat[3, 0]), 0.5, places=6)
 
     def test_normalised_affinity_is_its_definition(self):
-        A = _ss_torch.rand(6, 6) * (_ss_torch.rand(6, 6) > 0.4) + _ss_torch.eye(6)
-        D = _ss_torch.diag(A.sum(1))
-        _ss_torch.testing.assert_close(_ss.normalised_affinity(A),
-                                       _ss_torch.linalg.inv(D).sqrt() @ A @ _ss_torch.linalg.inv(D).sqrt())
+        A = torch.rand(6, 6) * (torch.rand(6, 6) > 0.4) + torch.eye(6)
+        D = torch.diag(A.sum(1))
+        torch.testing.assert_close(ssft.normalised_affinity(A),
+                                   torch.linalg.inv(D).sqrt() @ A @ torch.linalg.inv(D).sqrt())
 
     def test_eq5_padding_layout(self):
-        H = _ss_torch.tensor([[1.0, 2], [3, 4]])
-        P = _ss_torch.tensor([[5.0, 6], [7, 8]])
-        is_r = _ss_torch.tensor([False, True])
-        _ss_torch.testing.assert_close(_ss.pad(H, P, is_r), _ss_torch.tensor([[5.0, 6, 1, 2, 0, 0],    # [P^R; H^R; 0]
+        H = torch.tensor([[1.0, 2], [3, 4]])
+        P = torch.tensor([[5.0, 6], [7, 8]])
+        is_r = torch.tensor([False, True])
+        torch.testing.assert_close(ssft.pad(H, P, is_r), torch.tensor([[5.0, 6, 1, 2, 0, 0],           # [P^R; H^R; 0]
                                                                              [0, 0, 3, 4, 7, 8]]))  # [0; H^I; P^I]
-        _ss_torch.testing.assert_close(_ss.pad(H, P, is_r, sht=False), _ss_torch.tensor([[5.0, 6, 0, 0, 0, 0],
-                                                                                         [0, 0, 0, 0, 7, 8]]))
-        _ss_torch.testing.assert_close(_ss.pad(H, P, is_r, spt=False), _ss_torch.tensor([[0.0, 0, 1, 2, 0, 0],
-                                                                                         [0, 0, 3, 4, 0, 0]]))
+        torch.testing.assert_close(ssft.pad(H, P, is_r, sht=False), torch.tensor([[5.0, 6, 0, 0, 0, 0],
+                                                                                  [0, 0, 0, 0, 7, 8]]))
+        torch.testing.assert_close(ssft.pad(H, P, is_r, spt=False), torch.tensor([[0.0, 0, 1, 2, 0, 0],
+                                                                                  [0, 0, 3, 4, 0, 0]]))
 
     def test_eq15_projection_loss(self):
-        projection = _ss_torch.nn.ModuleDict({m: _ss_torch.nn.Linear(2, 2, bias=False) for m in "vr"})
-        with _ss_torch.no_grad():
-            projection["v"].weight.copy_(2 * _ss_torch.eye(2))
-            projection["r"].weight.copy_(_ss_torch.tensor([[0.0, 1], [1, 0]]))
-        P = _ss_torch.tensor([[1.0, 0], [1, 2]])
-        H = _ss_torch.tensor([[2.0, 3], [2, 1]])
+        projection = torch.nn.ModuleDict({m: torch.nn.Linear(2, 2, bias=False) for m in "vr"})
+        with torch.no_grad():
+            projection["v"].weight.copy_(2 * torch.eye(2))
+            projection["r"].weight.copy_(torch.tensor([[0.0, 1], [1, 0]]))
+        P = torch.tensor([[1.0, 0], [1, 2]])
+        H = torch.tensor([[2.0, 3], [2, 1]])
         # visible: 2 P - H = (0, -3) -> 3; infrared: swap(P) - H = (2, 1) - (2, 1) = 0 -> mean 1.5
-        with _ss_torch.no_grad():
-            self.assertAlmostEqual(float(_ss.L_pa(projection, P, H, _ss_torch.tensor([False, True]))), 1.5, places=6)
+        with torch.no_grad():
+            self.assertAlmostEqual(float(ssft.L_pa(projection, P, H, torch.tensor([False, True]))), 1.5, places=6)
 
     def test_eq17_reconstruction_loss(self):
-        X = _ss_torch.zeros(2, 3, 2, 2)
-        X_hat = _ss_torch.zeros(2, 3, 2, 2)
+        X = torch.zeros(2, 3, 2, 2)
+        X_hat = torch.zeros(2, 3, 2, 2)
         X_hat[0, 0, 0, 0], X_hat[1, 2, 1, 1] = 2.0, -4.0
-        self.assertAlmostEqual(float(_ss.L_re(X_hat, X)), (4 + 16) / 24, places=6)
+        self.assertAlmostEqual(float(ssft.L_re(X_hat, X)), (4 + 16) / 24, places=6)
 
     def test_eq14_modality_loss(self):
-        discriminator = _ss_torch.nn.Linear(2, 2, bias=False)
-        with _ss_torch.no_grad():
-            discriminator.weight.copy_(_ss_torch.eye(2))
-        H = _ss_torch.tensor([[1.0, 0], [0, 2]])                 # logits = H; labels 0 (visible), 1 (infrared)
-        expected = 0.5 * (-_ss_math.log(_ss_math.e / (_ss_math.e + 1)) - _ss_math.log(_ss_math.e ** 2 / (1 + _ss_math.e ** 2)))
-        with _ss_torch.no_grad():
-            self.assertAlmostEqual(float(_ss.L_ma(discriminator, H, _ss_torch.tensor([False, True]))), expected, places=6)
+        discriminator = torch.nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            discriminator.weight.copy_(torch.eye(2))
+        H = torch.tensor([[1.0, 0], [0, 2]])                     # logits = H; labels 0 (visible), 1 (infrared)
+        expected = 0.5 * (-math.log(math.e / (math.e + 1)) - math.log(math.e ** 2 / (1 + math.e ** 2)))
+        with torch.no_grad():
+            self.assertAlmostEqual(float(ssft.L_ma(discriminator, H, torch.tensor([False, True]))), expected, places=6)
 
     def test_triplets_against_loops(self):
-        g = _ss_torch.Generator().manual_seed(1)
-        f_v, f_r = _ss_torch.randn(6, 4, generator=g), _ss_torch.randn(6, 4, generator=g)
-        y = _ss_torch.tensor([0, 0, 1, 1, 2, 2])
-        self.assertAlmostEqual(float(_ss.L_smT(f_v, f_r, y, y, 0.5)),
-                               _ss_hard(f_v, f_v, y, y, 0.5) + _ss_hard(f_r, f_r, y, y, 0.5), places=4)      # Eq. (3)
-        self.assertAlmostEqual(float(_ss.L_cmT(f_v, f_r, y, y, 0.5)),
-                               _ss_hard(f_v, f_r, y, y, 0.5) + _ss_hard(f_r, f_v, y, y, 0.5), places=4)      # Eq. (4)
-        self.assertAlmostEqual(float(_ss.L_t(f_v, f_r, y, y, 0.5, 0.2)),
-                               float(_ss.L_cmT(f_v, f_r, y, y, 0.5) + _ss.L_smT(f_v, f_r, y, y, 0.2)), places=5)
+        g = torch.Generator().manual_seed(1)
+        f_v, f_r = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+        y = torch.tensor([0, 0, 1, 1, 2, 2])
+        self.assertAlmostEqual(float(ssft.L_smT(f_v, f_r, y, y, 0.5)),
+                               hard_loop(f_v, f_v, y, y, 0.5) + hard_loop(f_r, f_r, y, y, 0.5), places=4)    # Eq. (3)
+        self.assertAlmostEqual(float(ssft.L_cmT(f_v, f_r, y, y, 0.5)),
+                               hard_loop(f_v, f_r, y, y, 0.5) + hard_loop(f_r, f_v, y, y, 0.5), places=4)    # Eq. (4)
+        self.assertAlmostEqual(float(ssft.L_t(f_v, f_r, y, y, 0.5, 0.2)),
+                               float(ssft.L_cmT(f_v, f_r, y, y, 0.5) + ssft.L_smT(f_v, f_r, y, y, 0.2)), places=5)
 
 
 class TestSSFTTest(unittest.TestCase):
@@ -3578,149 +3462,143 @@ class TestSSFTTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        _ss_torch.manual_seed(0)
-        cls.model = _ss.build(_ss_settings(), 5).eval()
-        with _ss_torch.no_grad():            # a BNNeck with non-trivial running statistics
+        torch.manual_seed(0)
+        cls.model = ssft.build(ssft_settings(), 5).eval()
+        with torch.no_grad():                # a BNNeck with non-trivial running statistics
             cls.model.sstn.feat.layer.running_mean.normal_()
             cls.model.sstn.feat.layer.running_var.uniform_(0.5, 2)
 
     def test_transductive_equals_dense(self):
         c = self.model.c
-        H, P, is_r = _ss_features(7, 9, c)
-        is_r = is_r[_ss_torch.randperm(16)]                  # modalities interleaved
-        with _ss_torch.no_grad():
-            _, T = self.model.sstn(_ss.affinity(H, P, is_r, 4), _ss.pad(H, P, is_r))   # Eq. (6)-(11), dense
-            sparse = _ss.sstn_transductive(self.model, H, P, is_r, 4)
-            _ss_torch.testing.assert_close(sparse, T, atol=1e-5, rtol=1e-4)
-            old = _ss.CHUNK_ELEMENTS
+        H, P, is_r = ssft_features(7, 9, c)
+        is_r = is_r[torch.randperm(16)]                      # modalities interleaved
+        with torch.no_grad():
+            _, T = self.model.sstn(ssft.affinity(H, P, is_r, 4), ssft.pad(H, P, is_r))  # Eq. (6)-(11), dense
+            sparse = ssft.sstn_transductive(self.model, H, P, is_r, 4)
+            torch.testing.assert_close(sparse, T, atol=1e-5, rtol=1e-4)
+            old = ssft.CHUNK_ELEMENTS
             try:
-                _ss.CHUNK_ELEMENTS = 40                      # rows in chunks of 2
-                _ss_torch.testing.assert_close(_ss.sstn_transductive(self.model, H, P, is_r, 4), sparse)
+                ssft.CHUNK_ELEMENTS = 40                     # rows in chunks of 2
+                torch.testing.assert_close(ssft.sstn_transductive(self.model, H, P, is_r, 4), sparse)
             finally:
-                _ss.CHUNK_ELEMENTS = old
+                ssft.CHUNK_ELEMENTS = old
 
     def test_eq22_single_query_equals_dense(self):
         c, k, Ng = self.model.c, 2, 5
-        H, P, is_r = _ss_features(Ng, 3, c, seed=3)          # gallery visible (rows 0..4), queries infrared
+        H, P, is_r = ssft_features(Ng, 3, c, seed=3)         # gallery visible (rows 0..4), queries infrared
         Hg, Pg, Hq, Pq = H[:Ng], P[:Ng], H[Ng:], P[Ng:]
-        with _ss_torch.no_grad():
-            dist = _ss.sstn_single_query(self.model, Hq, Pq, is_r[Ng:], Hg, Pg, is_r[:Ng], k)
+        with torch.no_grad():
+            dist = ssft.sstn_single_query(self.model, Hq, Pq, is_r[Ng:], Hg, Pg, is_r[:Ng], k)
             for q in range(3):
                 # Eq. (22) written out: A = [[k A^{q,q}, T(A^{q,G}, k)], [k A^{G,q}, T(A^{G,G}, k)]]
-                A = _ss_torch.zeros(Ng + 1, Ng + 1)
+                A = torch.zeros(Ng + 1, Ng + 1)
                 A[0, 0] = k * 1.0                                                     # d(P^q, P^q) = 1
-                a_qG = _ss.d(Hq[q:q + 1], Hg)[0]
+                a_qG = ssft.d(Hq[q:q + 1], Hg)[0]
                 top = a_qG.topk(k).indices
                 A[0, 1 + top] = a_qG[top]
                 A[1:, 0] = k * a_qG                                                   # amplified left column
-                A[1:, 1:] = _ss.T(_ss.d(Pg, Pg), k)
+                A[1:, 1:] = ssft.T(ssft.d(Pg, Pg), k)
                 self.assertEqual(int((A[0] != 0).sum()), k + 1)
                 self.assertEqual(int((A[1:] != 0).sum(1).min()), k + 1)
-                Z = _ss.pad(_ss_torch.cat([Hq[q:q + 1], Hg]), _ss_torch.cat([Pq[q:q + 1], Pg]),
-                            _ss_torch.tensor([True] + [False] * Ng))
+                Z = ssft.pad(torch.cat([Hq[q:q + 1], Hg]), torch.cat([Pq[q:q + 1], Pg]),
+                             torch.tensor([True] + [False] * Ng))
                 _, T = self.model.sstn(A, Z)
-                T = _ss_torch.nn.functional.normalize(T, dim=1)
-                _ss_torch.testing.assert_close(dist[q], (T[0] - T[1:]).norm(dim=1), atol=1e-5, rtol=1e-4)
-            old = _ss.CHUNK_ELEMENTS
+                T = torch.nn.functional.normalize(T, dim=1)
+                torch.testing.assert_close(dist[q], (T[0] - T[1:]).norm(dim=1), atol=1e-5, rtol=1e-4)
+            old = ssft.CHUNK_ELEMENTS
             try:
-                _ss.CHUNK_ELEMENTS = Ng * c                  # one query per chunk
-                _ss_torch.testing.assert_close(
-                    _ss.sstn_single_query(self.model, Hq, Pq, is_r[Ng:], Hg, Pg, is_r[:Ng], k), dist)
+                ssft.CHUNK_ELEMENTS = Ng * c                 # one query per chunk
+                torch.testing.assert_close(
+                    ssft.sstn_single_query(self.model, Hq, Pq, is_r[Ng:], Hg, Pg, is_r[:Ng], k), dist)
             finally:
-                _ss.CHUNK_ELEMENTS = old
+                ssft.CHUNK_ELEMENTS = old
 
     def test_extract_layout_and_distance(self):
-        x = _ss_torch.randn(3, 3, 32, 16)
+        x = torch.randn(3, 3, 32, 16)
         c = self.model.c
         for m, flag in (("v", 0.0), ("r", 1.0)):
-            f = _ss.extract(self.model, x, m)
+            f = ssft.extract(self.model, x, m)
             self.assertEqual(tuple(f.shape), (3, 2 * c + 1))
-            with _ss_torch.no_grad():
+            with torch.no_grad():
                 out = self.model.encode(**{f"x_{m}": x})
-            _ss_torch.testing.assert_close(f[:, :c], out["H"])
-            _ss_torch.testing.assert_close(f[:, c:2 * c], out["P"])
+            torch.testing.assert_close(f[:, :c], out["H"])
+            torch.testing.assert_close(f[:, c:2 * c], out["P"])
             self.assertTrue(bool((f[:, -1] == flag).all()))
-        q, g = _ss.extract(self.model, x, "r"), _ss.extract(self.model, _ss_torch.randn(4, 3, 32, 16), "v")
-        for mode in _ss.TEST_MODES:
-            dist = _ss.distance(self.model, q, g, _ss_settings(ssft_test=mode))
+        q, g = ssft.extract(self.model, x, "r"), ssft.extract(self.model, torch.randn(4, 3, 32, 16), "v")
+        for mode in ssft.TEST_MODES:
+            dist = ssft.distance(self.model, q, g, ssft_settings(ssft_test=mode))
             self.assertEqual(tuple(dist.shape), (3, 4))
-            self.assertTrue(bool(_ss_torch.isfinite(dist).all()))
-        with self.assertRaises(_ss_UserError):                # Eq. (22) needs query and gallery modalities apart
-            _ss.distance(self.model, q, q, _ss_settings(ssft_test="single-query"))
-        with self.assertRaises(_ss_UserError):
-            _ss.distance(self.model, q, g, _ss_settings(ssft_test="both"))
+            self.assertTrue(bool(torch.isfinite(dist).all()))
+        with self.assertRaises(UserError):                    # Eq. (22) needs query and gallery modalities apart
+            ssft.distance(self.model, q, q, ssft_settings(ssft_test="single-query"))
+        with self.assertRaises(UserError):
+            ssft.distance(self.model, q, g, ssft_settings(ssft_test="both"))
 
 
 class TestSSFTTraining(unittest.TestCase):
-    def batch(self, B=4):
-        g = _ss_torch.Generator().manual_seed(2)
-        y = _ss_torch.tensor([0, 0, 1, 1])
-        return {"x_v": _ss_torch.randn(B, 3, 32, 16, generator=g), "x_r": _ss_torch.randn(B, 3, 32, 16, generator=g),
-                "y_v": y, "y_r": y}
-
     def adversarial_losses(self, model, batch):
-        with _ss_torch.no_grad():
+        with torch.no_grad():
             out = model(batch["x_v"], batch["x_r"])
-            is_r = _ss_torch.arange(8) >= 4
-            return (float(_ss.L_ma(model.discriminator, out["H"], is_r)),
-                    float(_ss.L_pa(model.projection, out["P"], out["H"], is_r)))
+            is_r = torch.arange(8) >= 4
+            return (float(ssft.L_ma(model.discriminator, out["H"], is_r)),
+                    float(ssft.L_pa(model.projection, out["P"], out["H"], is_r)))
 
     def test_eq20_21_signs(self):
         """One max step lowers L_ma and L_pa, one min step raises them (the network fools the adversaries)."""
-        _ss_torch.manual_seed(0)
+        torch.manual_seed(0)
         # the min step sees mostly the adversarial terms: large lambda2, lambda3 and no SSTN or decoder
-        s = _ss_settings(shl=False, sht=False, spt=False, re=False, lambda2=50.0, lambda3=50.0)
-        model = _ss.build(s, 2).train()
-        net_params, adv_params = _ss.split_parameters(model)
+        s = ssft_settings(shl=False, sht=False, spt=False, re=False, lambda2=50.0, lambda3=50.0)
+        model = ssft.build(s, 2).train()
+        net_params, adv_params = ssft.split_parameters(model)
         self.assertEqual(len(adv_params), sum(1 for m in model.adversaries() for _ in m.parameters()))
-        opt_net = _ss_torch.optim.SGD(net_params, lr=1e-3)         # small first-order steps: the signs show
-        opt_adv = _ss_torch.optim.SGD(adv_params, lr=1e-3)
-        batch = self.batch()
+        opt_net = torch.optim.SGD(net_params, lr=1e-3)             # small first-order steps: the signs show
+        opt_adv = torch.optim.SGD(adv_params, lr=1e-3)
+        batch = random_batch(seed=2)
         ma0, pa0 = self.adversarial_losses(model, batch)
         net_before = [p.detach().clone() for p in net_params]
-        _ss.max_step(model, model(batch["x_v"], batch["x_r"]), s, opt_adv)
-        self.assertTrue(all(_ss_torch.equal(a, b) for a, b in zip(net_before, net_params)))   # Theta_N fixed
+        ssft.max_step(model, model(batch["x_v"], batch["x_r"]), s, opt_adv)
+        self.assertTrue(all(torch.equal(a, b) for a, b in zip(net_before, net_params)))       # Theta_N fixed
         ma1, pa1 = self.adversarial_losses(model, batch)
         self.assertLess(ma1, ma0)
         self.assertLess(pa1, pa0)
         adv_before = [p.detach().clone() for p in adv_params]
-        L_min, _ = _ss.objective(model, batch, s)
+        L_min, _ = ssft.objective(model, batch, s)
         L_min.backward(inputs=net_params)
         opt_net.step()
-        self.assertTrue(all(_ss_torch.equal(a, b) for a, b in zip(adv_before, adv_params)))   # Theta_D, Theta^m fixed
+        self.assertTrue(all(torch.equal(a, b) for a, b in zip(adv_before, adv_params)))       # Theta_D, Theta^m fixed
         ma2, pa2 = self.adversarial_losses(model, batch)
         self.assertGreater(ma2, ma1)
         self.assertGreater(pa2, pa1)
 
     def test_forward_shapes_and_switches(self):
-        _ss_torch.manual_seed(0)
-        model = _ss.build(_ss_settings(), 3).train()
-        out = model(self.batch()["x_v"], self.batch()["x_r"])
+        torch.manual_seed(0)
+        model = ssft.build(ssft_settings(), 3).train()
+        out = model(random_batch(seed=2)["x_v"], random_batch(seed=2)["x_r"])
         c = model.c
         self.assertEqual(tuple(out["H"].shape), (8, c))
         self.assertEqual(tuple(out["T"].shape), (8, c))
         self.assertEqual(tuple(out["logits_T"].shape), (8, 3))
         self.assertEqual(tuple(out["X_hat"].shape), (8, 3, 32, 16))               # Eq. (16): back to input size
-        fc = _ss.build(_ss_settings(aug=False), 3).train()                       # Table 4 'wo aug': FC blocks
-        out = fc(self.batch()["x_v"], self.batch()["x_r"])
-        self.assertIsInstance(fc.sstn.feat.layer, _ss_torch.nn.Linear)
+        fc = ssft.build(ssft_settings(aug=False), 3).train()                     # Table 4 'wo aug': FC blocks
+        out = fc(random_batch(seed=2)["x_v"], random_batch(seed=2)["x_r"])
+        self.assertIsInstance(fc.sstn.feat.layer, torch.nn.Linear)
         self.assertIs(out["H_tri"], out["H"])
-        bare = _ss.build(_ss_settings(spl=False, sht=False, spt=False, pa=False, re=False, moa=False), 3)
+        bare = ssft.build(ssft_settings(spl=False, sht=False, spt=False, pa=False, re=False, moa=False), 3)
         self.assertIsNone(bare.sstn)
         self.assertEqual(bare.adversaries(), [])
-        self.assertEqual(tuple(_ss.extract(bare.eval(), _ss_torch.randn(2, 3, 32, 16), "v").shape), (2, c + 1))
+        self.assertEqual(tuple(ssft.extract(bare.eval(), torch.randn(2, 3, 32, 16), "v").shape), (2, c + 1))
         for bad in (dict(ssft_test="all"), dict(spl=False), dict(height=40), dict(k=0),
                     dict(shl=False, spl=False, sht=False, spt=False, pa=False, re=False)):
-            with self.assertRaises(_ss_UserError):
-                _ss.check(_ss_settings(**bad))
+            with self.assertRaises(UserError):
+                ssft.check(ssft_settings(**bad))
 
 
-def _ss_ce(logits, y):
+def ce_loop(logits, y):
     """Cross-entropy written out: mean of logsumexp(row) - row[y]."""
-    return sum(float(_ss_torch.logsumexp(logits[i], 0) - logits[i, y[i]]) for i in range(len(y))) / len(y)
+    return sum(float(torch.logsumexp(logits[i], 0) - logits[i, y[i]]) for i in range(len(y))) / len(y)
 
 
-def _ss_hard(anchors, candidates, y_a, y_c, margin):
+def hard_loop(anchors, candidates, y_a, y_c, margin):
     """Batch-hard triplet term by loops: mean over anchors of max(0, margin + farthest positive - closest negative)."""
     losses = []
     for i in range(len(anchors)):
@@ -3731,88 +3609,81 @@ def _ss_hard(anchors, candidates, y_a, y_c, margin):
     return sum(losses) / len(losses)
 
 
-def _ss_batch(B=4, seed=2):
-    g = _ss_torch.Generator().manual_seed(seed)
-    y = _ss_torch.arange(B) // 2
-    return {"x_v": _ss_torch.randn(B, 3, 32, 16, generator=g), "x_r": _ss_torch.randn(B, 3, 32, 16, generator=g),
-            "y_v": y, "y_r": y}
-
-
 class TestSSFTAdversarialForms(unittest.TestCase):
     """--pa-form scale-free and --ma-form confusion (deviations), and the scale argument against the literal L_pa."""
 
     def projection(self, c=2, seed=0):
-        _ss_torch.manual_seed(seed)
-        return _ss_torch.nn.ModuleDict({m: _ss_torch.nn.Linear(c, c, bias=False) for m in "vr"})
+        torch.manual_seed(seed)
+        return torch.nn.ModuleDict({m: torch.nn.Linear(c, c, bias=False) for m in "vr"})
 
     def test_literal_L_pa_scales_with_the_features(self):
         """Eq. (15) is linear in the scale of P and H: the reason its min-max has no bound."""
         projection = self.projection(6)
-        P, H, is_r = _ss_features(4, 3, 6)
-        with _ss_torch.no_grad():
-            base = float(_ss.L_pa(projection, P, H, is_r))
+        P, H, is_r = ssft_features(4, 3, 6)
+        with torch.no_grad():
+            base = float(ssft.L_pa(projection, P, H, is_r))
             for s in (0.5, 2.0, 4.0):
-                self.assertAlmostEqual(float(_ss.L_pa(projection, s * P, s * H, is_r)), s * base, places=4)
+                self.assertAlmostEqual(float(ssft.L_pa(projection, s * P, s * H, is_r)), s * base, places=4)
 
     def test_scale_free_L_pa_invariant_to_scale(self):
         projection = self.projection(6)
-        P, H, is_r = _ss_features(4, 3, 6, seed=1)
-        with _ss_torch.no_grad():
-            base = float(_ss.L_pa(projection, P, H, is_r, "scale-free"))
+        P, H, is_r = ssft_features(4, 3, 6, seed=1)
+        with torch.no_grad():
+            base = float(ssft.L_pa(projection, P, H, is_r, "scale-free"))
             for s in (0.01, 2.0, 4.0, 100.0):
-                self.assertAlmostEqual(float(_ss.L_pa(projection, s * P, s * H, is_r, "scale-free")), base, places=5)
-                self.assertAlmostEqual(float(_ss.L_pa(projection, s * P, H, is_r, "scale-free")), base, places=5)
+                self.assertAlmostEqual(float(ssft.L_pa(projection, s * P, s * H, is_r, "scale-free")), base, places=5)
+                self.assertAlmostEqual(float(ssft.L_pa(projection, s * P, H, is_r, "scale-free")), base, places=5)
 
     def test_scale_free_L_pa_hand_computed(self):
         projection = self.projection()
-        with _ss_torch.no_grad():
-            projection["v"].weight.copy_(_ss_torch.eye(2))
-            projection["r"].weight.copy_(_ss_torch.tensor([[0.0, 1], [1, 0]]))
-        P = _ss_torch.tensor([[3.0, 4], [0, 2]])
-        H = _ss_torch.tensor([[0.0, 5], [7, 0]])
+        with torch.no_grad():
+            projection["v"].weight.copy_(torch.eye(2))
+            projection["r"].weight.copy_(torch.tensor([[0.0, 1], [1, 0]]))
+        P = torch.tensor([[3.0, 4], [0, 2]])
+        H = torch.tensor([[0.0, 5], [7, 0]])
         # visible: P/|P| = (0.6, 0.8), H/|H| = (0, 1): |(0.6, -0.2)| = sqrt(0.4)
         # infrared: swap((0, 1)) = (1, 0) = H/|H|: 0
-        with _ss_torch.no_grad():
-            value = float(_ss.L_pa(projection, P, H, _ss_torch.tensor([False, True]), "scale-free"))
-        self.assertAlmostEqual(value, _ss_math.sqrt(0.4) / 2, places=6)
+        with torch.no_grad():
+            value = float(ssft.L_pa(projection, P, H, torch.tensor([False, True]), "scale-free"))
+        self.assertAlmostEqual(value, math.sqrt(0.4) / 2, places=6)
 
     def test_confusion_L_ma_hand_computed(self):
-        discriminator = _ss_torch.nn.Linear(2, 2, bias=False)
-        with _ss_torch.no_grad():
-            discriminator.weight.copy_(_ss_torch.eye(2))
-        H = _ss_torch.tensor([[1.0, 0], [0, 2]])                 # logits = H
+        discriminator = torch.nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            discriminator.weight.copy_(torch.eye(2))
+        H = torch.tensor([[1.0, 0], [0, 2]])                     # logits = H
         # row (1, 0): -1/2 [log(e / (e + 1)) + log(1 / (e + 1))] = log(1 + e) - 1/2; row (0, 2): log(1 + e^2) - 1
-        e = _ss_math.e
-        expected = 0.5 * ((_ss_math.log(1 + e) - 0.5) + (_ss_math.log(1 + e ** 2) - 1))
-        with _ss_torch.no_grad():
-            self.assertAlmostEqual(float(_ss.L_conf(discriminator, H)), expected, places=6)
+        e = math.e
+        expected = 0.5 * ((math.log(1 + e) - 0.5) + (math.log(1 + e ** 2) - 1))
+        with torch.no_grad():
+            self.assertAlmostEqual(float(ssft.L_conf(discriminator, H)), expected, places=6)
 
     def test_confusion_L_ma_minimum_at_uniform(self):
-        identity = _ss_torch.nn.Identity()                       # the 'discriminator' returns H as its logits
+        identity = torch.nn.Identity()                           # the 'discriminator' returns H as its logits
         values = {}
         for p in (0.01, 0.1, 0.3, 0.45, 0.5, 0.55, 0.7, 0.9, 0.99):
-            logits = _ss_torch.tensor([[_ss_math.log(p), _ss_math.log(1 - p)]])
-            values[p] = float(_ss.L_conf(identity, logits))
-            self.assertAlmostEqual(values[p], -0.5 * (_ss_math.log(p) + _ss_math.log(1 - p)), places=5)
-        self.assertAlmostEqual(values[0.5], _ss_math.log(2), places=6)
+            logits = torch.tensor([[math.log(p), math.log(1 - p)]])
+            values[p] = float(ssft.L_conf(identity, logits))
+            self.assertAlmostEqual(values[p], -0.5 * (math.log(p) + math.log(1 - p)), places=5)
+        self.assertAlmostEqual(values[0.5], math.log(2), places=6)
         self.assertEqual(min(values, key=values.get), 0.5)
-        H = _ss_torch.zeros(3, 2, requires_grad=True)            # uniform predictions: a stationary point
-        _ss.L_conf(identity, H).backward()
-        _ss_torch.testing.assert_close(H.grad, _ss_torch.zeros(3, 2))
+        H = torch.zeros(3, 2, requires_grad=True)                # uniform predictions: a stationary point
+        ssft.L_conf(identity, H).backward()
+        torch.testing.assert_close(H.grad, torch.zeros(3, 2))
 
     def test_choices_are_checked(self):
         for bad in (dict(pa_form="normalised"), dict(ma_form="uniform")):
-            with self.assertRaises(_ss_UserError):
-                _ss.check(_ss_settings(**bad))
-        self.assertEqual(_ss.CHOICES["pa_form"], ("literal", "scale-free"))
-        self.assertEqual(_ss.CHOICES["ma_form"], ("literal", "confusion"))
+            with self.assertRaises(UserError):
+                ssft.check(ssft_settings(**bad))
+        self.assertEqual(ssft.CHOICES["pa_form"], ("literal", "scale-free"))
+        self.assertEqual(ssft.CHOICES["ma_form"], ("literal", "confusion"))
 
 
 class TestSSFTWiring(unittest.TestCase):
     """Eq. 1 and Eq. 16 wiring, the Eq. 18-20 composition inside objective, the Sec. 4.1 defaults, the test distance."""
 
     def test_sec41_defaults(self):
-        s = _ss.Settings()
+        s = ssft.Settings()
         paper = dict(arch="resnet50", pretrained="imagenet", lr=3.5e-4, epochs=120, milestones=(40, 70), warmup=0,
                      k=4, lambda1=1.0, lambda2=0.2, lambda3=0.2, P=8, K=4, aug=True, ssft_test="transductive",
                      pa_form="literal", ma_form="literal")
@@ -3820,36 +3691,25 @@ class TestSSFTWiring(unittest.TestCase):
             self.assertEqual(getattr(s, name), value, name)
         for switch in ("shl", "spl", "moa", "pa", "re", "sht", "spt"):    # Table 3 row 11: everything on
             self.assertIs(getattr(s, switch), True, switch)
-        self.assertEqual(_ss.ERASING, 0.5)                                # BoT's random erasing, Sec. 4.1 (2)
+        self.assertEqual(ssft.ERASING, 0.5)                               # BoT's random erasing, Sec. 4.1 (2)
 
     def test_optimisers_and_logged_norm(self):
         """train() builds Adam for the network and Adam for the adversaries at the Settings' lr and weight decay,
         and every progress line prints ||H||."""
-        import numpy as _np
-        from unittest import mock as _mock
-        import data as _data
-        from methods import common as _common
         made = []
 
-        class Recording(_ss_torch.optim.Adam):
+        class Recording(torch.optim.Adam):
             def __init__(self, params, **kw):
                 super().__init__(params, **kw)
                 made.append(self)
 
-        rng = _np.random.default_rng(0)
-
-        def image_set(per_id, ids=4):
-            labels = _np.repeat(_np.arange(ids), per_id)
-            images = rng.integers(0, 256, (len(labels), 32, 16, 3), dtype=_np.uint8)
-            return _data.ImageSet([f"i{i}" for i in range(len(labels))], labels, _np.ones_like(labels), images)
-
-        s = _ss_settings(epochs=1, milestones=(), lr=3.5e-4)
+        s = ssft_settings(epochs=1, milestones=(), lr=3.5e-4)
         lines = []
-        with _ss_tempfile.TemporaryDirectory() as tmp, _mock.patch.object(_ss.torch.optim, "Adam", Recording):
-            run = _common.Run(tmp, "cpu", say=lines.append, max_its=1, log_every=1)
-            model = _ss.train(s, _data.TrainSet(image_set(4), image_set(2), 4), run)
+        with tempfile.TemporaryDirectory() as tmp, mock.patch.object(torch.optim, "Adam", Recording):
+            run = common.Run(tmp, "cpu", say=lines.append, max_its=1, log_every=1)
+            model = ssft.train(s, tiny_trainset(ids=4, per_v=4, per_r=2), run)
         self.assertEqual(len(made), 2)
-        net, adv = _ss.split_parameters(model)
+        net, adv = ssft.split_parameters(model)
         for opt, params in zip(made, (net, adv)):
             self.assertEqual([id(p) for g in opt.param_groups for p in g["params"]], [id(p) for p in params])
             self.assertEqual(opt.defaults["lr"], 3.5e-4)
@@ -3860,8 +3720,7 @@ class TestSSFTWiring(unittest.TestCase):
     def test_eq1_parameter_identity(self):
         """Conv1^v, Conv1^r, Conv2^S, Conv2^v, Conv2^r, the feature blocks and heads own disjoint parameters that
         together are the model's; Conv1 = stem + layer1 + layer2, Conv2 = layer3 + layer4 of a ResNet."""
-        from methods import common as _common
-        model = _ss.build(_ss_settings(), 3)
+        model = ssft.build(ssft_settings(), 3)
         parts = {"conv1.v": model.conv1["v"], "conv1.r": model.conv1["r"], "conv2_s": model.conv2_s,
                  "conv2.v": model.conv2["v"], "conv2.r": model.conv2["r"], "feat_s": model.feat_s,
                  "feat.v": model.feat["v"], "feat.r": model.feat["r"], "classifier_h": model.classifier_h,
@@ -3876,25 +3735,25 @@ class TestSSFTWiring(unittest.TestCase):
             for b in names[i + 1:]:
                 self.assertFalse(owned[a] & owned[b], f"{a} and {b} share parameters")
         self.assertEqual(set().union(*owned.values()), {id(p) for p in model.parameters()})
-        _, adv = _ss.split_parameters(model)
+        _, adv = ssft.split_parameters(model)
         self.assertEqual({id(p) for p in adv}, owned["discriminator"] | owned["projection.v"] | owned["projection.r"])
-        net = _common.resnet("resnet18", "none")
+        net = common.resnet("resnet18", "none")
         count = lambda modules: sum(p.numel() for m in modules for p in m.parameters())
         stem_to_2 = count([net.conv1, net.bn1, net.layer1, net.layer2])
         for m in "vr":
             self.assertEqual(count([model.conv1[m]]), stem_to_2)
             self.assertEqual(count([model.conv2[m]]), count([net.layer3, net.layer4]))
         self.assertEqual(count([model.conv2_s]), count([net.layer3, net.layer4]))
-        with _ss_torch.no_grad():                                        # last stride 1: maps at stride 16
-            out = model.eval().encode(_ss_torch.randn(2, 3, 64, 32), _ss_torch.randn(2, 3, 64, 32))
+        with torch.no_grad():                                            # last stride 1: maps at stride 16
+            out = model.eval().encode(torch.randn(2, 3, 64, 32), torch.randn(2, 3, 64, 32))
         self.assertEqual(tuple(out["S"].shape[2:]), (4, 2))
         self.assertEqual(tuple(out["Pmap"].shape[2:]), (4, 2))
 
     def test_eq1_gradient_paths(self):
         """In eval mode (no BN batch coupling), visible P depends only on Conv1^v, Conv2^v, Feat^v; infrared H only
         on Conv1^r, Conv2^S, Feat^S."""
-        model = _ss.build(_ss_settings(), 3).eval()
-        b = _ss_batch()
+        model = ssft.build(ssft_settings(), 3).eval()
+        b = random_batch(seed=2)
 
         def reached(select):
             model.zero_grad(set_to_none=True)
@@ -3913,178 +3772,160 @@ class TestSSFTWiring(unittest.TestCase):
     def test_eq16_decoder_wiring(self):
         """X^_m = De^m([P^m; H^m]) on the maps H and P are pooled from: visible rows through De^v, infrared through
         De^r, specific channels first."""
-        _ss_torch.manual_seed(0)
-        model = _ss.build(_ss_settings(), 3).eval()
-        b = _ss_batch()
-        with _ss_torch.no_grad():
+        torch.manual_seed(0)
+        model = ssft.build(ssft_settings(), 3).eval()
+        b = random_batch(seed=2)
+        with torch.no_grad():
             out = model(b["x_v"], b["x_r"])
             enc = model.encode(b["x_v"], b["x_r"])
-            _ss_torch.testing.assert_close(out["H"], enc["H"])                # eval mode: the same encoding
+            torch.testing.assert_close(out["H"], enc["H"])                    # eval mode: the same encoding
             for m, rows in (("v", slice(0, 4)), ("r", slice(4, 8))):
-                expected = model.decoder[m](_ss_torch.cat([enc["Pmap"][rows], enc["S"][rows]], dim=1))
-                _ss_torch.testing.assert_close(out["X_hat"][rows], expected)
-                other = model.decoder["r" if m == "v" else "v"](_ss_torch.cat([enc["Pmap"][rows], enc["S"][rows]], 1))
-                swapped = model.decoder[m](_ss_torch.cat([enc["S"][rows], enc["Pmap"][rows]], dim=1))
-                self.assertFalse(_ss_torch.allclose(out["X_hat"][rows], other))
-                self.assertFalse(_ss_torch.allclose(out["X_hat"][rows], swapped))
-            self.assertEqual(out["X_hat"].shape, _ss_torch.cat([b["x_v"], b["x_r"]]).shape)
+                expected = model.decoder[m](torch.cat([enc["Pmap"][rows], enc["S"][rows]], dim=1))
+                torch.testing.assert_close(out["X_hat"][rows], expected)
+                other = model.decoder["r" if m == "v" else "v"](torch.cat([enc["Pmap"][rows], enc["S"][rows]], 1))
+                swapped = model.decoder[m](torch.cat([enc["S"][rows], enc["Pmap"][rows]], dim=1))
+                self.assertFalse(torch.allclose(out["X_hat"][rows], other))
+                self.assertFalse(torch.allclose(out["X_hat"][rows], swapped))
+            self.assertEqual(out["X_hat"].shape, torch.cat([b["x_v"], b["x_r"]]).shape)
 
     def min_step_grads(self, s, seed=0):
         """(logs, {param: grad}) of one min step with lr 0 (the parameters stay, the gradients remain)."""
-        _ss_torch.manual_seed(seed)
-        model = _ss.build(s, 2).train()
-        net, _ = _ss.split_parameters(model)
-        b = _ss_batch()
-        L_min, logs = _ss.objective(model, b, s)
+        torch.manual_seed(seed)
+        model = ssft.build(s, 2).train()
+        net, _ = ssft.split_parameters(model)
+        b = random_batch(seed=2)
+        L_min, logs = ssft.objective(model, b, s)
         L_min.backward(inputs=net)
-        return model, b, logs, [p.grad.clone() if p.grad is not None else _ss_torch.zeros_like(p) for p in net]
+        return model, b, logs, [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in net]
 
     def test_eq18_20_composition(self):
         """L(H), L(P), L(T) (Eq. 18) recomputed with loops and a written-out cross-entropy; L_min (Eq. 19-20,
         in each form) rebuilt from them has the gradient objective gives; ||H|| is logged, not optimised."""
         for pa_form, ma_form in (("literal", "literal"), ("scale-free", "confusion")):
-            s = _ss_settings(pa_form=pa_form, ma_form=ma_form, rho1=0.5, rho2=0.2)
+            s = ssft_settings(pa_form=pa_form, ma_form=ma_form, rho1=0.5, rho2=0.2)
             model, b, logs, grads = self.min_step_grads(s)
             model.zero_grad(set_to_none=True)
-            _ss_torch.manual_seed(0)
+            torch.manual_seed(0)
             out = model(b["x_v"], b["x_r"])                # same parameters, same batch: the same forward
-            y, yv, yr = _ss_torch.cat([b["y_v"], b["y_r"]]), b["y_v"], b["y_r"]
-            with _ss_torch.no_grad():
+            y, yv, yr = torch.cat([b["y_v"], b["y_r"]]), b["y_v"], b["y_r"]
+            with torch.no_grad():
                 H, P, T = out["H_tri"], out["P_tri"], out["T_tri"]
-                L_H = _ss_ce(out["logits_H"], y) + 0.5 * (_ss_hard(H[:4], H[4:], yv, yr, 0.5)
-                                                          + _ss_hard(H[4:], H[:4], yr, yv, 0.5))
-                L_P = (0.5 * (_ss_ce(out["logits_P"][0], yv) + _ss_ce(out["logits_P"][1], yr))
-                       + 0.5 * (_ss_hard(P[:4], P[:4], yv, yv, 0.2) + _ss_hard(P[4:], P[4:], yr, yr, 0.2)))
-                L_T = _ss_ce(out["logits_T"], y) + 0.25 * (
-                    _ss_hard(T[:4], T[4:], yv, yr, 0.5) + _ss_hard(T[4:], T[:4], yr, yv, 0.5)
-                    + _ss_hard(T[:4], T[:4], yv, yv, 0.2) + _ss_hard(T[4:], T[4:], yr, yr, 0.2))
+                L_H = ce_loop(out["logits_H"], y) + 0.5 * (hard_loop(H[:4], H[4:], yv, yr, 0.5)
+                                                           + hard_loop(H[4:], H[:4], yr, yv, 0.5))
+                L_P = (0.5 * (ce_loop(out["logits_P"][0], yv) + ce_loop(out["logits_P"][1], yr))
+                       + 0.5 * (hard_loop(P[:4], P[:4], yv, yv, 0.2) + hard_loop(P[4:], P[4:], yr, yr, 0.2)))
+                L_T = ce_loop(out["logits_T"], y) + 0.25 * (
+                    hard_loop(T[:4], T[4:], yv, yr, 0.5) + hard_loop(T[4:], T[:4], yr, yv, 0.5)
+                    + hard_loop(T[:4], T[:4], yv, yv, 0.2) + hard_loop(T[4:], T[4:], yr, yr, 0.2))
             for name, value in (("L(H)", L_H), ("L(P)", L_P), ("L(T)", L_T)):
                 self.assertAlmostEqual(float(logs[name]), value, places=4, msg=name)
             self.assertAlmostEqual(float(logs["||H||"]), float(out["H"].detach().norm(dim=1).mean()), places=4)
             # L_min from the logged (now verified) terms and the weights of Eq. (20), differentiated again
             Hf, Pf = out["H"], out["P"]
-            x = _ss_torch.cat([b["x_v"], b["x_r"]])
+            x = torch.cat([b["x_v"], b["x_r"]])
             L_re = ((out["X_hat"] - x) ** 2).mean()
-            p = _ss_torch.softmax(model.discriminator(Hf), dim=1)                          # (8, 2)
+            p = torch.softmax(model.discriminator(Hf), dim=1)                              # (8, 2)
             if ma_form == "literal":
-                adversarial_ma = -0.2 * -_ss_torch.log(_ss_torch.cat([p[:4, 0], p[4:, 1]])).mean()
+                adversarial_ma = -0.2 * -torch.log(torch.cat([p[:4, 0], p[4:, 1]])).mean()
             else:
-                adversarial_ma = 0.2 * -0.5 * _ss_torch.log(p).sum(1).mean()
+                adversarial_ma = 0.2 * -0.5 * torch.log(p).sum(1).mean()
             if pa_form == "scale-free":
                 Pf, Hf = Pf / Pf.norm(dim=1, keepdim=True), Hf / Hf.norm(dim=1, keepdim=True)
-            proj = _ss_torch.cat([Pf[:4] @ model.projection["v"].weight.t(), Pf[4:] @ model.projection["r"].weight.t()])
+            proj = torch.cat([Pf[:4] @ model.projection["v"].weight.t(), Pf[4:] @ model.projection["r"].weight.t()])
             L_pa = (proj - Hf).norm(dim=1).mean()
-            feat = (_ss.L_c(out["logits_H"], y) + 0.5 * _ss.L_cmT(H[:4], H[4:], yv, yr, 0.5)
-                    + 0.5 * (_ss.L_c(out["logits_P"][0], yv) + _ss.L_c(out["logits_P"][1], yr))
-                    + 0.5 * _ss.L_smT(P[:4], P[4:], yv, yr, 0.2)
-                    + _ss.L_c(out["logits_T"], y) + 0.25 * _ss.L_t(T[:4], T[4:], yv, yr, 0.5, 0.2))
+            feat = (ssft.L_c(out["logits_H"], y) + 0.5 * ssft.L_cmT(H[:4], H[4:], yv, yr, 0.5)
+                    + 0.5 * (ssft.L_c(out["logits_P"][0], yv) + ssft.L_c(out["logits_P"][1], yr))
+                    + 0.5 * ssft.L_smT(P[:4], P[4:], yv, yr, 0.2)
+                    + ssft.L_c(out["logits_T"], y) + 0.25 * ssft.L_t(T[:4], T[4:], yv, yr, 0.5, 0.2))
             self.assertAlmostEqual(float(feat.detach()), L_H + L_P + L_T, places=4)        # Eq. (19)
             L_min = feat + 1.0 * L_re + adversarial_ma - 0.2 * L_pa                        # Eq. (20)
-            net, _ = _ss.split_parameters(model)
-            reference = _ss_torch.autograd.grad(L_min, net, allow_unused=True)
+            net, _ = ssft.split_parameters(model)
+            reference = torch.autograd.grad(L_min, net, allow_unused=True)
             for g, r in zip(grads, reference):
-                _ss_torch.testing.assert_close(g, r if r is not None else _ss_torch.zeros_like(g),
-                                               atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(g, r if r is not None else torch.zeros_like(g),
+                                           atol=1e-5, rtol=1e-4)
 
     def test_distance_label_free_and_order_invariant(self):
         """distance sees only [H | P | m] rows (no labels, no cameras), and permuting the queries and the gallery
         permutes its result the same way."""
-        self.assertEqual(list(_ss_inspect.signature(_ss.distance).parameters),
+        self.assertEqual(list(inspect.signature(ssft.distance).parameters),
                          ["model", "q_feat", "g_feat", "settings"])
-        _ss_torch.manual_seed(0)
-        model = _ss.build(_ss_settings(), 5).eval()
-        with _ss_torch.no_grad():
-            q = _ss.extract(model, _ss_torch.randn(7, 3, 32, 16), "r")
-            g = _ss.extract(model, _ss_torch.randn(9, 3, 32, 16), "v")
+        torch.manual_seed(0)
+        model = ssft.build(ssft_settings(), 5).eval()
+        with torch.no_grad():
+            q = ssft.extract(model, torch.randn(7, 3, 32, 16), "r")
+            g = ssft.extract(model, torch.randn(9, 3, 32, 16), "v")
         self.assertEqual(q.shape[1], 2 * model.c + 1)
-        pq, pg = _ss_torch.randperm(7), _ss_torch.randperm(9)
-        for mode in _ss.TEST_MODES:
-            s = _ss_settings(ssft_test=mode)
-            dist = _ss.distance(model, q, g, s)
-            permuted = _ss.distance(model, q[pq], g[pg], s)
-            self.assertTrue(_ss_torch.equal(permuted, dist[pq][:, pg]), mode)      # exactly, not to rounding
+        pq, pg = torch.randperm(7), torch.randperm(9)
+        for mode in ssft.TEST_MODES:
+            s = ssft_settings(ssft_test=mode)
+            dist = ssft.distance(model, q, g, s)
+            permuted = ssft.distance(model, q[pq], g[pg], s)
+            self.assertTrue(torch.equal(permuted, dist[pq][:, pg]), mode)          # exactly, not to rounding
 
     def test_distance_eval_mode_and_H_fallback(self):
         """distance puts the model in eval mode (BN running statistics); without SSTN (Table 3 rows 1-5) it is the
         Euclidean distance of the L2-normalised H."""
-        _ss_torch.manual_seed(0)
-        model = _ss.build(_ss_settings(), 5)
-        with _ss_torch.no_grad():
+        torch.manual_seed(0)
+        model = ssft.build(ssft_settings(), 5)
+        with torch.no_grad():
             model.sstn.feat.layer.running_mean.normal_()
-            q = _ss.extract(model.eval(), _ss_torch.randn(3, 3, 32, 16), "r")
-            g = _ss.extract(model, _ss_torch.randn(4, 3, 32, 16), "v")
-        expected = _ss.distance(model, q, g, _ss_settings())
+            q = ssft.extract(model.eval(), torch.randn(3, 3, 32, 16), "r")
+            g = ssft.extract(model, torch.randn(4, 3, 32, 16), "v")
+        expected = ssft.distance(model, q, g, ssft_settings())
         model.train()
-        _ss_torch.testing.assert_close(_ss.distance(model, q, g, _ss_settings()), expected)
+        torch.testing.assert_close(ssft.distance(model, q, g, ssft_settings()), expected)
         self.assertFalse(model.training)
-        bare_s = _ss_settings(sht=False, spt=False)
-        bare = _ss.build(bare_s, 5).eval()
-        with _ss_torch.no_grad():
-            q = _ss.extract(bare, _ss_torch.randn(3, 3, 32, 16), "r")
-            g = _ss.extract(bare, _ss_torch.randn(4, 3, 32, 16), "v")
+        bare_s = ssft_settings(sht=False, spt=False)
+        bare = ssft.build(bare_s, 5).eval()
+        with torch.no_grad():
+            q = ssft.extract(bare, torch.randn(3, 3, 32, 16), "r")
+            g = ssft.extract(bare, torch.randn(4, 3, 32, 16), "v")
         c = bare.c
         Hq, Hg = q[:, :c] / q[:, :c].norm(dim=1, keepdim=True), g[:, :c] / g[:, :c].norm(dim=1, keepdim=True)
-        expected = _ss_torch.tensor([[float((Hq[i] - Hg[j]).norm()) for j in range(4)] for i in range(3)])
-        _ss_torch.testing.assert_close(_ss.distance(bare, q, g, bare_s), expected, atol=1e-5, rtol=0)
+        expected = torch.tensor([[float((Hq[i] - Hg[j]).norm()) for j in range(4)] for i in range(3)])
+        torch.testing.assert_close(ssft.distance(bare, q, g, bare_s), expected, atol=1e-5, rtol=0)
 
     def test_single_query_chunk_from_free_memory(self):
-        from unittest import mock as _mock
-        cpu = _ss_torch.device("cpu")
-        self.assertEqual(_ss.single_query_chunk(3010, 2048, cpu), 2)       # SYSU-MM01 multi-shot size on CPU
-        cuda = _ss_torch.device("cuda")
-        with _mock.patch.object(_ss.torch.cuda, "mem_get_info", return_value=(100 * 2 ** 30, 140 * 2 ** 30)):
+        cpu = torch.device("cpu")
+        self.assertEqual(ssft.single_query_chunk(3010, 2048, cpu), 2)      # SYSU-MM01 multi-shot size on CPU
+        cuda = torch.device("cuda")
+        with mock.patch.object(torch.cuda, "mem_get_info", return_value=(100 * 2 ** 30, 140 * 2 ** 30)):
             # half of 100 GiB over 4 float32 blocks of 3010 x 2048 x n elements: n = 544
-            self.assertEqual(_ss.single_query_chunk(3010, 2048, cuda), 50 * 2 ** 30 // (4 * 4 * 3010 * 2048))
-        with _mock.patch.object(_ss.torch.cuda, "mem_get_info", return_value=(2 ** 20, 140 * 2 ** 30)):
-            self.assertEqual(_ss.single_query_chunk(3010, 2048, cuda), 2)  # never below the CPU bound
+            self.assertEqual(ssft.single_query_chunk(3010, 2048, cuda), 50 * 2 ** 30 // (4 * 4 * 3010 * 2048))
+        with mock.patch.object(torch.cuda, "mem_get_info", return_value=(2 ** 20, 140 * 2 ** 30)):
+            self.assertEqual(ssft.single_query_chunk(3010, 2048, cuda), 2)  # never below the CPU bound
 
 
 class TestSSFTSmoke(unittest.TestCase):
     def reid(self, *flags):
-        done = _ss_subprocess.run([_ss_sys.executable, "reid.py", "--method", "ssft", "--smoke", *flags],
-                                  capture_output=True, text=True, timeout=300,
-                                  cwd=_ss_os.path.dirname(_ss_os.path.abspath(__file__)))
+        done = run_reid("--method", "ssft", "--smoke", *flags, timeout=300)
         self.assertEqual(done.returncode, 0, done.stdout[-2000:] + done.stderr[-2000:])
         return done.stdout
 
     def test_transductive_then_single_query(self):
-        with _ss_tempfile.TemporaryDirectory() as tmp:
-            out = _ss_os.path.join(tmp, "train")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "train")
             stdout = self.reid("--out", out)                                     # transductive test (default)
             for term in ("L_max", "L(H)", "L(P)", "L(T)", "L_re", "L_ma", "L_pa", "||H||"):
                 self.assertIn(f" {term} ", stdout)
-            self.assertTrue(_ss_os.path.isfile(_ss_os.path.join(out, "reconstruction.png")))
+            self.assertTrue(os.path.isfile(os.path.join(out, "reconstruction.png")))
             # the same model through the single-query path (Eq. 22): a test-time flag given with --eval-only wins
             # over the checkpoint's settings, and the log says so
-            sq = _ss_os.path.join(tmp, "single-query")
-            stdout = self.reid("--eval-only", "--checkpoint", _ss_os.path.join(out, "model.pt"),
+            sq = os.path.join(tmp, "single-query")
+            stdout = self.reid("--eval-only", "--checkpoint", os.path.join(out, "model.pt"),
                                "--ssft-test", "single-query", "--out", sq)
             self.assertIn('evaluating with settings other than the training run\'s: {"ssft_test": "single-query"}',
                           stdout)
             for run, mode in ((out, "transductive"), (sq, "single-query")):
-                saved = _ss_json.load(open(_ss_os.path.join(run, "results.json")))
+                saved = json.load(open(os.path.join(run, "results.json")))
                 self.assertEqual(saved["settings"]["ssft_test"], mode)
                 self.assertIn("rank1", saved["results"]["all-single"])
 
 
-# ==== end ssft ====
+# ==== methods/rfm.py (TestRFM*) ====
 
-# ==== methods/rfm.py tests (TestRFM*) ====
-
-import json as _rfm_json
-import subprocess as _rfm_subprocess
-import sys as _rfm_sys
-import tempfile as _rfm_tempfile
-
-import numpy as _rfm_np
-import torch as _rfm_torch
-
-from methods import common as _rfm_common
-from methods import rfm as _rfm
-from methods.common import UserError as _RFMUserError
-
-
-class _RFMRecordingLTG(_rfm.LTG):
+class RecordingLTG(rfm.LTG):
     """The LTG, recording the rectangles and f_g draws it makes, in order."""
 
     def __init__(self, *args, **kwargs):
@@ -4100,10 +3941,10 @@ class _RFMRecordingLTG(_rfm.LTG):
         return self.drawn[-1]
 
 
-def _rfm_alg1_restated(I, steps, t_min):
+def alg1_restated(I, steps, t_min):
     """Alg. 1's loop, channel by channel in float64, replaying given (rectangle, f_g draws) steps."""
     I = I.double().clone()
-    M = _rfm_torch.ones_like(I)
+    M = torch.ones_like(I)
     used = 0
     for (y, x, h, w), f in steps:
         used += 1
@@ -4117,59 +3958,59 @@ def _rfm_alg1_restated(I, steps, t_min):
     return I, M, used
 
 
-def _rfm_batch(B=8, n_ids=4, d=6, seed=0):
-    g = _rfm_torch.Generator().manual_seed(seed)
-    y = _rfm_torch.arange(n_ids).repeat_interleave(B // n_ids)
-    return _rfm_torch.randn(B, d, generator=g), y, _rfm_torch.randn(B, d, generator=g), y[_rfm_torch.randperm(B, generator=g)]
+def rfm_features(B=8, n_ids=4, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_ids).repeat_interleave(B // n_ids)
+    return torch.randn(B, d, generator=g), y, torch.randn(B, d, generator=g), y[torch.randperm(B, generator=g)]
 
 
 class TestRFMLTG(unittest.TestCase):
     def images(self, n=12, H=32, W=16):
-        x = _rfm_torch.rand(n, 3, H, W, generator=_rfm_torch.Generator().manual_seed(1)) * 0.9 + 0.05
+        x = torch.rand(n, 3, H, W, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.05
         x[0] *= 0.3                       # an image whose maximum is far below 1
         x[1, :, :12] = 0                  # black rows (like the crop padding): all-zero rectangles keep alpha = 1
         return x
 
     def test_range_and_memory_matrix(self):
         x = self.images()
-        ltg = _rfm.LTG(p=1.0)
-        I, M, rects = ltg.transform(x, _rfm_np.random.default_rng(0))
+        ltg = rfm.LTG(p=1.0)
+        I, M, rects = ltg.transform(x, np.random.default_rng(0))
         self.assertTrue(bool(((I >= 0) & (I <= 1)).all()))          # alpha_max = 1 / max keeps I* <= 1
         nonzero = x > 0
-        _rfm_torch.testing.assert_close(I[nonzero] / x[nonzero], M[nonzero], rtol=1e-5, atol=0)
+        torch.testing.assert_close(I[nonzero] / x[nonzero], M[nonzero], rtol=1e-5, atol=0)
         done = M.flatten(1).amin(1) <= ltg.t_min
         self.assertTrue(bool((done | (rects == ltg.max_rects)).all()))
         self.assertTrue(bool((rects >= 1).all()))
-        self.assertTrue(bool(_rfm_torch.equal(x, self.images())))  # the input batch is not modified
+        self.assertTrue(bool(torch.equal(x, self.images())))       # the input batch is not modified
 
     def test_matches_alg1_restated(self):
         x = self.images()
-        for f_g in _rfm.F_G:
-            ltg = _RFMRecordingLTG(p=0.7, f_g=f_g, max_rects=30)
-            I, M, rects = ltg.transform(x, _rfm_np.random.default_rng(3))
+        for f_g in rfm.F_G:
+            ltg = RecordingLTG(p=0.7, f_g=f_g, max_rects=30)
+            I, M, rects = ltg.transform(x, np.random.default_rng(3))
             steps = list(zip(ltg.drawn[0::2], ltg.drawn[1::2]))
             for i in range(len(x)):
                 mine, steps = steps[:rects[i]], steps[rects[i]:]
-                I_ref, M_ref, used = _rfm_alg1_restated(x[i], mine, ltg.t_min)
+                I_ref, M_ref, used = alg1_restated(x[i], mine, ltg.t_min)
                 self.assertEqual(used, rects[i].item())
-                _rfm_torch.testing.assert_close(I[i].double(), I_ref, rtol=1e-4, atol=1e-6)
-                _rfm_torch.testing.assert_close(M[i].double(), M_ref, rtol=1e-4, atol=1e-12)
+                torch.testing.assert_close(I[i].double(), I_ref, rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(M[i].double(), M_ref, rtol=1e-4, atol=1e-12)
             self.assertEqual(steps, [])
 
     def test_p_zero_is_identity(self):
         x = self.images()
-        I, M, rects = _rfm.LTG(p=0.0).transform(x, _rfm_np.random.default_rng(0))
-        self.assertTrue(bool(_rfm_torch.equal(I, x)) and bool((M == 1).all()) and int(rects.sum()) == 0)
+        I, M, rects = rfm.LTG(p=0.0).transform(x, np.random.default_rng(0))
+        self.assertTrue(bool(torch.equal(I, x)) and bool((M == 1).all()) and int(rects.sum()) == 0)
 
     def test_bound_on_rectangles(self):
         # t_min = 0 is never reached with uniform factors: Alg. 1 would loop forever, the bound stops it
-        ltg = _rfm.LTG(p=1.0, f_g="uniform", t_min=0.0, max_rects=7)
-        _, _, rects = ltg.transform(self.images(), _rfm_np.random.default_rng(0))
+        ltg = rfm.LTG(p=1.0, f_g="uniform", t_min=0.0, max_rects=7)
+        _, _, rects = ltg.transform(self.images(), np.random.default_rng(0))
         self.assertTrue(bool((rects == 7).all()))
 
     def test_constant_is_one_black_rectangle(self):
         x = self.images()[2:]
-        I, _, rects = _rfm.LTG(p=1.0, f_g="constant").transform(x, _rfm_np.random.default_rng(0))
+        I, _, rects = rfm.LTG(p=1.0, f_g="constant").transform(x, np.random.default_rng(0))
         self.assertTrue(bool((rects == 1).all()))
         for image in I:
             black = (image == 0).all(0)
@@ -4179,8 +4020,8 @@ class TestRFMLTG(unittest.TestCase):
             self.assertTrue(0.01 * 32 * 16 <= box.numel() <= 0.5 * 32 * 16)
 
     def test_rectangles_inside_with_the_drawn_area_and_aspect(self):
-        ltg = _rfm.LTG()
-        rng = _rfm_np.random.default_rng(0)
+        ltg = rfm.LTG()
+        rng = np.random.default_rng(0)
         for _ in range(300):
             y, x, h, w = ltg.rectangle(rng, 128, 64)
             self.assertTrue(0 <= y and y + h <= 128 and 0 <= x and x + w <= 64)
@@ -4189,61 +4030,61 @@ class TestRFMLTG(unittest.TestCase):
 
     def test_factors_follow_f_g(self):
         # one rectangle on white images: inside, each channel is its draw of f_g (alpha_max = 1)
-        x = _rfm_torch.ones(2000, 3, 8, 8)
-        cdf = {"uniform": lambda t: t, "beta0.5": lambda t: 2 / _rfm_np.pi * _rfm_np.arcsin(_rfm_np.sqrt(t))}
+        x = torch.ones(2000, 3, 8, 8)
+        cdf = {"uniform": lambda t: t, "beta0.5": lambda t: 2 / np.pi * np.arcsin(np.sqrt(t))}
         var = {"uniform": 1 / 12, "beta0.5": 1 / 8, "beta0.3": 1 / (4 * 1.6)}       # Beta(a, a): 1 / (4 (2a + 1))
         for f_g in var:
-            ltg = _rfm.LTG(p=1.0, f_g=f_g, t_min=0.0, max_rects=1)
-            I, _, _ = ltg.transform(x, _rfm_np.random.default_rng(0))
-            f = _rfm_np.sort(I.flatten(2).amin(2).flatten().double().numpy())      # (6000,) the draws
+            ltg = rfm.LTG(p=1.0, f_g=f_g, t_min=0.0, max_rects=1)
+            I, _, _ = ltg.transform(x, np.random.default_rng(0))
+            f = np.sort(I.flatten(2).amin(2).flatten().double().numpy())           # (6000,) the draws
             self.assertAlmostEqual(f.mean(), 0.5, delta=0.02)
             self.assertAlmostEqual(f.var(), var[f_g], delta=0.006)
             if f_g in cdf:                                                          # Kolmogorov-Smirnov distance
-                ks = _rfm_np.abs(cdf[f_g](f) - _rfm_np.arange(1, len(f) + 1) / len(f)).max()
+                ks = np.abs(cdf[f_g](f) - np.arange(1, len(f) + 1) / len(f)).max()
                 self.assertLess(ks, 0.03)
 
     def test_hook_changes_both_modalities_and_is_deterministic(self):
-        ltg = _rfm.LTG(p=1.0)
-        batch = {"x_v": self.images(4), "x_r": self.images(4) * 0.5, "y_v": _rfm_torch.arange(4),
-                 "y_r": _rfm_torch.arange(4)}
-        a = ltg(batch, _rfm_torch.Generator().manual_seed(5))
-        b = ltg(batch, _rfm_torch.Generator().manual_seed(5))
+        ltg = rfm.LTG(p=1.0)
+        batch = {"x_v": self.images(4), "x_r": self.images(4) * 0.5, "y_v": torch.arange(4),
+                 "y_r": torch.arange(4)}
+        a = ltg(batch, torch.Generator().manual_seed(5))
+        b = ltg(batch, torch.Generator().manual_seed(5))
         for k in ("x_v", "x_r"):
             self.assertEqual(a[k].shape, batch[k].shape)
-            self.assertFalse(bool(_rfm_torch.equal(a[k], batch[k])))
-            self.assertTrue(bool(_rfm_torch.equal(a[k], b[k])))
+            self.assertFalse(bool(torch.equal(a[k], batch[k])))
+            self.assertTrue(bool(torch.equal(a[k], b[k])))
 
     def test_bad_settings(self):
         for kwargs in (dict(f_g="beta"), dict(ltg_area=(0.5, 0.1)), dict(ltg_area=(0.95, 1.0), ltg_aspect=(8.0, 9.0)),
                        dict(ltg_p=1.5), dict(ltg_max_rects=0)):
-            settings = _rfm.Settings(**{**_rfm.SMOKE, "height": 32, "width": 16, **kwargs})
-            with self.assertRaises(_RFMUserError):
-                _rfm.check(settings)
-            _rfm.check(_rfm.Settings(**{**_rfm.SMOKE, "height": 32, "width": 16, **kwargs, "ltg": False}))
+            settings = rfm.Settings(**{**rfm.SMOKE, "height": 32, "width": 16, **kwargs})
+            with self.assertRaises(UserError):
+                rfm.check(settings)
+            rfm.check(rfm.Settings(**{**rfm.SMOKE, "height": 32, "width": 16, **kwargs, "ltg": False}))
 
 
 class TestRFMLosses(unittest.TestCase):
     def test_L_tri_hard_against_loop(self):
-        f, y, _, _ = _rfm_batch(B=12, n_ids=4)
+        f, y, _, _ = rfm_features(B=12, n_ids=4)
         total = 0.0
         for i in range(len(y)):
             d = [float((f[i] - f[j]).norm()) for j in range(len(y))]
             d_ap = max(d[j] for j in range(len(y)) if y[j] == y[i])
             d_an = min(d[j] for j in range(len(y)) if y[j] != y[i])
             total += max(0.0, d_ap - d_an + 0.3)
-        self.assertAlmostEqual(_rfm.L_tri_hard(f, y, 0.3).item(), total / len(y), places=4)
+        self.assertAlmostEqual(rfm.L_tri_hard(f, y, 0.3).item(), total / len(y), places=4)
 
     def test_L_c_and_L_cc_against_loop(self):
-        f_v, y_v, f_n, y_n = _rfm_batch()
-        f, y = _rfm_torch.cat([f_v, f_n]), _rfm_torch.cat([y_v, y_n])
+        f_v, y_v, f_n, y_n = rfm_features()
+        f, y = torch.cat([f_v, f_n]), torch.cat([y_v, y_n])
         centre = {k: f[y == k].mean(0) for k in y.unique().tolist()}
         L_c = 0.5 * sum(float((f[i] - centre[int(y[i])]).norm()) for i in range(len(y))) / len(y)
-        self.assertAlmostEqual(_rfm.L_c(f, y).item(), L_c, places=5)                    # Eq. (5)
+        self.assertAlmostEqual(rfm.L_c(f, y).item(), L_c, places=5)                     # Eq. (5)
         c_v = {k: f_v[y_v == k].mean(0) for k in y_v.unique().tolist()}
         c_n = {k: f_n[y_n == k].mean(0) for k in y_n.unique().tolist()}
         L_cc = 0.5 * (sum(float((f_v[i] - c_n[int(y_v[i])]).norm()) for i in range(len(y_v)))     # to the NIR centre
                       + sum(float((f_n[i] - c_v[int(y_n[i])]).norm()) for i in range(len(y_n))))  # to the VIS centre
-        self.assertAlmostEqual(_rfm.L_cc(f_v, y_v, f_n, y_n).item(), L_cc / len(y), places=5)   # Eq. (6)
+        self.assertAlmostEqual(rfm.L_cc(f_v, y_v, f_n, y_n).item(), L_cc / len(y), places=5)    # Eq. (6)
         # release cross_center_loss.py:13,33-36: per class, MSELoss(sum) of each of its 2 x feat_num samples to the
         # other modality's centre, averaged over the samples of the class, then over the classes
         per_class = []
@@ -4251,65 +4092,65 @@ class TestRFMLosses(unittest.TestCase):
             sq = [float((f_v[i] - c_n[k]).pow(2).sum()) for i in range(len(y_v)) if y_v[i] == k] \
                 + [float((f_n[i] - c_v[k]).pow(2).sum()) for i in range(len(y_n)) if y_n[i] == k]
             per_class.append(sum(sq) / len(sq))
-        self.assertAlmostEqual(_rfm.L_cc(f_v, y_v, f_n, y_n, "squared-unit").item(),
+        self.assertAlmostEqual(rfm.L_cc(f_v, y_v, f_n, y_n, "squared-unit").item(),
                                sum(per_class) / len(per_class), places=4)
         L_hc = sum(float((c_v[k] - c_n[k]).pow(2).sum()) for k in c_v)
-        self.assertAlmostEqual(_rfm.L_hc(f_v, y_v, f_n, y_n).item(), L_hc, places=4)
+        self.assertAlmostEqual(rfm.L_hc(f_v, y_v, f_n, y_n).item(), L_hc, places=4)
 
     def test_L_cc_needs_both_modalities(self):
-        f_v, y_v, f_n, y_n = _rfm_batch()
+        f_v, y_v, f_n, y_n = rfm_features()
         with self.assertRaises(ValueError):
-            _rfm.L_cc(f_v, y_v, f_n, _rfm_torch.zeros_like(y_n))
+            rfm.L_cc(f_v, y_v, f_n, torch.zeros_like(y_n))
 
     def test_centre_losses_have_gradients(self):
-        f_v, y_v, f_n, y_n = _rfm_batch()
-        f = _rfm_torch.cat([f_v, f_n]).requires_grad_()
+        f_v, y_v, f_n, y_n = rfm_features()
+        f = torch.cat([f_v, f_n]).requires_grad_()
         for kind in ("cross", "center", "hetero"):
             f.grad = None
-            _rfm.center_term(kind, f, y_v, y_n).backward()
-            self.assertTrue(bool(_rfm_torch.isfinite(f.grad).all()) and f.grad.abs().sum() > 0)
+            rfm.center_term(kind, f, y_v, y_n).backward()
+            self.assertTrue(bool(torch.isfinite(f.grad).all()) and f.grad.abs().sum() > 0)
 
 
 class TestRFMModel(unittest.TestCase):
     def settings(self, **kw):
-        return _rfm.Settings(**{**_rfm.SYNTHETIC, "height": 64, "width": 32, "parts": 4, "part_dim": 16, **kw})
+        return rfm.Settings(**{**rfm.SYNTHETIC, "height": 64, "width": 32, "parts": 4, "part_dim": 16, **kw})
 
     def test_mam_attention_and_parts(self):
-        _rfm_torch.manual_seed(0)
-        model = _rfm.build(self.settings(), 10).eval()
-        x = _rfm_torch.randn(3, 3, 64, 32)
-        with _rfm_torch.no_grad():
+        torch.manual_seed(0)
+        model = rfm.build(self.settings(), 10).eval()
+        x = torch.randn(3, 3, 64, 32)
+        with torch.no_grad():
             F_m = model.backbone(x)
             for modality in ("v", "r"):
                 A, high = model.attend(F_m, modality)
                 self.assertEqual(A.shape, (3, 1) + F_m.shape[2:])                 # Eq. (7): spatial size of F
                 self.assertTrue(bool(((A > 0) & (A < 1)).all()))
-                _rfm_torch.testing.assert_close(A, _rfm_torch.sigmoid(high.mean(1, keepdim=True)))
+                torch.testing.assert_close(A, torch.sigmoid(high.mean(1, keepdim=True)))
             self.assertEqual(len(model.part_features(F_m)), 4)
             f, logits, high = model(x, x)
             self.assertEqual((len(f), f[0].shape, logits[0].shape, high[0].shape), (4, (6, 16), (6, 10), (3, 10)))
-            e = _rfm.extract(model, x, "v")
+            e = rfm.extract(model, x, "v")
             self.assertEqual(e.shape, (3, 64))
-            _rfm_torch.testing.assert_close(e.norm(dim=1), _rfm_torch.ones(3))
+            torch.testing.assert_close(e.norm(dim=1), torch.ones(3))
             fc, bn = model.reduce[0]                                                 # part 1: FC, then BN
-            V_1 = _rfm_torch.nn.functional.adaptive_avg_pool2d(F_m * model.attend(F_m, "v")[0], (4, 1))[:, :, 0, 0]
+            V_1 = torch.nn.functional.adaptive_avg_pool2d(F_m * model.attend(F_m, "v")[0], (4, 1))[:, :, 0, 0]
             bn_f_1 = (fc(V_1) - bn.running_mean) / (bn.running_var + bn.eps).sqrt() * bn.weight + bn.bias
-            _rfm_torch.testing.assert_close(e[:, :16] * 2, _rfm_torch.nn.functional.normalize(bn_f_1, dim=1))
-            _rfm_torch.testing.assert_close(f[0].norm(dim=1), _rfm_torch.ones(6))  # metric losses see unit m_k
+            torch.testing.assert_close(e[:, :16] * 2, torch.nn.functional.normalize(bn_f_1, dim=1))
+            torch.testing.assert_close(f[0].norm(dim=1), torch.ones(6))            # metric losses see unit m_k
             model.f_n[0].conv1.weight.mul_(2)                                        # the NIR branch is its own
-            self.assertFalse(bool(_rfm_torch.allclose(_rfm.extract(model, x, "r"), e)))
+            self.assertFalse(bool(torch.allclose(rfm.extract(model, x, "r"), e)))
 
     def test_part_pooling_is_stripes(self):
-        model = _rfm.build(self.settings(), 10).eval()
-        F_att = _rfm_torch.randn(2, model.reduce[0][0].in_features, 4, 2)
-        with _rfm_torch.no_grad():
+        model = rfm.build(self.settings(), 10).eval()
+        F_att = torch.randn(2, model.reduce[0][0].in_features, 4, 2)
+        with torch.no_grad():
             h = model.part_features(F_att)
-            _rfm_torch.testing.assert_close(h[2], model.reduce[2](F_att[:, :, 2].mean(-1)))  # part 3 = row 3 averaged
+            torch.testing.assert_close(h[2], model.reduce[2](F_att[:, :, 2].mean(-1)))       # part 3 = row 3 averaged
 
     def test_other_attentions(self):
-        x = _rfm_torch.randn(2, 3, 64, 32)
+        x = torch.randn(2, 3, 64, 32)
         for attention in ("spatial", "none"):
-            model = _rfm.build(self.settings(attention=attention), 10).eval()
+            model = rfm.build(self.settings(attention=attention), 10).eval()
             f, logits, high = model(x, x)
             self.assertIsNone(high)
             self.assertFalse(hasattr(model, "f_v"))
@@ -4317,13 +4158,13 @@ class TestRFMModel(unittest.TestCase):
             self.assertTrue(bool(((A > 0) & (A <= 1)).all()))
 
     def test_objective_for_every_ablation(self):
-        y = _rfm_torch.arange(2).repeat_interleave(2)
-        batch = {"x_v": _rfm_torch.randn(4, 3, 32, 16), "x_r": _rfm_torch.randn(4, 3, 32, 16), "y_v": y, "y_r": y}
+        y = torch.arange(2).repeat_interleave(2)
+        batch = {"x_v": torch.randn(4, 3, 32, 16), "x_r": torch.randn(4, 3, 32, 16), "y_v": y, "y_r": y}
         names = {"cross": "L_cc", "center": "L_c", "hetero": "L_hc", "none": None}
-        for center, attention in [(c, "mam") for c in _rfm.CENTERS] + [("cross", "spatial"), ("none", "none")]:
+        for center, attention in [(c, "mam") for c in rfm.CENTERS] + [("cross", "spatial"), ("none", "none")]:
             settings = self.settings(center=center, attention=attention, height=32, width=16, parts=2)
-            model = _rfm.build(settings, 5)
-            loss, terms = _rfm.objective(model, batch, settings)
+            model = rfm.build(settings, 5)
+            loss, terms = rfm.objective(model, batch, settings)
             expected = {"L_id", "L_tri"} | ({names[center]} if names[center] else set()) \
                 | ({"L_id^v", "L_id^n"} if attention == "mam" else set())
             self.assertEqual(set(terms), expected)
@@ -4334,38 +4175,38 @@ class TestRFMModel(unittest.TestCase):
     def test_pcb_on_layer4(self):
         """--pcb-map stage4 (finding 6): Table II's baseline as PCB [29], the stripes cut from a shared layer4 (last
         stride 1) on F; parameters = the stage-3 baseline + one layer4 + the wider FC of each part head."""
-        x = _rfm_torch.randn(2, 3, 64, 32)
+        x = torch.randn(2, 3, 64, 32)
         count = lambda m: sum(p.numel() for p in m.parameters())
-        base = _rfm.build(self.settings(attention="none"), 10).eval()
-        pcb = _rfm.build(self.settings(attention="none", pcb_map="stage4"), 10).eval()
-        layer4 = _rfm_common.stages(_rfm_common.resnet("resnet18", "none", last_stride=1))[3]
+        base = rfm.build(self.settings(attention="none"), 10).eval()
+        pcb = rfm.build(self.settings(attention="none", pcb_map="stage4"), 10).eval()
+        layer4 = common.stages(common.resnet("resnet18", "none", last_stride=1))[3]
         self.assertEqual(count(pcb) - count(base), count(layer4) + 4 * (512 - 256) * 16)   # resnet18: C3 256, C4 512
-        with _rfm_torch.no_grad():
+        with torch.no_grad():
             F_m = pcb.backbone(x)
             h = pcb.part_features(F_m)
             map4 = pcb.f_S(F_m)
             self.assertEqual(map4.shape[2:], F_m.shape[2:])                                  # stride 1
-            _rfm_torch.testing.assert_close(h[1], pcb.reduce[1](map4[:, :, 1].mean(-1)))   # part 2 = row 2 of layer4
-        with self.assertRaises(_RFMUserError):
-            _rfm.check(self.settings(pcb_map="stage4"))                                       # with MAM: refused
+            torch.testing.assert_close(h[1], pcb.reduce[1](map4[:, :, 1].mean(-1)))        # part 2 = row 2 of layer4
+        with self.assertRaises(UserError):
+            rfm.check(self.settings(pcb_map="stage4"))                                        # with MAM: refused
 
     def test_bad_settings(self):
         for kw in (dict(center="hc"), dict(attention="cbam"), dict(parts=5), dict(parts=0), dict(pcb_map="layer5")):
-            with self.assertRaises(_RFMUserError):
-                _rfm.check(self.settings(**kw))
+            with self.assertRaises(UserError):
+                rfm.check(self.settings(**kw))
 
 
-def _rfm_world(n_ids=6, n=4, seed=0, noise_seed=None):
+def pattern_world(n_ids=6, n=4, seed=0, noise_seed=None):
     """A tiny two-modality world: each identity a smooth random 3x32x16 pattern; visible = pattern + noise,
     infrared = its grey level + noise. -> x_v, x_r (n_ids * n, 3, 32, 16), y (n_ids * n,). The patterns come
     from `seed`; the noise too, or from `noise_seed` (the same identities seen again with new noise)."""
-    g = _rfm_torch.Generator().manual_seed(seed)
-    pattern = _rfm_torch.nn.functional.interpolate(_rfm_torch.rand(n_ids, 3, 8, 4, generator=g), size=(32, 16))
+    g = torch.Generator().manual_seed(seed)
+    pattern = torch.nn.functional.interpolate(torch.rand(n_ids, 3, 8, 4, generator=g), size=(32, 16))
     if noise_seed is not None:
-        g = _rfm_torch.Generator().manual_seed(10_000 + noise_seed)
-    y = _rfm_torch.arange(n_ids).repeat_interleave(n)
-    x_v = pattern[y] + 0.1 * _rfm_torch.randn(len(y), 3, 32, 16, generator=g)
-    x_r = pattern[y].mean(1, keepdim=True).expand(-1, 3, -1, -1) + 0.1 * _rfm_torch.randn(len(y), 3, 32, 16,
+        g = torch.Generator().manual_seed(10_000 + noise_seed)
+    y = torch.arange(n_ids).repeat_interleave(n)
+    x_v = pattern[y] + 0.1 * torch.randn(len(y), 3, 32, 16, generator=g)
+    x_r = pattern[y].mean(1, keepdim=True).expand(-1, 3, -1, -1) + 0.1 * torch.randn(len(y), 3, 32, 16,
                                                                                              generator=g)
     return x_v, x_r, y
 
@@ -4378,24 +4219,24 @@ class TestRFMCollapse(unittest.TestCase):
         and the features stay spread. With the losses put back on the raw FC output both assertions fail
         (checked by hand: same / other 0.17 and 0.13, other / norm 0.076 and 0.070 for the two parts; here
         0.016 / 0.017 and 1.53 / 1.54)."""
-        _rfm_torch.manual_seed(0)
-        settings = _rfm.Settings(**{**_rfm.SYNTHETIC, "height": 32, "width": 16, "parts": 2, "part_dim": 16})
-        model = _rfm.build(settings, 6)
-        opt = _rfm_torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9, weight_decay=5e-4)
+        torch.manual_seed(0)
+        settings = rfm.Settings(**{**rfm.SYNTHETIC, "height": 32, "width": 16, "parts": 2, "part_dim": 16})
+        model = rfm.build(settings, 6)
+        opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9, weight_decay=5e-4)
         for it in range(30):
-            x_v, x_r, y = _rfm_world(noise_seed=it + 1)
-            loss, terms = _rfm.objective(model, {"x_v": x_v, "x_r": x_r, "y_v": y, "y_r": y}, settings)
+            x_v, x_r, y = pattern_world(noise_seed=it + 1)
+            loss, terms = rfm.objective(model, {"x_v": x_v, "x_r": x_r, "y_v": y, "y_r": y}, settings)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        x_v, x_r, y = _rfm_world(noise_seed=1000)                      # batch statistics, as the losses see
-        with _rfm_torch.no_grad():
+        x_v, x_r, y = pattern_world(noise_seed=1000)                   # batch statistics, as the losses see
+        with torch.no_grad():
             f, _, _ = model(x_v, x_r)
-        y2 = _rfm_torch.cat([y, y])
-        same = (y2[:, None] == y2[None, :]) & ~_rfm_torch.eye(len(y2), dtype=bool)
+        y2 = torch.cat([y, y])
+        same = (y2[:, None] == y2[None, :]) & ~torch.eye(len(y2), dtype=bool)
         other = y2[:, None] != y2[None, :]
         for f_k in f:
-            d = _rfm_torch.cdist(f_k, f_k)
+            d = torch.cdist(f_k, f_k)
             self.assertLess(float(d[same].mean()), 0.1 * float(d[other].mean()))
             self.assertGreater(float(d[other].mean()), 0.5 * float(f_k.norm(dim=1).mean()))   # not a point
 
@@ -4403,7 +4244,7 @@ class TestRFMCollapse(unittest.TestCase):
 class TestRFMAlarm(unittest.TestCase):
     def run_epoch(self, features, losses):
         lines = []
-        run = _rfm_common.Run(_rfm_tempfile.mkdtemp(), "cpu", say=lines.append, log_every=1000)
+        run = common.Run(tempfile.mkdtemp(), "cpu", say=lines.append, log_every=1000)
         run._phase, run._num_epochs, run._its, run._timer = "train", 1, len(losses), {"start": 0.0, "wait": 0.0,
                                                                                       "images": 0}
         for it, (feature, loss) in enumerate(zip(features, losses)):
@@ -4415,16 +4256,16 @@ class TestRFMAlarm(unittest.TestCase):
         """A deliberately collapsed configuration: the end state the review measured (finding 1), an FC part head
         whose weight has shrunk to almost nothing, so every part feature is its bias plus a trace of the input
         and batch-hard L_tri sits at its margin. The alarm must name the loss and the feature; both checks fire."""
-        _rfm_torch.manual_seed(0)
-        fc = _rfm_torch.nn.Linear(20, 16)
-        with _rfm_torch.no_grad():
+        torch.manual_seed(0)
+        fc = torch.nn.Linear(20, 16)
+        with torch.no_grad():
             fc.weight.mul_(1e-3)
-        y = _rfm_torch.arange(6).repeat_interleave(4)
+        y = torch.arange(6).repeat_interleave(4)
         features, losses = [], []
         for it in range(20):
-            f = fc(_rfm_torch.randn(24, 20)).detach()
+            f = fc(torch.randn(24, 20)).detach()
             features.append(f)
-            losses.append(_rfm.L_tri_hard(f, y, 0.3))
+            losses.append(rfm.L_tri_hard(f, y, 0.3))
         warnings = self.run_epoch(features, losses)
         self.assertEqual(len(warnings), 2, warnings)
         self.assertTrue(all("L_tri on part 1 m_k" in w for w in warnings))
@@ -4432,21 +4273,20 @@ class TestRFMAlarm(unittest.TestCase):
         self.assertIn("pairwise distance", warnings[1])
 
     def test_healthy_features_are_quiet(self):
-        g = _rfm_torch.Generator().manual_seed(0)
-        features = [_rfm_torch.randn(24, 16, generator=g) for _ in range(10)]
-        self.assertEqual(self.run_epoch(features, [_rfm_torch.tensor(0.1)] * 10), [])
-        self.assertEqual(len(self.run_epoch([_rfm_torch.ones(24, 16)] * 10, [_rfm_torch.tensor(0.31)] * 10)), 2)
+        g = torch.Generator().manual_seed(0)
+        features = [torch.randn(24, 16, generator=g) for _ in range(10)]
+        self.assertEqual(self.run_epoch(features, [torch.tensor(0.1)] * 10), [])
+        self.assertEqual(len(self.run_epoch([torch.ones(24, 16)] * 10, [torch.tensor(0.31)] * 10)), 2)
 
 
 class TestRFMSmoke(unittest.TestCase):
     def run_smoke(self, *flags):
-        with _rfm_tempfile.TemporaryDirectory() as out:
-            done = _rfm_subprocess.run([_rfm_sys.executable, "reid.py", "--method", "rfm", "--smoke", "--out", out,
-                                        *flags], capture_output=True, text=True, timeout=300)
+        with tempfile.TemporaryDirectory() as out:
+            done = run_reid("--method", "rfm", "--smoke", "--out", out, *flags, timeout=300)
             self.assertEqual(done.returncode, 0, done.stdout[-2000:] + done.stderr[-2000:])
-            results = _rfm_json.load(open(f"{out}/results.json"))["results"]
+            results = json.load(open(f"{out}/results.json"))["results"]
             self.assertIn("rank1", results["all-single"])
-            return done.stdout, sorted(p.name for p in __import__("pathlib").Path(out).iterdir())
+            return done.stdout, sorted(p.name for p in Path(out).iterdir())
 
     def test_default(self):
         stdout, files = self.run_smoke()
@@ -4461,42 +4301,13 @@ class TestRFMSmoke(unittest.TestCase):
         self.assertIn("attention.png", files)
 
 
-# ==== end rfm ====
+# ==== methods/mce.py (TestMCE*) ====
 
-# ==== methods/mce.py tests (TestMCE*) ====
-import math as _mce_math
-import os as _mce_os
-import subprocess as _mce_subprocess
-import sys as _mce_sys
-import tempfile as _mce_tempfile
-from unittest import mock as _mce_mock
-
-import numpy as _mce_np
-import torch as _mce_torch
-import torch.nn.functional as _mce_F
-
-import data as _mce_data
-from methods import common as _mce_common
-from methods import mce as _mce
-
-
-def _mce_trainset(num_classes=3, per_class=4, height=32, width=16, seed=0):
-    """A tiny random TrainSet: `per_class` images per identity in each modality."""
-    rng = _mce_np.random.default_rng(seed)
-
-    def images():
-        labels = _mce_np.repeat(_mce_np.arange(num_classes), per_class)
-        return _mce_data.ImageSet([f"img{i}.jpg" for i in range(len(labels))], labels,
-                                  _mce_np.ones(len(labels), dtype=_mce_np.int64),
-                                  rng.integers(0, 256, (len(labels), height, width, 3), dtype=_mce_np.uint8))
-    return _mce_data.TrainSet(images(), images(), num_classes)
-
-
-def _mce_memory_spies():
+def memory_spies():
     """(seen_W, seen_C, spy_L_W, spy_L_MI): stand-ins for mce.L_W and mce.L_MI that record a copy of the memories
     W and the historical centroids C of every call, then compute the real loss."""
     seen_W, seen_C = [], []
-    real_L_W, real_L_MI = _mce.L_W, _mce.L_MI
+    real_L_W, real_L_MI = mce.L_W, mce.L_MI
 
     def spy_L_W(f, y, W, tau):
         seen_W.append({m: w.clone() for m, w in W.items()})
@@ -4508,273 +4319,272 @@ def _mce_memory_spies():
     return seen_W, seen_C, spy_L_W, spy_L_MI
 
 
-def _mce_settings(**kw):
-    return _mce.Settings(**{**_mce.SMOKE, "height": 32, "width": 16, "P": 2, "K": 2, **kw})
+def mce_settings(**kw):
+    return mce.Settings(**{**mce.SMOKE, "height": 32, "width": 16, "P": 2, "K": 2, **kw})
 
 
 class TestMCEShared(unittest.TestCase):
     def test_channel_exchange(self):
-        x = _mce_torch.rand(64, 3, 4, 2)
-        a = _mce.channel_exchange(x, _mce_torch.Generator().manual_seed(0))
+        x = torch.rand(64, 3, 4, 2)
+        a = mce.channel_exchange(x, torch.Generator().manual_seed(0))
         seen = set()
         for i in range(64):
-            c = [k for k in range(3) if _mce_torch.equal(x[i, k], a[i, 0])]
+            c = [k for k in range(3) if torch.equal(x[i, k], a[i, 0])]
             self.assertEqual(len(c), 1)
-            self.assertTrue(_mce_torch.equal(a[i, 1], a[i, 0]) and _mce_torch.equal(a[i, 2], a[i, 0]))
+            self.assertTrue(torch.equal(a[i, 1], a[i, 0]) and torch.equal(a[i, 2], a[i, 0]))
             seen.add(c[0])
         self.assertEqual(seen, {0, 1, 2})
 
     def test_auxiliary_batches(self):
         """The Augment hook adds 'x_a': one channel of the (cropped, flipped) visible image in all three."""
-        augment = _mce_data.Augment(32, 16, erasing=0.0, extra=_mce.add_auxiliary)
-        batch = next(_mce_data.train_loader(_mce_trainset(), 2, 2, 0, augment).epoch(0))
-        mean = _mce_torch.tensor(_mce_data.IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = _mce_torch.tensor(_mce_data.IMAGENET_STD).view(1, 3, 1, 1)
+        augment = data.Augment(32, 16, erasing=0.0, extra=mce.add_auxiliary)
+        batch = next(data.train_loader(tiny_trainset(ids=3, per_v=4, per_r=4), 2, 2, 0, augment).epoch(0))
+        mean = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
         x_v, x_a = batch["x_v"] * std + mean, batch["x_a"] * std + mean                  # back to [0, 1]
         for i in range(len(x_a)):
-            self.assertTrue(_mce_torch.allclose(x_a[i, 1], x_a[i, 0], atol=1e-5))
-            self.assertTrue(_mce_torch.allclose(x_a[i, 2], x_a[i, 0], atol=1e-5))
-            self.assertTrue(any(_mce_torch.allclose(x_a[i, 0], x_v[i, c], atol=1e-5) for c in range(3)))
+            self.assertTrue(torch.allclose(x_a[i, 1], x_a[i, 0], atol=1e-5))
+            self.assertTrue(torch.allclose(x_a[i, 2], x_a[i, 0], atol=1e-5))
+            self.assertTrue(any(torch.allclose(x_a[i, 0], x_v[i, c], atol=1e-5) for c in range(3)))
 
     def test_bad_choices(self):
-        with self.assertRaises(_mce_common.UserError):
-            _mce.check(_mce_settings(objective="W+GC"))
-        with self.assertRaises(_mce_common.UserError):
-            _mce.check(_mce_settings(centroids="old"))
+        with self.assertRaises(common.UserError):
+            mce.check(mce_settings(objective="W+GC"))
+        with self.assertRaises(common.UserError):
+            mce.check(mce_settings(centroids="old"))
         for name in ("mi_form", "agnostic_update", "agnostic_centroid", "gc_negatives", "sampler", "non_local_inner"):
-            with self.assertRaises(_mce_common.UserError):
-                _mce.check(_mce_settings(**{name: "nonsense"}))
+            with self.assertRaises(common.UserError):
+                mce.check(mce_settings(**{name: "nonsense"}))
 
     def test_release_recipe(self):
         """RELEASE and RELEASE_REGDB name Settings fields; the release backbone's 1-channel non-local blocks."""
-        import dataclasses
-        fields = set(dataclasses.asdict(_mce.Settings()))
-        self.assertEqual(set(_mce.RELEASE) - fields, set())
-        self.assertEqual(set(_mce.RELEASE_REGDB) - fields, set())
-        s = _mce.Settings(**{**dataclasses.asdict(_mce.Settings()), **_mce.RELEASE, "arch": "resnet18",
-                             "pretrained": "none"})
-        _mce.check(s)
-        blocks = [m for m in _mce.build(s, 3).modules() if isinstance(m, _mce.NonLocal)]
+        fields = set(dataclasses.asdict(mce.Settings()))
+        self.assertEqual(set(mce.RELEASE) - fields, set())
+        self.assertEqual(set(mce.RELEASE_REGDB) - fields, set())
+        s = mce.Settings(**{**dataclasses.asdict(mce.Settings()), **mce.RELEASE, "arch": "resnet18",
+                            "pretrained": "none"})
+        mce.check(s)
+        blocks = [m for m in mce.build(s, 3).modules() if isinstance(m, mce.NonLocal)]
         self.assertEqual({b.theta.out_channels for b in blocks}, {1})
 
 
 class TestMCELosses(unittest.TestCase):
     def test_eq2_is_log_softmax(self):
-        g = _mce_torch.Generator().manual_seed(0)
-        f = _mce_F.normalize(_mce_torch.randn(5, 4, generator=g), dim=1)
-        W = _mce_F.normalize(_mce_torch.randn(3, 4, generator=g), dim=1)
-        y = _mce_torch.tensor([0, 2, 1, 1, 0])
+        g = torch.Generator().manual_seed(0)
+        f = F.normalize(torch.randn(5, 4, generator=g), dim=1)
+        W = F.normalize(torch.randn(3, 4, generator=g), dim=1)
+        y = torch.tensor([0, 2, 1, 1, 0])
         tau = 0.05
         expected = 0.0
         for i in range(5):
             s = [sum(f[i, j].item() * W[k, j].item() for j in range(4)) / tau for k in range(3)]
-            expected -= _mce_math.log(_mce_math.exp(s[y[i]]) / sum(_mce_math.exp(v) for v in s)) / 5
-        self.assertAlmostEqual(_mce.L_m(f, y, W, tau).item(), expected, places=4)
+            expected -= math.log(math.exp(s[y[i]]) / sum(math.exp(v) for v in s)) / 5
+        self.assertAlmostEqual(mce.L_m(f, y, W, tau).item(), expected, places=4)
 
     def test_eq7_hand_case(self):
         # tau = 0.5: logits f^m C^m / tau = (2, 0), f^m C^n / tau = (0, 2); log p - log q = (-2, +2), so
         # KL(p || q) = 2 (p_1 - p_0) = 2 (e^2 - 1) / (e^2 + 1) = 2 tanh(1), and the same for f^n
-        f_m = _mce_torch.tensor([[1.0, 0.0]], requires_grad=True)
-        f_n = _mce_torch.tensor([[0.0, 1.0]])
-        C_m, C_n = _mce_torch.eye(2), _mce_torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-        loss = _mce.L_MI_mn(f_m, f_n, C_m, C_n, 0.5)                     # one row per sample: (2,)
+        f_m = torch.tensor([[1.0, 0.0]], requires_grad=True)
+        f_n = torch.tensor([[0.0, 1.0]])
+        C_m, C_n = torch.eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+        loss = mce.L_MI_mn(f_m, f_n, C_m, C_n, 0.5)                      # one row per sample: (2,)
         self.assertEqual(tuple(loss.shape), (2,))
-        self.assertAlmostEqual(loss.sum().item(), 4 * _mce_math.tanh(1.0), places=5)
+        self.assertAlmostEqual(loss.sum().item(), 4 * math.tanh(1.0), places=5)
         loss.sum().backward()
         # the cross-modality response is a fixed target: d KL(p || softmax(z)) / dz = softmax(z) - p, z = f C^T / tau
-        t = _mce_math.tanh(1.0)
-        self.assertTrue(_mce_torch.allclose(f_m.grad, _mce_torch.tensor([[2 * t, -2 * t]]), atol=1e-5))
-        self.assertAlmostEqual(_mce.L_MI_mn(f_m, f_n, C_m, C_m, 0.5).sum().item(), 0.0, places=6)
+        t = math.tanh(1.0)
+        self.assertTrue(torch.allclose(f_m.grad, torch.tensor([[2 * t, -2 * t]]), atol=1e-5))
+        self.assertAlmostEqual(mce.L_MI_mn(f_m, f_n, C_m, C_m, 0.5).sum().item(), 0.0, places=6)
 
     @staticmethod
     def _kl_loop(x, own, cross, tau):
         """sum_k p_k log(p_k / q_k), p = softmax(x . cross_k / tau), q = softmax(x . own_k / tau), in plain floats."""
         def softmax(C):
             s = [sum(a * b for a, b in zip(x.tolist(), c.tolist())) / tau for c in C]
-            z = sum(_mce_math.exp(v) for v in s)
-            return [_mce_math.exp(v) / z for v in s]
+            z = sum(math.exp(v) for v in s)
+            return [math.exp(v) / z for v in s]
         p, q = softmax(cross), softmax(own)
-        return sum(pk * _mce_math.log(pk / qk) for pk, qk in zip(p, q))
+        return sum(pk * math.log(pk / qk) for pk, qk in zip(p, q))
 
     def test_eq8_restated_paper_form(self):
         """Eq. (8) = L^{v<->r} + L^{a<->r}, each Eq. (7) row KL(P(f | C_cross) || P(f | C_own)); aggregated as the
         release does: the mean over all 4B rows (a quarter of the sum of the four batch-mean terms)."""
-        g = _mce_torch.Generator().manual_seed(1)
-        f = {m: _mce_F.normalize(_mce_torch.randn(4, 6, generator=g), dim=1) for m in "vra"}
-        C = {m: _mce_F.normalize(_mce_torch.randn(3, 6, generator=g), dim=1) for m in "vra"}
+        g = torch.Generator().manual_seed(1)
+        f = {m: F.normalize(torch.randn(4, 6, generator=g), dim=1) for m in "vra"}
+        C = {m: F.normalize(torch.randn(3, 6, generator=g), dim=1) for m in "vra"}
         tau = 0.5
         rows = []
         for feat, own, cross in (("v", "v", "r"), ("r", "r", "v"), ("a", "a", "r"), ("r", "r", "a")):
             rows += [self._kl_loop(x, C[own], C[cross], tau) for x in f[feat]]
-        self.assertAlmostEqual(_mce.L_MI(f, C, tau).item(), sum(rows) / len(rows), places=5)
+        self.assertAlmostEqual(mce.L_MI(f, C, tau).item(), sum(rows) / len(rows), places=5)
         two = {m: f[m] for m in "vr"}
-        self.assertAlmostEqual(_mce.L_MI(two, C, tau).item(), sum(rows[:8]) / 8, places=5)
+        self.assertAlmostEqual(mce.L_MI(two, C, tau).item(), sum(rows[:8]) / 8, places=5)
 
     def test_F1_release_aggregation(self):
         """mi_form "release" against the released computation written out (IDLNL/MCE model.py:97-115): the three
         blocks' logits concatenated, KLDivLoss(batchmean)(log_softmax(own), softmax(cross)) over 3n rows; and a
         per-row loop of the same."""
-        g = _mce_torch.Generator().manual_seed(2)
+        g = torch.Generator().manual_seed(2)
         n, tau = 4, 0.05
-        f = {m: _mce_F.normalize(_mce_torch.randn(n, 6, generator=g), dim=1) for m in "vra"}
-        C = {m: _mce_F.normalize(_mce_torch.randn(5, 6, generator=g), dim=1) for m in "vra"}
-        own = _mce_torch.cat([f["v"] @ C["v"].t(), f["r"] @ C["r"].t(), f["a"] @ C["a"].t()]) / tau
-        cross = _mce_torch.cat([f["r"] @ C["v"].t(), f["v"] @ C["r"].t(), f["a"] @ C["r"].t()]) / tau
-        expected = _mce_torch.nn.KLDivLoss(reduction="batchmean")(_mce_F.log_softmax(own, 1), _mce_F.softmax(cross, 1))
-        self.assertAlmostEqual(_mce.L_MI(f, C, tau, "release").item(), expected.item(), places=4)
+        f = {m: F.normalize(torch.randn(n, 6, generator=g), dim=1) for m in "vra"}
+        C = {m: F.normalize(torch.randn(5, 6, generator=g), dim=1) for m in "vra"}
+        own = torch.cat([f["v"] @ C["v"].t(), f["r"] @ C["r"].t(), f["a"] @ C["a"].t()]) / tau
+        cross = torch.cat([f["r"] @ C["v"].t(), f["v"] @ C["r"].t(), f["a"] @ C["r"].t()]) / tau
+        expected = torch.nn.KLDivLoss(reduction="batchmean")(F.log_softmax(own, 1), F.softmax(cross, 1))
+        self.assertAlmostEqual(mce.L_MI(f, C, tau, "release").item(), expected.item(), places=4)
         loop = []
         for i in range(n):
             for own_f, cross_f, c in (("v", "r", "v"), ("r", "v", "r")):   # target P(f^cross_i | C^c)
                 s_own = [(f[own_f][i] @ ck).item() / tau for ck in C[c]]
                 s_cross = [(f[cross_f][i] @ ck).item() / tau for ck in C[c]]
-                zp, zq = sum(map(_mce_math.exp, s_cross)), sum(map(_mce_math.exp, s_own))
-                loop.append(sum(_mce_math.exp(a) / zp * (a - _mce_math.log(zp) - b + _mce_math.log(zq))
+                zp, zq = sum(map(math.exp, s_cross)), sum(map(math.exp, s_own))
+                loop.append(sum(math.exp(a) / zp * (a - math.log(zp) - b + math.log(zq))
                                 for a, b in zip(s_cross, s_own)))
             loop.append(self._kl_loop(f["a"][i], C["a"], C["r"], tau))
-        self.assertAlmostEqual(_mce.L_MI(f, C, tau, "release").item(), sum(loop) / (3 * n), places=4)
+        self.assertAlmostEqual(mce.L_MI(f, C, tau, "release").item(), sum(loop) / (3 * n), places=4)
 
     def test_eq10_weights(self):
         """Eq. (10) with Eq. (4): L^v + L^r + w_a L^a + L^u + lambda1 L_MI + lambda2 L_GC, distinct numbers."""
         terms = {"L_v": 1.0, "L_r": 2.0, "L_a": 4.0, "L_u": 8.0, "L_MI": 16.0, "L_GC": 32.0}
-        s = _mce_settings(lambda1=1.2, lambda2=0.5, weight_a=0.4)
-        self.assertAlmostEqual(_mce.total_loss(terms, s), 1 + 2 + 0.4 * 4 + 8 + 1.2 * 16 + 0.5 * 32)
-        self.assertAlmostEqual(_mce.total_loss({"L_CE": 3.0}, s), 3.0)
-        self.assertAlmostEqual(_mce.total_loss({"L_u": 3.0}, s), 3.0)
+        s = mce_settings(lambda1=1.2, lambda2=0.5, weight_a=0.4)
+        self.assertAlmostEqual(mce.total_loss(terms, s), 1 + 2 + 0.4 * 4 + 8 + 1.2 * 16 + 0.5 * 32)
+        self.assertAlmostEqual(mce.total_loss({"L_CE": 3.0}, s), 3.0)
+        self.assertAlmostEqual(mce.total_loss({"L_u": 3.0}, s), 3.0)
 
     def test_eq9_hand_case(self):
-        C_u = _mce_torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-        f = _mce_torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.6, 0.8]])
-        y = _mce_torch.tensor([0, 1, 0])
+        C_u = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+        f = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.6, 0.8]])
+        y = torch.tensor([0, 1, 0])
         # sample 0: 0 - sqrt(2) + 0.3 < 0 -> 0; sample 1: sqrt(2) - 0 + 0.3; sample 2: sqrt(.8) - sqrt(.4) + 0.3
-        expected = (0.0 + (_mce_math.sqrt(2) + 0.3) + (_mce_math.sqrt(0.8) - _mce_math.sqrt(0.4) + 0.3)) / 3
-        self.assertAlmostEqual(_mce.L_GC(f, y, C_u, 0.3).item(), expected, places=5)
+        expected = (0.0 + (math.sqrt(2) + 0.3) + (math.sqrt(0.8) - math.sqrt(0.4) + 0.3)) / 3
+        self.assertAlmostEqual(mce.L_GC(f, y, C_u, 0.3).item(), expected, places=5)
 
     def test_eq9_batch_negatives(self):
         """gc_negatives "batch" (the release): class 2's centroid is nearest but absent from the batch labels."""
-        C_u = _mce_torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
-        f, y = _mce_torch.tensor([[1.0, 0.0], [0.0, 1.0]]), _mce_torch.tensor([0, 1])
-        every = ((1 - _mce_math.sqrt(0.4)) + (1 - _mce_math.sqrt(0.8))) / 2      # alpha = 1, d_pos = 0
-        self.assertAlmostEqual(_mce.L_GC(f, y, C_u, 1.0).item(), every, places=5)
-        self.assertAlmostEqual(_mce.L_GC(f, y, C_u, 1.0, "batch").item(), 0.0, places=6)   # 1 - sqrt(2) < 0
+        C_u = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+        f, y = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+        every = ((1 - math.sqrt(0.4)) + (1 - math.sqrt(0.8))) / 2                # alpha = 1, d_pos = 0
+        self.assertAlmostEqual(mce.L_GC(f, y, C_u, 1.0).item(), every, places=5)
+        self.assertAlmostEqual(mce.L_GC(f, y, C_u, 1.0, "batch").item(), 0.0, places=6)    # 1 - sqrt(2) < 0
 
 
 class TestMCEMemory(unittest.TestCase):
     def test_eq3_update(self):
-        g = _mce_torch.Generator().manual_seed(0)
-        W0 = _mce_F.normalize(_mce_torch.randn(3, 4, generator=g), dim=1)
-        memory = _mce.Memory(("v",), 3, 4, _mce_torch.device("cpu"))
+        g = torch.Generator().manual_seed(0)
+        W0 = F.normalize(torch.randn(3, 4, generator=g), dim=1)
+        memory = mce.Memory(("v",), 3, 4, torch.device("cpu"))
         memory.W["v"] = W0.clone()
-        f = _mce_F.normalize(_mce_torch.randn(4, 4, generator=g), dim=1)
-        memory.update("v", f, _mce_torch.tensor([2, 0, 2, 2]), 0.3)
+        f = F.normalize(torch.randn(4, 4, generator=g), dim=1)
+        memory.update("v", f, torch.tensor([2, 0, 2, 2]), 0.3)
         for k, expected in ((0, 0.3 * W0[0] + 0.7 * f[1]), (1, W0[1]),
                             (2, 0.3 * W0[2] + 0.7 * (f[0] + f[2] + f[3]) / 3)):
-            self.assertTrue(_mce_torch.allclose(memory.W["v"][k], expected / expected.norm(), atol=1e-6), k)
+            self.assertTrue(torch.allclose(memory.W["v"][k], expected / expected.norm(), atol=1e-6), k)
 
     def test_hardest_update(self):
         """agnostic_update "hardest" (IDLNL/MCE memory.py:27-39): the class's batch feature of lowest f . W_y."""
-        W0 = _mce_torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-        memory = _mce.Memory(("u",), 2, 2, _mce_torch.device("cpu"))
+        W0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        memory = mce.Memory(("u",), 2, 2, torch.device("cpu"))
         memory.W["u"] = W0.clone()
-        f = _mce_torch.tensor([[0.8, 0.6], [0.6 ** 0.5, 0.4 ** 0.5], [1.0, 0.0], [0.6, 0.8]])
-        memory.update("u", f, _mce_torch.tensor([0, 0, 0, 1]), 0.1, "hardest")
+        f = torch.tensor([[0.8, 0.6], [0.6 ** 0.5, 0.4 ** 0.5], [1.0, 0.0], [0.6, 0.8]])
+        memory.update("u", f, torch.tensor([0, 0, 0, 1]), 0.1, "hardest")
         e0 = 0.1 * W0[0] + 0.9 * f[1]                                   # f[1] . W_0 = 0.775 < 0.8 < 1
         e1 = 0.1 * W0[1] + 0.9 * f[3]
-        self.assertTrue(_mce_torch.allclose(memory.W["u"][0], e0 / e0.norm(), atol=1e-6))
-        self.assertTrue(_mce_torch.allclose(memory.W["u"][1], e1 / e1.norm(), atol=1e-6))
+        self.assertTrue(torch.allclose(memory.W["u"][0], e0 / e0.norm(), atol=1e-6))
+        self.assertTrue(torch.allclose(memory.W["u"][1], e1 / e1.norm(), atol=1e-6))
 
     def test_eq1_class_means(self):
         """The centroid pass equals a per-image loop: class means of L2-normalised features, normalised; the
         auxiliary images use the pass generator's channels; u pools v, r and a."""
-        _mce_torch.manual_seed(0)
-        settings = _mce_settings()
-        trainset = _mce_trainset(per_class=3)
-        model = _mce.build(settings, 3)
-        run = _mce_common.Run(_mce_tempfile.mkdtemp(), "cpu", say=lambda *a: None)
-        got = _mce.class_centroids(model, trainset, ("v", "r", "a", "u"), run, _mce.pass_generator(0, 4))
+        torch.manual_seed(0)
+        settings = mce_settings()
+        trainset = tiny_trainset(ids=3)
+        model = mce.build(settings, 3)
+        run = common.Run(tempfile.mkdtemp(), "cpu", say=lambda *a: None)
+        got = mce.class_centroids(model, trainset, ("v", "r", "a", "u"), run, mce.pass_generator(0, 4))
         model.eval()
-        channels = _mce_torch.randint(0, 3, (len(trainset.v),), generator=_mce.pass_generator(0, 4))
+        channels = torch.randint(0, 3, (len(trainset.v),), generator=mce.pass_generator(0, 4))
         feats = {m: [[] for _ in range(3)] for m in "vrau"}
         for m, images in (("v", trainset.v), ("r", trainset.r), ("a", trainset.v)):
             for i, (img, label) in enumerate(zip(images.images, images.labels)):
-                img = img.astype(_mce_np.float32) / 255                                 # (H, W, 3)
+                img = img.astype(np.float32) / 255                                      # (H, W, 3)
                 if m == "a":
-                    img = _mce_np.repeat(img[:, :, channels[i].item(), None], 3, axis=2)
-                x = _mce_data.normalize(_mce_torch.from_numpy(img).permute(2, 0, 1)[None])
-                with _mce_torch.no_grad():
-                    f = _mce_F.normalize(model(x), dim=1)[0]
+                    img = np.repeat(img[:, :, channels[i].item(), None], 3, axis=2)
+                x = data.normalize(torch.from_numpy(img).permute(2, 0, 1)[None])
+                with torch.no_grad():
+                    f = F.normalize(model(x), dim=1)[0]
                 feats[m][label].append(f)
                 feats["u"][label].append(f)
         for m in "vrau":
             for k in range(3):
-                mean = _mce_torch.stack(feats[m][k]).mean(0)
-                self.assertTrue(_mce_torch.allclose(got[m][k], mean / mean.norm(), atol=1e-5), (m, k))
+                mean = torch.stack(feats[m][k]).mean(0)
+                self.assertTrue(torch.allclose(got[m][k], mean / mean.norm(), atol=1e-5), (m, k))
 
 
 class TestMCETrain(unittest.TestCase):
     def _train(self, out, settings, trainset, **run_kw):
-        run = _mce_common.Run(out, "cpu", say=run_kw.pop("log", lambda *a: None), **run_kw)
-        return _mce.train(settings, trainset, run)
+        run = common.Run(out, "cpu", say=run_kw.pop("log", lambda *a: None), **run_kw)
+        return mce.train(settings, trainset, run)
 
     def test_memories_and_historical_centroids(self):
         """Eq. 1: the first memories are the class means of the initial model; W moves every iteration (Eq. 3);
         C stays fixed during an epoch and is the class means of the model at the end of the previous one."""
-        settings, trainset = _mce_settings(epochs=2), _mce_trainset()
-        seen_W, seen_C, spy_L_W, spy_L_MI = _mce_memory_spies()
+        settings, trainset = mce_settings(epochs=2), tiny_trainset(ids=3, per_v=4, per_r=4)
+        seen_W, seen_C, spy_L_W, spy_L_MI = memory_spies()
 
-        passes, real_pass = [], _mce.class_centroids
+        passes, real_pass = [], mce.class_centroids
 
         def spy_pass(*a, **kw):
             passes.append(1)
             return real_pass(*a, **kw)
 
-        with _mce_tempfile.TemporaryDirectory() as out, _mce_mock.patch.object(_mce, "L_W", spy_L_W), \
-                _mce_mock.patch.object(_mce, "L_MI", spy_L_MI), _mce_mock.patch.object(_mce, "class_centroids",
-                                                                                       spy_pass):
-            _mce_torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as out, mock.patch.object(mce, "L_W", spy_L_W), \
+                mock.patch.object(mce, "L_MI", spy_L_MI), mock.patch.object(mce, "class_centroids",
+                                                                            spy_pass):
+            torch.manual_seed(0)
             self._train(out, settings, trainset, max_its=2)
-            state = _mce_torch.load(f"{out}/train.pt", weights_only=True)
-            run = _mce_common.Run(out, "cpu", say=lambda *a: None)
+            state = torch.load(f"{out}/train.pt", weights_only=True)
+            run = common.Run(out, "cpu", say=lambda *a: None)
         self.assertEqual(len(passes), 2)      # the initial pass and the one after epoch 0; none after the last
-        _mce_torch.manual_seed(0)
-        initial = _mce.class_centroids(_mce.build(settings, 3), trainset, ("v", "r", "a", "u"), run,
-                                       _mce.pass_generator(0, -1))
+        torch.manual_seed(0)
+        initial = mce.class_centroids(mce.build(settings, 3), trainset, ("v", "r", "a", "u"), run,
+                                      mce.pass_generator(0, -1))
         its = len(seen_C) // 2
         self.assertEqual(len(seen_C), 2 * its)
         self.assertGreater(its, 1)
         for m in "vrau":
-            self.assertTrue(_mce_torch.allclose(seen_W[0][m], initial[m], atol=1e-5), m)       # Eq. 1
-            self.assertTrue(_mce_torch.allclose(seen_C[0][m], initial[m], atol=1e-5), m)
-            self.assertFalse(_mce_torch.allclose(seen_W[1][m], seen_W[0][m]), m)                  # Eq. 3
+            self.assertTrue(torch.allclose(seen_W[0][m], initial[m], atol=1e-5), m)            # Eq. 1
+            self.assertTrue(torch.allclose(seen_C[0][m], initial[m], atol=1e-5), m)
+            self.assertFalse(torch.allclose(seen_W[1][m], seen_W[0][m]), m)                       # Eq. 3
             for e in range(2):
                 for i in range(its):
-                    self.assertTrue(_mce_torch.equal(seen_C[e * its + i][m], seen_C[e * its][m]), (m, e, i))
-            self.assertFalse(_mce_torch.allclose(seen_C[its][m], seen_C[0][m]), m)               # refreshed
-            self.assertTrue(_mce_torch.equal(state["memory"]["C"][m], seen_C[its][m]), m)       # no final pass
+                    self.assertTrue(torch.equal(seen_C[e * its + i][m], seen_C[e * its][m]), (m, e, i))
+            self.assertFalse(torch.allclose(seen_C[its][m], seen_C[0][m]), m)                    # refreshed
+            self.assertTrue(torch.equal(state["memory"]["C"][m], seen_C[its][m]), m)            # no final pass
 
     def test_reinit_memory(self):
         """reinit_memory (the release, train.py:184-212): W at the start of epoch 1 is the pass after epoch 0 (= C);
         agnostic_centroid "modality-mean": C^u is the unnormalised mean of the modality centroids."""
-        settings = _mce_settings(epochs=2, reinit_memory=True, agnostic_centroid="modality-mean")
-        seen_W, seen_C, spy_L_W, spy_L_MI = _mce_memory_spies()
+        settings = mce_settings(epochs=2, reinit_memory=True, agnostic_centroid="modality-mean")
+        seen_W, seen_C, spy_L_W, spy_L_MI = memory_spies()
 
-        with _mce_tempfile.TemporaryDirectory() as out, _mce_mock.patch.object(_mce, "L_W", spy_L_W), \
-                _mce_mock.patch.object(_mce, "L_MI", spy_L_MI):
-            _mce_torch.manual_seed(0)
-            self._train(out, settings, _mce_trainset(), max_its=2)
+        with tempfile.TemporaryDirectory() as out, mock.patch.object(mce, "L_W", spy_L_W), \
+                mock.patch.object(mce, "L_MI", spy_L_MI):
+            torch.manual_seed(0)
+            self._train(out, settings, tiny_trainset(ids=3, per_v=4, per_r=4), max_its=2)
         its = len(seen_W) // 2
         for m in "vrau":
-            self.assertTrue(_mce_torch.equal(seen_W[its][m], seen_C[its][m]), m)
-            self.assertFalse(_mce_torch.allclose(seen_W[its - 1][m], seen_W[its][m]), m)
+            self.assertTrue(torch.equal(seen_W[its][m], seen_C[its][m]), m)
+            self.assertFalse(torch.allclose(seen_W[its - 1][m], seen_W[its][m]), m)
         u = sum(seen_C[its][m] for m in "vra") / 3
-        self.assertTrue(_mce_torch.allclose(seen_C[its]["u"], u, atol=1e-6))
+        self.assertTrue(torch.allclose(seen_C[its]["u"], u, atol=1e-6))
         self.assertTrue((seen_C[its]["u"].norm(dim=1) < 1 - 1e-4).all())
 
     def test_resume_is_exact(self):
-        settings, trainset = _mce_settings(epochs=2), _mce_trainset()
-        with _mce_tempfile.TemporaryDirectory() as a, _mce_tempfile.TemporaryDirectory() as b:
-            _mce_torch.manual_seed(0)
+        settings, trainset = mce_settings(epochs=2), tiny_trainset(ids=3, per_v=4, per_r=4)
+        with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+            torch.manual_seed(0)
             self._train(a, settings, trainset, max_its=1)
-            real_epochs = _mce_common.Run.epochs
+            real_epochs = common.Run.epochs
 
             def first_epoch_only(run, phase, num_epochs, **objects):     # killed after epoch 0's checkpoint
                 for e in real_epochs(run, phase, num_epochs, **objects):
@@ -4782,63 +4592,56 @@ class TestMCETrain(unittest.TestCase):
                         return
                     yield e
 
-            _mce_torch.manual_seed(0)
-            with _mce_mock.patch.object(_mce_common.Run, "epochs", first_epoch_only):
+            torch.manual_seed(0)
+            with mock.patch.object(common.Run, "epochs", first_epoch_only):
                 self._train(b, settings, trainset, max_its=1)
-            _mce_torch.manual_seed(123)                                  # resume restores every state
+            torch.manual_seed(123)                                       # resume restores every state
             self._train(b, settings, trainset, max_its=1)
-            sa, sb = (_mce_torch.load(f"{d}/train.pt", weights_only=True) for d in (a, b))
+            sa, sb = (torch.load(f"{d}/train.pt", weights_only=True) for d in (a, b))
         for k, v in sa["model"].items():
-            self.assertTrue(_mce_torch.equal(v, sb["model"][k]), k)
+            self.assertTrue(torch.equal(v, sb["model"][k]), k)
         for kind in "WC":
             for m, v in sa["memory"][kind].items():
-                self.assertTrue(_mce_torch.equal(v, sb["memory"][kind][m]), (kind, m))
+                self.assertTrue(torch.equal(v, sb["memory"][kind][m]), (kind, m))
 
 
-_MCE_CACHE = _mce_os.environ.get("VIREID_TEST_CACHE") or _mce_os.path.join(_mce_tempfile.gettempdir(),
-                                                                           "vireid-test-cache")
-_MCE_TERMS = ("L_CE", "L_v", "L_r", "L_a", "L_u", "L_MI", "L_GC")
+MCE_TERMS = ("L_CE", "L_v", "L_r", "L_a", "L_u", "L_MI", "L_GC")
 
 
 class TestMCESmoke(unittest.TestCase):
     def _terms(self, out):
         """The loss terms named on the last progress line of OUT/log.txt, checked to be finite."""
         line = [l for l in open(f"{out}/log.txt") if l.startswith("[train] ep ")][-1].split()
-        terms = {t for t in _MCE_TERMS if t in line}
+        terms = {t for t in MCE_TERMS if t in line}
         for t in terms:
-            self.assertTrue(_mce_math.isfinite(float(line[line.index(t) + 1])), (out, t))
+            self.assertTrue(math.isfinite(float(line[line.index(t) + 1])), (out, t))
         return terms
 
     def test_reid_smoke(self):
         """python reid.py --method mce --smoke, the paper's objective (Eq. 10) with three modalities."""
-        with _mce_tempfile.TemporaryDirectory() as out:
-            proc = _mce_subprocess.run([_mce_sys.executable, "reid.py", "--method", "mce", "--smoke", "--out", out,
-                                        "--cache-dir", _MCE_CACHE, "--log-every", "1"], capture_output=True, text=True)
+        with tempfile.TemporaryDirectory() as out:
+            proc = run_reid("--method", "mce", "--smoke", "--out", out, "--cache-dir", TEST_CACHE, "--log-every", "1")
             self.assertEqual(proc.returncode, 0, proc.stderr[-2000:] + proc.stdout[-2000:])
             self.assertIn("all-single", proc.stdout)
-            self.assertTrue(_mce_os.path.exists(f"{out}/results.json"))
+            self.assertTrue(os.path.exists(f"{out}/results.json"))
             self.assertEqual(self._terms(out), {"L_v", "L_r", "L_a", "L_u", "L_MI", "L_GC"})
 
     def test_reid_ablations(self):
         """Every value of every ablation switch (Table 3) through reid.main --smoke: the logged terms follow."""
-        import contextlib
-        import io
-
-        import reid
         cases = [(["--objective", "CE", "--auxiliary", "false"], {"L_CE"}),
                  (["--objective", "u"], {"L_u"}),
                  (["--objective", "W", "--auxiliary", "false"], {"L_v", "L_r", "L_u"}),
                  (["--objective", "W+MI", "--centroids", "dynamic"], {"L_v", "L_r", "L_a", "L_u", "L_MI"})]
         for flags, terms in cases:
-            with _mce_tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
-                results = reid.main(["--method", "mce", "--smoke", "--out", out, "--cache-dir", _MCE_CACHE,
+            with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
+                results = reid.main(["--method", "mce", "--smoke", "--out", out, "--cache-dir", TEST_CACHE,
                                      "--log-every", "1", *flags])
                 self.assertIn("all-single", results, flags)
                 self.assertEqual(self._terms(out), terms, flags)
 
-# ==== end mce ====
 
 # ==== deliberate copies across the method files (TestCopies) ====
+
 # Each method file is self-contained: what two methods share is copied, not imported. COPIES lists every copy as
 # (copy, original), each "module.name" in methods/; a copy's source text equals its original's, and the comment
 # above the copy names the original.
@@ -4855,31 +4658,25 @@ COPIES = [
 ]
 
 
-def _copies_object(dotted):
+def method_object(dotted):
     """'module.name' -> that function or class of methods/module.py."""
-    import importlib
     module, name = dotted.split(".")
     return getattr(importlib.import_module("methods." + module), name)
 
 
 class TestCopies(unittest.TestCase):
     def test_each_copy_is_verbatim(self):
-        import inspect
         for copy, original in COPIES:
-            self.assertEqual(inspect.getsource(_copies_object(copy)), inspect.getsource(_copies_object(original)),
+            self.assertEqual(inspect.getsource(method_object(copy)), inspect.getsource(method_object(original)),
                              f"{copy} is no longer a verbatim copy of {original}")
 
     def test_each_copy_names_its_original(self):
-        import inspect
         for copy, original in COPIES:
-            self.assertIn(f"# Copy of {original};", inspect.getcomments(_copies_object(copy)) or "", copy)
+            self.assertIn(f"# Copy of {original};", inspect.getcomments(method_object(copy)) or "", copy)
 
-# ==== end copies ====
 
 if __name__ == "__main__":
-    import sys as _sys
-    _result = unittest.main(verbosity=2, exit=False).result
-    _failed = len(_result.failures) + len(_result.errors) + len(_result.unexpectedSuccesses)
-    _skipped = len(_result.skipped)
-    print(f"{_result.testsRun - _failed - _skipped} passed, {_failed} failed, {_skipped} skipped")
-    _sys.exit(0 if _result.wasSuccessful() else 1)
+    result = unittest.main(verbosity=2, exit=False).result
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    print(f"{result.testsRun - failed - len(result.skipped)} passed, {failed} failed, {len(result.skipped)} skipped")
+    sys.exit(0 if result.wasSuccessful() else 1)
