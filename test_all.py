@@ -3861,7 +3861,10 @@ class TestSSFTWiring(unittest.TestCase):
             s = ssft_settings(ssft_test=mode)
             dist = ssft.distance(model, q, g, s)
             permuted = ssft.distance(model, q[pq], g[pg], s)
-            self.assertTrue(torch.equal(permuted, dist[pq][:, pg]), mode)          # exactly, not to rounding
+            # to float32 rounding: with more than one thread the BLAS sums in another order for another row order
+            # (measured: up to 1e-6 on distances of about 0.25 in single-query mode, 0 transductive)
+            torch.testing.assert_close(permuted, dist[pq][:, pg], rtol=1e-5, atol=1e-5, msg=mode)
+            self.assertTrue(torch.equal(permuted.argsort(1), dist[pq][:, pg].argsort(1)), mode)   # same ranking
 
     def test_distance_eval_mode_and_H_fallback(self):
         """distance puts the model in eval mode (BN running statistics); without SSTN (Table 3 rows 1-5) it is the
