@@ -220,7 +220,7 @@ def objective(model, batch, settings):
 
 def train(settings, trainset, run):
     check(settings)
-    model = build(settings, trainset.num_classes).to(run.device)
+    model = build(settings, trainset.num_classes).to(run.device).train()  # all epochs (run.evaluate restores it)
     augment = data.Augment(settings.height, settings.width, erasing=settings.erasing)
     loader = data.train_loader(trainset, settings.P, settings.K, run.seed, augment, workers=run.workers,
                                sampler=settings.sampler)
@@ -234,7 +234,6 @@ def train(settings, trainset, run):
     for epoch in run.epochs("train", settings.epochs, model=model, optimizer=optimizer, schedule=schedule,
                             loader=loader):
         schedule.step_epoch(epoch)
-        model.train()
         for it, batch in run.batches(loader, epoch):
             with run.autocast():
                 loss, terms = objective(model, batch, settings)
