@@ -295,5 +295,5 @@ class Run:
                             f"training diverged; lower the learning rate (--lr, now {lr:.2e}) or a loss weight")
         terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         self.say(f"[{self._phase}] ep {epoch + 1}/{self._num_epochs} it {done_its}/{self._its} {terms} "
-                   f"lr {lr:.2e} | {timer['images'] / elapsed:.0f} img/s data-wait "
-                   f"{100 * timer['wait'] / elapsed:.0f}% eta {int(eta // 60)}m{int(eta % 60):02d}s")
+                 f"lr {lr:.2e} | {timer['images'] / elapsed:.0f} img/s data-wait "
+                 f"{100 * timer['wait'] / elapsed:.0f}% eta {int(eta // 60)}m{int(eta % 60):02d}s")
