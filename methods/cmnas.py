@@ -175,6 +175,8 @@ RELEASE_REGDB = dict(
 )
 
 # CPU recipe for the built-in synthetic world: resnet18 from scratch, small images, short phases.
+# Not chosen on --split val: these values were set when this file was written, before the val split existed,
+# and no val comparison of alternatives has been run (README, Recipes).
 SYNTHETIC = dict(arch="resnet18", pretrained="none", height=128, width=64, epochs=6, search_epochs=3,
                  lr=0.001, backbone_lr=0.001, warmup=1, milestones=(5,), arch_lr=3e-3)
 SMOKE = dict(arch="resnet18", pretrained="none", height=64, width=32, epochs=1, search_epochs=1, P=4, K=2,

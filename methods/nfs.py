@@ -161,6 +161,8 @@ LIMITS = {"search_epochs": 1}  # Alg. 1 without a search epoch would derive the 
 
 
 # CPU recipe for the built-in synthetic world: a small network from scratch, a short search, then retraining.
+# Not chosen on --split val: these values were set when this file was written, before the val split existed,
+# and no val comparison of alternatives has been run (README, Recipes).
 SYNTHETIC = dict(arch="resnet18", pretrained="none", height=96, width=48, search_epochs=2, epochs=10,
                  lr=0.1, backbone_lr=0.1, warmup=2, milestones=(6, 9), gate_lr=0.02)
 SMOKE = dict(arch="resnet18", pretrained="none", height=64, width=32, search_epochs=1, epochs=1, P=4, K=2,

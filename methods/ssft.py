@@ -153,6 +153,8 @@ class Settings:
 
 
 # CPU recipe for the built-in synthetic world: a small network trained from scratch.
+# Not chosen on --split val: these values were set when this file was written, before the val split existed,
+# and no val comparison of alternatives has been run (README, Recipes).
 SYNTHETIC = dict(arch="resnet18", pretrained="none", height=96, width=48, epochs=10, lr=1e-3, milestones=(7, 9))
 SMOKE = dict(arch="resnet18", pretrained="none", height=32, width=16, epochs=1, P=4, K=2, milestones=())
 CHOICES = {"ssft_test": TEST_MODES, "pa_form": PA_FORMS, "ma_form": MA_FORMS}
