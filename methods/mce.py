@@ -152,13 +152,14 @@ RELEASE_REGDB = dict(
 )
 
 
-# CPU recipe for the built-in synthetic world: resnet18 from scratch at AGW's budget (96 x 48, 10 epochs of 46
-# batches), warm-up 2 and lr steps at 7 and 9 (the paper's 10 / 20 / 40 of 80 scaled). Chosen on --split val
-# (python reid.py --method mce --split val --height 96 --width 48 --epochs 10 --warmup 2 --milestones 7 9 [--lr L],
-# seed 0, alone, two threads): the paper's lr 3.5e-4 gave all-single val rank-1 15.5 / mAP 20.6, training fit 5.7;
-# lr 1e-3 gave 18.9 / 24.0, fit 9.1 (chosen; one seed, so the margin is within seed-to-seed spread). Neither is
-# healthy: L_GC stays at 0.32-0.36 against its margin 0.3 all run and the cross-modal fit is far below AGW's
-# (val 25.0, fit 27.3); with L_W alone (--objective W) the fit is at chance (1.5), as README, Results says.
+# CPU recipe for the built-in synthetic world: resnet18 from scratch at AGW's budget (its val-chosen 96 x 48, 10
+# epochs of 46 batches), warm-up 2 and lr steps at 7 and 9 (the diagnosis runs' schedule; no other was compared).
+# The lr was chosen on --split val (python reid.py --method mce --split val --height 96 --width 48 --epochs 10
+# --warmup 2 --milestones 7 9 [--lr L], seed 0, alone, two threads): the paper's 3.5e-4 gave all-single val
+# rank-1 15.5 / mAP 20.6, training fit 5.7; 1e-3 gave 18.9 / 24.0, fit 9.1 (chosen; one seed, so the margin is
+# within the seed-to-seed spread). Neither is healthy: L_GC stays at 0.32-0.36 against its margin 0.3 all run and
+# the fit is far below AGW's (val 25.0, fit 27.3); with L_W alone (--objective W) the fit is at chance (1.5), see
+# README, Results.
 SYNTHETIC = dict(arch="resnet18", pretrained="none", height=96, width=48, epochs=10, lr=1e-3, warmup=2,
                  milestones=(7, 9))
 SMOKE = dict(arch="resnet18", pretrained="none", height=64, width=32, epochs=1, P=4, K=2, warmup=1, milestones=())
