@@ -156,7 +156,7 @@ class Settings:
 # The size, lr and backbone were set when this file was written, before the val split existed, and no val
 # comparison of alternatives to them has been run (README, Recipes). The epochs were chosen on --split val, seed 0
 # (`python reid.py --method ssft --split val [--epochs 8 --milestones 5 7]`), to bring the default run under the
-# 10-minute bound (10 epochs took 10.0-10.9 min a seed on test): 10 epochs, steps (7, 9): val all-single rank-1
+# 10-minute bound (10 epochs took 10.0-10.9 min a default-run seed): 10 epochs, steps (7, 9): val all-single rank-1
 # 20.8 +- 2.0, mAP 31.2 +- 2.0 (over trials), training fit 52.2, 8:01 wall; 8 epochs, steps (5, 7) (the same tail:
 # two epochs at lr/10, one at lr/100): 23.5 +- 3.4, mAP 31.0 +- 2.1, fit 37.6, 6:34 wall. Val rank-1 and mAP
 # equal within one trial-std, the fit lower but far above chance (1.3): 8 epochs.
