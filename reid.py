@@ -46,6 +46,7 @@ from data import UserError
 KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
 RECIPES = ("paper", "release")
 FIT_MAX_QUERIES = 3000  # training fit: at most this many infrared training images query (evenly spaced)
+FIT_KEYS = ("rank1", "mAP", "within_v_rank1", "within_r_rank1", "cos_same", "cos_other")  # averaged over seeds
 SMOKE_ITERS = 2  # iterations per epoch in --smoke runs
 SMOKE_WORLDS = {  # the tiny synthetic worlds of --smoke runs and of the tests
     "sysu": dict(num_ids=16, num_test=6, images_per_cam=2, height=64, width=32),
@@ -266,19 +267,71 @@ def distance_fn(method, model, settings):
     return lambda q, g: torch.cdist(F.normalize(q, dim=1), F.normalize(g, dim=1))
 
 
+def leave_one_out_rank1(feat, labels, q_idx):
+    """Rank-1 (%) of the rows q_idx of feat (N, d) among all other rows of the same set (Euclidean distance of
+    L2-normalised features, no camera rule); labels (N,)."""
+    f = F.normalize(feat.float(), dim=1)
+    d = torch.cdist(f[q_idx], f)                                                   # (Q, N)
+    d[torch.arange(len(q_idx)), torch.from_numpy(q_idx)] = float("inf")            # not itself
+    hit = torch.from_numpy(labels)[d.argmin(1)] == torch.from_numpy(labels[q_idx])
+    return 100 * float(hit.float().mean())
+
+
+def centroid_cosines(f_v, y_v, f_r, y_r):
+    """Mean cosine between the visible and the infrared class centroid (the mean of L2-normalised features,
+    normalised) of the same identity, and of two different identities: (same, other), over the identities
+    present in both modalities. Aligned modalities: same far above other; modality-specific codes: same ~ other."""
+    ids = np.intersect1d(y_v, y_r)
+
+    def centroids(f, y):
+        f = F.normalize(f.float(), dim=1)
+        return F.normalize(torch.stack([f[torch.from_numpy(y == k)].mean(0) for k in ids]), dim=1)   # (n, d)
+    cos = centroids(f_v, y_v) @ centroids(f_r, y_r).t()                            # (n, n)
+    n = len(ids)
+    same = float(cos.diagonal().mean())
+    other = float((cos.sum() - cos.diagonal().sum()) / (n * n - n)) if n > 1 else float("nan")
+    return same, other
+
+
 def training_fit(method, model, settings, trainset, device):
     """How well the final model fits its own training identities: infrared training images (at most
     FIT_MAX_QUERIES, evenly spaced) query all visible training images, no camera rule, the test-time distance.
-    A model that learned an embedding scores far above chance (about 1 / num_classes); a collapsed one does not."""
-    q_idx = np.unique(np.linspace(0, len(trainset.r) - 1, min(len(trainset.r), FIT_MAX_QUERIES)).astype(np.int64))
-    q = trainset.r.subset(q_idx)
-    q_feat = extract_images(method, model, q.images, "r", device)
+    A model that learned an embedding scores far above chance (about 1 / num_classes); a collapsed one does not.
+    Beside it, what tells an unlearned model from one whose modalities are not aligned: the rank-1 within each
+    modality (each image, at most FIT_MAX_QUERIES of them, queries the other images of its modality) and the
+    class-centroid cosines of the two modalities (centroid_cosines)."""
+    def spaced(n):
+        return np.unique(np.linspace(0, n - 1, min(n, FIT_MAX_QUERIES)).astype(np.int64))
+    q_idx = spaced(len(trainset.r))
+    r_feat = extract_images(method, model, trainset.r.images, "r", device)
     g_feat = extract_images(method, model, trainset.v.images, "v", device)
-    dist = distance_fn(method, model, settings)(q_feat.to(device), g_feat.to(device)).float().cpu()
+    dist = distance_fn(method, model, settings)(r_feat[q_idx].to(device), g_feat.to(device)).float().cpu()
+    q = trainset.r.subset(q_idx)
     r = evaluation.evaluate(dist, q.labels, trainset.v.labels, q.cams, trainset.v.cams, protocol="regdb",
                             max_rank=1)
+    same, other = centroid_cosines(g_feat.cpu(), trainset.v.labels, r_feat.cpu(), trainset.r.labels)
     return {"rank1": 100 * float(r["cmc"][0]), "mAP": 100 * float(r["mAP"]), "queries": len(q),
-            "ids": int(trainset.num_classes), "chance_rank1": 100 / trainset.num_classes}
+            "ids": int(trainset.num_classes), "chance_rank1": 100 / trainset.num_classes,
+            "within_v_rank1": leave_one_out_rank1(g_feat.cpu(), trainset.v.labels, spaced(len(trainset.v))),
+            "within_r_rank1": leave_one_out_rank1(r_feat.cpu(), trainset.r.labels, q_idx),
+            "cos_same": same, "cos_other": other}
+
+
+def fitted_here(checkpoint, args, trainset):
+    """Whether an --eval-only checkpoint was trained on this training set (same dataset, split and number of
+    identities), so that its training fit can be measured again. RegDB checkpoints do not record their trial."""
+    return (checkpoint.get("dataset", "synthetic") == args.dataset != "regdb"
+            and checkpoint.get("split", "test") == args.split and checkpoint["num_classes"] == trainset.num_classes)
+
+
+def fit_line(fit):
+    """The training fit in one line (a seed's or the mean over seeds)."""
+    line = f"rank-1 {fit['rank1']:.1f}, mAP {fit['mAP']:.1f} (chance {fit['chance_rank1']:.1f})"
+    if "within_v_rank1" in fit:
+        line += (f"; within a modality, rank-1 visible {fit['within_v_rank1']:.1f}, infrared "
+                 f"{fit['within_r_rank1']:.1f}; visible-infrared class-centroid cosine: same identity "
+                 f"{fit['cos_same']:.3f}, other identities {fit['cos_other']:.3f}")
+    return line
 
 
 def test(method, model, settings, testset, device, out, log):
@@ -333,8 +386,9 @@ def aggregate_seeds(per_seed, keys=KEYS):
 
 def aggregate_fit(fits):
     out = {"per_seed": fits}
-    for key in ("rank1", "mAP"):
-        out[key], out[key + "_std"] = mean_std([f[key] for f in fits])
+    for key in FIT_KEYS:
+        if all(key in f for f in fits):  # results.json of runs before the within-modality figures lack them
+            out[key], out[key + "_std"] = mean_std([f[key] for f in fits])
     out["chance_rank1"] = fits[0]["chance_rank1"]
     return out
 
@@ -531,6 +585,9 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
             model = method.build(settings, checkpoint["num_classes"], checkpoint.get("meta"))
             common.load_model_state(model, checkpoint["model"], args.checkpoint)
             model = model.to(device)
+            if fitted_here(checkpoint, args, trainset):  # the saved model's fit on its own training identities
+                fits.append(training_fit(method, model, settings, trainset, device))
+                log(f"training fit of the loaded model ({fits[-1]['ids']} ids): {fit_line(fits[-1])}")
         else:
             curve_file = trial_out / "curve.json"      # --eval-every: kept on disk, so --resume continues it
             curve = json.loads(curve_file.read_text()) if args.resume and curve_file.exists() else []
@@ -560,10 +617,9 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
             common.save_atomic({"method": args.method, "dataset": args.dataset, "split": args.split,
                                 "settings": dataclasses.asdict(settings), "num_classes": trainset.num_classes,
                                 "meta": run.meta, "model": model.state_dict()}, trial_out / "model.pt")
-            fit = training_fit(method, model, settings, trainset, device)
-            fits.append(fit)
-            log(f"training fit (infrared training images query visible ones, {fit['ids']} ids, chance "
-                f"{fit['chance_rank1']:.1f}): rank-1 {fit['rank1']:.1f}, mAP {fit['mAP']:.1f}")
+            fits.append(training_fit(method, model, settings, trainset, device))
+            log(f"training fit (infrared training images query visible ones, {fits[-1]['ids']} ids): "
+                f"{fit_line(fits[-1])}")
         if checkpoint is None and args.eval_every:
             curves.append(curve)
         t0 = time.time()
@@ -574,7 +630,7 @@ def run_seed(args, method, settings, checkpoint, device, seed, out, log):
         log(f"tested in {time.time() - t0:.1f}s")
     fit = None
     if fits:
-        fit = {k: float(np.mean([f[k] for f in fits])) for k in ("rank1", "mAP", "chance_rank1")}
+        fit = {k: float(np.mean([f[k] for f in fits])) for k in (*FIT_KEYS, "chance_rank1")}
     results = per_trial[0] if len(per_trial) == 1 else average_trials(per_trial)
     out = {"results": results, "fit": fit, "time": {"train_s": train_s, "test_s": test_s}}
     if curves and curves[0] and len(per_trial) == 1:  # what selecting the best epoch on these ids would gain
@@ -771,7 +827,7 @@ def _run(args, method, settings, sources, checkpoint, argv, device, out):
         log(f"\n{args.method} on {args.dataset}{split} (final-epoch model; {head}, in %)\n{table(summary['results'])}")
         fit = summary["fit"]
         if fit:
-            log(f"training fit: rank-1 {fit['rank1']:.1f}, mAP {fit['mAP']:.1f} (chance {fit['chance_rank1']:.1f})")
+            log(f"training fit: {fit_line(fit)}")
         if args.seeds is not None and "best_minus_final" in summary:
             gap = next(iter(summary["best_minus_final"].items()))
             log(f"best evaluated epoch minus final epoch ({gap[0]}, {head}): rank-1 {gap[1]['rank1']:+.2f} ± "

@@ -1512,6 +1512,32 @@ class TestRecipes(HandMadeTrees):
         self.assertEqual(agg["per_seed"]["mAP"], [10.0, 20.0, 36.0])
         self.assertEqual(reid.mean_std([5.0]), (5.0, 0.0))
 
+    def test_within_modality_fit_by_hand(self):
+        # visible: two classes, each image's nearest other image is of its class -> 100 %
+        v = torch.tensor([[1, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0.8, 0.6]])
+        self.assertEqual(reid.leave_one_out_rank1(v, np.array([0, 0, 1, 1]), np.arange(4)), 100.0)
+        # infrared: distances q0-q1 0.632, q0-q2 0.283, q1-q2 0.358; only q1 (label 1) finds q2 (label 1)
+        r = torch.tensor([[0, 0, 1], [0, 0.6, 0.8], [0, 0.28, 0.96]])
+        y = np.array([0, 1, 1])
+        self.assertAlmostEqual(reid.leave_one_out_rank1(r, y, np.arange(3)), 100 / 3, places=4)
+        self.assertEqual(reid.leave_one_out_rank1(r, y, np.array([1])), 100.0)   # a subset of queries
+        self.assertEqual(reid.leave_one_out_rank1(r, y, np.array([0, 2])), 0.0)
+
+    def test_centroid_cosines_by_hand(self):
+        v = torch.tensor([[1, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0.8, 0.6]])
+        r = torch.tensor([[0, 0, 1], [0, 0.6, 0.8], [0, 0.28, 0.96]])
+        # centroids: v0 = (1.8, 0.6, 0) / sqrt(3.6), v1 = (0, 1.8, 0.6) / sqrt(3.6), r0 = (0, 0, 1),
+        # r1 = (0, 0.88, 1.76) / sqrt(3.872); same: (0 + (1.584 + 1.056) / sqrt(3.6 * 3.872)) / 2,
+        # other: (v0 . r1 + v1 . r0) / 2 = (0.528 / sqrt(3.6 * 3.872) + 0.6 / sqrt(3.6)) / 2
+        same, other = reid.centroid_cosines(v, np.array([0, 0, 1, 1]), r, np.array([0, 1, 1]))
+        self.assertAlmostEqual(same, 2.64 / (3.6 * 3.872) ** 0.5 / 2, places=5)
+        self.assertAlmostEqual(other, (0.528 / (3.6 * 3.872) ** 0.5 + 0.6 / 3.6 ** 0.5) / 2, places=5)
+        # an identity seen in one modality only is left out; scaled features give the same cosines
+        same2, other2 = reid.centroid_cosines(torch.cat([v, v[:1]]) * 3, np.array([0, 0, 1, 1, 7]), r,
+                                              np.array([0, 1, 1]))
+        self.assertAlmostEqual(same2, same, places=5)
+        self.assertAlmostEqual(other2, other, places=5)
+
     def test_report_of_two_results_files(self):
         a = {"method": "agw", "recipe": "paper", "split": "val", "seeds": [0, 1, 2], "seed": None,
              "command": "python reid.py --method agw --seeds 0 1 2",
@@ -1855,6 +1881,7 @@ class TestCLIEndToEnd(unittest.TestCase):
     def test_agw_smoke_on_sysu_and_regdb_layouts(self):
         with tempfile.TemporaryDirectory() as tmp:
             results = reid_smoke("agw", Path(tmp) / "syn")
+            syn = results
             names = {"all-single", "all-multi", "indoor-single", "indoor-multi"}
             self.assertEqual(set(results["results"]), names)
             for r in results["results"].values():
@@ -1876,6 +1903,12 @@ class TestCLIEndToEnd(unittest.TestCase):
                                "--trial", "3", "--eval-only", "--checkpoint", str(Path(tmp) / "regdb" / "model.pt"))
             self.assertEqual(again["results"]["visible-to-infrared"]["rank1"],
                              results["results"]["visible-to-infrared"]["rank1"])
+            self.assertIsNone(again["fit"])      # a RegDB checkpoint does not record its trial: no training fit
+            # on the training set it was trained on, --eval-only measures the saved model's training fit again
+            again = reid_smoke("agw", Path(tmp) / "again-syn", "--eval-only", "--checkpoint",
+                               str(Path(tmp) / "syn" / "model.pt"))
+            for key in reid.FIT_KEYS:
+                self.assertAlmostEqual(again["fit"][key], syn["fit"][key], places=4, msg=key)
 
     def test_resume_gives_the_same_weights(self):
         # A run killed after epoch 1 of 2 and resumed must end with the weights of an uninterrupted run.
