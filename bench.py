@@ -437,19 +437,23 @@ def bench_ssft(reference):
 def bench_mce(reference):
     """MCE: a training iteration (v, r and the auxiliary a; Eq. 2-10 and the Eq. 3 updates) against the AGW step
     (v, r) at the same P, K and image size, and the share of an epoch spent on the end-of-epoch centroid pass
-    (2 N_v + N_r images, eval-mode forward only)."""
+    (2 N_v + N_r images, eval-mode forward only), at 128 x 64 and at the SYNTHETIC recipe's size."""
     P, K, h, w = 8, 4, 128, 64
     print(f"training iteration, resnet18 from scratch, {h}x{w}, P={P} K={K}:")
     agw_ref, mce_it = reference(P, K, h, w, "resnet18"), measure(mce_step, P, K, h, w)
     report(f"agw ({2 * P * K} images: v, r)", agw_ref, agw_ref)
     report(f"mce ({3 * P * K} images: v, r and the auxiliary a)", mce_it, agw_ref)
-    rate = 2 * mce.EXTRACT_BATCH / measure(mce_pass_step, h, w)[0]
-    print(f"  centroid pass: {rate:.0f} images/s (eval forward, batches of {mce.EXTRACT_BATCH})")
-    for name, n_v, n_r in (("synthetic world", 1474, 756), ("SYSU-MM01", 22258, 11909), ("RegDB", 2060, 2060)):
-        its = max(n_v, n_r) // (P * K)
-        train_s, pass_s = its * mce_it[0], (2 * n_v + n_r) / rate
-        print(f"  {name:15s}: {its} iterations ({train_s:.0f} s) + pass over {2 * n_v + n_r} images ({pass_s:.0f} s) "
-              f"per epoch -> the pass is {100 * pass_s / (train_s + pass_s):.0f} % of the epoch")
+    sh, sw = mce.SYNTHETIC["height"], mce.SYNTHETIC["width"]
+    for h, w, it_s in ((h, w, mce_it[0]), (sh, sw, None)):
+        it_s = it_s or measure(mce_step, P, K, h, w)[0]
+        rate = 2 * mce.EXTRACT_BATCH / measure(mce_pass_step, h, w)[0]
+        print(f"  {h}x{w}: iteration {it_s:.2f} s; centroid pass {rate:.0f} images/s (eval forward, batches of "
+              f"{mce.EXTRACT_BATCH})")
+        for name, n_v, n_r in (("synthetic world", 1474, 756), ("SYSU-MM01", 22258, 11909), ("RegDB", 2060, 2060)):
+            its = max(n_v, n_r) // (P * K)
+            train_s, pass_s = its * it_s, (2 * n_v + n_r) / rate
+            print(f"    {name:15s}: {its} iterations ({train_s:.0f} s) + pass over {2 * n_v + n_r} images "
+                  f"({pass_s:.0f} s) per epoch -> the pass is {100 * pass_s / (train_s + pass_s):.0f} % of the epoch")
 
 
 def bench_cmnas(reference):
