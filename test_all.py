@@ -1513,15 +1513,22 @@ class TestRecipes(HandMadeTrees):
         self.assertEqual(reid.mean_std([5.0]), (5.0, 0.0))
 
     def test_within_modality_fit_by_hand(self):
-        # visible: two classes, each image's nearest other image is of its class -> 100 %
+        # visible, cameras 1, 2, 1, 2: each image's nearest image of the other camera is of its class -> 100 %
         v = torch.tensor([[1, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0.8, 0.6]])
-        self.assertEqual(reid.leave_one_out_rank1(v, np.array([0, 0, 1, 1]), np.arange(4)), 100.0)
-        # infrared: distances q0-q1 0.632, q0-q2 0.283, q1-q2 0.358; only q1 (label 1) finds q2 (label 1)
+        self.assertEqual(reid.cross_camera_rank1(v, np.array([0, 0, 1, 1]), np.array([1, 2, 1, 2]), np.arange(4)),
+                         100.0)
+        # infrared, cameras 3, 3, 6 (distances q0-q1 0.632, q0-q2 0.283, q1-q2 0.358): q0's identity has no image
+        # in camera 6 (skipped); q1 finds q2 (label 1), q2 finds q0 (label 0) -> 50 %
         r = torch.tensor([[0, 0, 1], [0, 0.6, 0.8], [0, 0.28, 0.96]])
-        y = np.array([0, 1, 1])
-        self.assertAlmostEqual(reid.leave_one_out_rank1(r, y, np.arange(3)), 100 / 3, places=4)
-        self.assertEqual(reid.leave_one_out_rank1(r, y, np.array([1])), 100.0)   # a subset of queries
-        self.assertEqual(reid.leave_one_out_rank1(r, y, np.array([0, 2])), 0.0)
+        y, cams = np.array([0, 1, 1]), np.array([3, 3, 6])
+        self.assertEqual(reid.cross_camera_rank1(r, y, cams, np.arange(3)), 50.0)
+        self.assertEqual(reid.cross_camera_rank1(r, y, cams, np.array([1])), 100.0)   # a subset of queries
+        self.assertIsNone(reid.cross_camera_rank1(r, y, np.array([3, 3, 3]), np.arange(3)))   # one camera
+        # a same-camera near-duplicate does not count: q0's nearest is q1 (its class, camera 1), but among
+        # camera 2 it is q3 (class 1, distance 0.894 against 1.414 to q2)
+        near = torch.tensor([[1, 0, 0], [0.99, 0.141, 0], [0, 1, 0], [0.6, 0.8, 0]])
+        self.assertEqual(reid.cross_camera_rank1(near, np.array([0, 0, 0, 1]), np.array([1, 1, 2, 2]),
+                                                 np.array([0])), 0.0)
 
     def test_centroid_cosines_by_hand(self):
         v = torch.tensor([[1, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0.8, 0.6]])
