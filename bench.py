@@ -444,8 +444,7 @@ def bench_mce(reference):
     report(f"agw ({2 * P * K} images: v, r)", agw_ref, agw_ref)
     report(f"mce ({3 * P * K} images: v, r and the auxiliary a)", mce_it, agw_ref)
     sh, sw = mce.SYNTHETIC["height"], mce.SYNTHETIC["width"]
-    for h, w, it_s in ((h, w, mce_it[0]), (sh, sw, None)):
-        it_s = it_s or measure(mce_step, P, K, h, w)[0]
+    for h, w, it_s in ((h, w, mce_it[0]), (sh, sw, measure(mce_step, P, K, sh, sw)[0])):
         rate = 2 * mce.EXTRACT_BATCH / measure(mce_pass_step, h, w)[0]
         print(f"  {h}x{w}: iteration {it_s:.2f} s; centroid pass {rate:.0f} images/s (eval forward, batches of "
               f"{mce.EXTRACT_BATCH})")

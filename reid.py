@@ -334,13 +334,11 @@ def fitted_here(checkpoint, args, trainset):
 
 def fit_line(fit):
     """The training fit in one line (a seed's or the mean over seeds)."""
-    line = f"rank-1 {fit['rank1']:.1f}, mAP {fit['mAP']:.1f} (chance {fit['chance_rank1']:.1f})"
-    if "cos_same" in fit:
-        within = ", ".join(f"{name} {'n/a (one camera)' if fit.get(key) is None else format(fit[key], '.1f')}"
-                           for name, key in (("visible", "within_v_rank1"), ("infrared", "within_r_rank1")))
-        line += (f"; within a modality across cameras, rank-1 {within}; visible-infrared class-centroid cosine: "
-                 f"same identity {fit['cos_same']:.3f}, other identities {fit['cos_other']:.3f}")
-    return line
+    within = ", ".join(f"{name} {'n/a (one camera)' if fit.get(key) is None else format(fit[key], '.1f')}"
+                       for name, key in (("visible", "within_v_rank1"), ("infrared", "within_r_rank1")))
+    return (f"rank-1 {fit['rank1']:.1f}, mAP {fit['mAP']:.1f} (chance {fit['chance_rank1']:.1f}); within a modality "
+            f"across cameras, rank-1 {within}; visible-infrared class-centroid cosine: same identity "
+            f"{fit['cos_same']:.3f}, other identities {fit['cos_other']:.3f}")
 
 
 def test(method, model, settings, testset, device, out, log):
