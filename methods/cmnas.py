@@ -37,11 +37,12 @@ Readings and choices:
   during the search; it also dominates L_val (at initialisation a cross-entropy of the order of log(#classes),
   far above the lambda-weighted L_CMMD and L_CC). `--val-cls false` drops it (a deviation: L_val = L_triplet +
   L_C3MMD, identity-agnostic). Measured on `--split val` of the synthetic world (`python reid.py --method cmnas
-  --phase search --split val --seeds 0 1 2 --val-cls true|false --height 128 --width 64 --search-epochs 3`, the
-  SYNTHETIC recipe of then): with L_cls 18 of the 20 BN bits agree across the three seeds (0, 2 and 0 shared
-  BNs), without it 16 of 20 (3, 1, 2); the search networks' val all-single rank-1 23.2 ± 1.1 against 22.3 ± 3.8.
-  The identity-agnostic form is not better or more stable there, so the default stays the paper's reading. In
-  both, every p_o2 stayed within 0.40-0.54 after the three search epochs: the genotypes rest on small margins.
+  --phase search --split val --seeds 0 1 2 --val-cls true|false`, SYNTHETIC recipe): with L_cls 18 of the 20 BN
+  bits agree across the three seeds (2, 0 and 0 shared BNs), without it 17 of 20 (2, 1, 1); the search networks'
+  val all-single rank-1 17.4 ± 4.4 against 15.1 ± 2.1 (at the earlier 128 x 64 and 3 search epochs: 18 and 16
+  of 20, 23.2 ± 1.1 against 22.3 ± 3.8). The identity-agnostic form is not better or more stable there, so the
+  default stays the paper's reading. In both, every p_o2 stayed within 0.45-0.51 after the two search epochs:
+  the genotypes rest on small margins.
 - Separate BNs and IN layers start from the (pretrained) BN they replace. IN = affine InstanceNorm2d, which
   normalises with instance statistics at test time too. The two-stream baselines separate the paper's stages 1-2:
   stem and layer1.
