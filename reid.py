@@ -394,7 +394,7 @@ def aggregate_seeds(per_seed, keys=KEYS):
 def aggregate_fit(fits):
     out = {"per_seed": fits}
     for key in FIT_KEYS:
-        if all(f.get(key) is not None for f in fits):  # absent before these figures; None on RegDB
+        if all(f[key] is not None for f in fits):  # within-modality figures are None on RegDB (one camera)
             out[key], out[key + "_std"] = mean_std([f[key] for f in fits])
     out["chance_rank1"] = fits[0]["chance_rank1"]
     return out
