@@ -178,7 +178,7 @@ RELEASE = dict(
 #     35.0, fit 89.5 (the recipe until the 5-minute budget; its test runs took 6:13-7:12 alone);
 #   the same at 11 epochs, steps at 7 and 10: 25.7 / 33.9, fit 79.7, 367 s of training beside another job;
 #   at 10 epochs, steps at 6 and 9: 24.5 / 32.8, fit 64.8 (within-modality rank-1 65.1 / 61.4, centroid cosine 0.635
-#     against 0.024: aligned), 331 s (chosen: the budget; alone, two threads, a test run takes 4.1-4.3 min).
+#     against 0.024: aligned), 331 s (chosen: the budget; alone, two threads, a test seed takes 4.0-4.2 min).
 # t_min = 1e-2 is the release's value (train.py:106): the paper's 1e-6 darkens about 14 rectangles per image.
 SYNTHETIC = dict(arch="resnet18", pretrained="none", height=96, width=48, epochs=10, P=8, K=4, lr=0.05,
                  warmup=2, milestones=(6, 9), parts=4, part_dim=128, t_min=1e-2)
